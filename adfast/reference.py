@@ -1,0 +1,69 @@
+"""PyTorch twins of the Triton kernels: the CPU path, computing the same function in float32.
+
+Each function takes and returns exactly what its kernel launcher in :mod:`adfast.kernels` does,
+with the same Philox noise, the same order of float32 operations and the same tie rule (the
+first maximal index), so that on equal inputs both paths draw the same tokens.
+"""
+from __future__ import annotations
+
+import torch
+
+from .philox import gumbel_noise
+
+
+def _bad_bits(teacher: torch.Tensor, plus: torch.Tensor | None, minus: torch.Tensor | None) -> torch.Tensor:
+    bad = (torch.isnan(teacher) | torch.isposinf(teacher)).any(1).to(torch.int32)
+    if plus is not None:
+        proxy_bad = (~torch.isfinite(plus)).any(1) | (~torch.isfinite(minus)).any(1)
+        bad = bad | (2 * proxy_bad.to(torch.int32))
+    return bad
+
+
+def _proxy_difference(plus, minus, perm) -> tuple[torch.Tensor, torch.Tensor]:
+    p, m = plus.float(), minus.float()
+    if perm is not None:
+        p, m = p.gather(1, perm), m.gather(1, perm)
+    return p, m
+
+
+def fused_sample(teacher, plus, minus, perm, tau, coef, seed: int, offset, num_splits=None):
+    """Twin of :func:`adfast.kernels.fused_sample.fused_sample` (``num_splits`` has no effect).
+
+    As in the kernel, scores use raw logits; when ``V_P < V_T`` the prefix's best score is
+    shifted by ``coef * (lse(m) - lse(p))`` before it is compared with the tail's best.
+    """
+    t = teacher.float()
+    batch, vocab_t = t.shape
+    z = t * (1.0 / torch.where(tau == 0, 1.0, tau))[:, None]
+    if plus is not None:
+        vocab_p = plus.shape[1]
+        p, m = _proxy_difference(plus, minus, perm)
+        z[:, :vocab_p] = z[:, :vocab_p] + coef[:, None] * (p - m)
+    z = z + torch.where(tau == 0, 0.0, 1.0)[:, None] * gumbel_noise(seed, offset.reshape(()), batch, vocab_t)
+    tokens = torch.argmax(z, dim=1)
+    if plus is not None and vocab_p < vocab_t:
+        shift = coef * (torch.logsumexp(minus.float(), 1) - torch.logsumexp(plus.float(), 1))
+        best_pre, idx_pre = z[:, :vocab_p].max(1)
+        best_tail, idx_tail = z[:, vocab_p:].max(1)
+        take_tail = (best_tail > best_pre + shift) | torch.isneginf(best_pre)
+        tokens = torch.where(take_tail, idx_tail + vocab_p, idx_pre)
+    bad = _bad_bits(teacher, plus, minus)
+    empty = torch.isneginf(z).all(1)
+    bad = bad | torch.where(empty, 4, 0).to(torch.int32)
+    tokens = torch.where(empty, 0, tokens)
+    logprobs = t.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(t, dim=1)
+    return tokens, logprobs, bad
+
+
+def adjusted_logits(teacher, plus, minus, perm, tau, coef, num_splits=None):
+    """Twin of :func:`adfast.kernels.adjusted_logits.adjusted_logits`."""
+    t = teacher.float()
+    lse_t = torch.logsumexp(t, dim=1)
+    out = (t - lse_t[:, None]) * torch.where(tau == 0, 1.0, 1.0 / tau)[:, None]
+    if plus is not None:
+        vocab_p = plus.shape[1]
+        lse_p = torch.logsumexp(plus.float(), dim=1, keepdim=True)
+        lse_m = torch.logsumexp(minus.float(), dim=1, keepdim=True)
+        p, m = _proxy_difference(plus, minus, perm)
+        out[:, :vocab_p] = out[:, :vocab_p] + coef[:, None] * ((p - lse_p) - (m - lse_m))
+    return out, lse_t, _bad_bits(teacher, plus, minus)

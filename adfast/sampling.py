@@ -1,0 +1,243 @@
+"""Antidistillation sampling over logits: plain functions over tensors (the paper's eq. 12).
+
+For teacher logits ``t [B, V_T]`` and the logits ``p, m [B, V_P]`` of the two perturbed proxy
+copies ``theta_P + eps g`` and ``theta_P - eps g`` (``V_P <= V_T``; rows past ``V_P`` are
+padding of the teacher's head), each row ``b`` is drawn from ``softmax(a_b)`` with
+
+    a_b = log_softmax(t_b) / tau_b + lam_b * D_b,
+    D_b[v] = (log_softmax(p_b)[v] - log_softmax(m_b)[v]) / (2 eps)  for v < V_P, 0 beyond.
+
+``tau_b == 0`` is greedy: ``argmax(log_softmax(t_b) + lam_b D_b)``. ``tau`` and ``lam`` are
+floats or per-row ``[B]`` tensors; ``eps`` is one float.
+
+Modes: ``"antidistill"`` (the above), ``"temperature"`` (``lam`` ignored, no proxy logits
+needed) and ``"permutation"`` (the paper's appendix-A control: each row's ``D`` is randomly
+permuted over ``[0, V_P)`` and sign-flipped at every step, keeping its statistics and
+destroying its information).
+
+Randomness is counter based (:mod:`adfast.philox`): a draw is a pure function of
+``(seed, offset, row)``. Pass ``seed`` (and an ``offset`` that you advance per step, an int or
+an int64 device tensor), or a ``generator`` from which a seed is drawn.
+
+Relation to the reference implementation (locuslab/antidistillation-sampling): it adds
+``lam_ref * (p - m) / (2 eps)`` (raw proxy logits) to the raw teacher logits and lets Hugging
+Face divide by the temperature afterwards, i.e. samples ``softmax((t + lam_ref (p - m)/(2 eps)) / tau)``.
+The proxies' log-sum-exps are row constants, so that is this distribution with
+``lam = lam_ref / tau``; conversely pass ``lam_ref = lam * tau`` to reproduce ours there.
+
+Dispatch: CUDA tensors run the Triton kernels of :mod:`adfast.kernels`; CPU tensors run their
+PyTorch twins in :mod:`adfast.reference`, unless ``TRITON_INTERPRET=1`` is set, in which case
+the Triton kernels run on CPU through the interpreter. ``backend="triton"`` / ``"torch"`` forces one.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Union
+
+import torch
+
+from . import reference
+from .philox import permutation_and_sign
+
+MODES = ("antidistill", "temperature", "permutation")
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+PerRow = Union[float, torch.Tensor]
+
+
+def _kernels(tensor: torch.Tensor, backend: str | None):
+    if backend is None:
+        backend = "triton" if tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" else "torch"
+    if backend == "triton":
+        from . import kernels
+
+        return kernels
+    if backend == "torch":
+        return reference
+    raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
+
+
+def _per_row(value: PerRow, batch: int, device: torch.device, name: str, check: bool) -> torch.Tensor:
+    """A float or ``[B]`` tensor as a contiguous float32 ``[B]`` tensor on ``device``."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            value = value.expand(batch)
+        if value.shape != (batch,):
+            raise ValueError(f"{name} must be a float or a [batch={batch}] tensor, got shape {tuple(value.shape)}")
+        out = value.to(device=device, dtype=torch.float32).contiguous()
+        if check and not torch.isfinite(out).all():
+            raise ValueError(f"{name} has non-finite entries")
+        return out
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return torch.full((batch,), value, device=device, dtype=torch.float32)
+
+
+def _check_logits(name: str, x: torch.Tensor, batch: int | None = None) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"{name} must be a [batch, vocab] tensor, got {getattr(x, 'shape', type(x))}")
+    if x.dtype not in LOGIT_DTYPES:
+        raise ValueError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+    if batch is not None and x.shape[0] != batch:
+        raise ValueError(f"batch mismatch: teacher_logits has {batch} rows, {name} has {x.shape[0]}")
+
+
+def _prepare(teacher, plus, minus, tau, lam, eps, mode, check):
+    """Validate inputs; return contiguous logits and float32 ``tau [B]``, ``lam [B]``."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    _check_logits("teacher_logits", teacher)
+    batch, vocab_t = teacher.shape
+    if mode == "temperature":
+        plus = minus = None
+    else:
+        if plus is None or minus is None:
+            raise ValueError(f"mode={mode!r} needs plus_logits and minus_logits (the two perturbed proxies)")
+        _check_logits("plus_logits", plus, batch)
+        _check_logits("minus_logits", minus, batch)
+        if plus.shape != minus.shape:
+            raise ValueError(f"plus_logits {tuple(plus.shape)} and minus_logits {tuple(minus.shape)} differ in shape")
+        if plus.shape[1] > vocab_t:
+            raise ValueError(
+                f"vocab mismatch: the proxy vocabulary ({plus.shape[1]}) is larger than the teacher's ({vocab_t}); "
+                "D is defined on the shared prefix, so the proxy may be at most as wide as the teacher")
+        if plus.device != teacher.device or minus.device != teacher.device:
+            raise ValueError(f"logits on different devices: {teacher.device}, {plus.device}, {minus.device}")
+        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+            raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
+        plus, minus = plus.contiguous(), minus.contiguous()
+    tau_t = _per_row(tau, batch, teacher.device, "tau", check)
+    negative = check and bool((tau_t < 0).any()) if isinstance(tau, torch.Tensor) else float(tau) < 0
+    if negative:
+        raise ValueError(f"tau must be >= 0 (0 means greedy), got {tau}")
+    lam_t = _per_row(0.0 if mode == "temperature" else lam, batch, teacher.device, "lam", check)
+    return teacher.contiguous(), plus, minus, tau_t, lam_t
+
+
+def _resolve_seed(seed: int | None, generator: torch.Generator | None) -> int:
+    if seed is None:
+        device = generator.device if generator is not None else "cpu"
+        seed = int(torch.randint(0, 2**62, (), generator=generator, device=device))
+    if not 0 <= int(seed) < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    return int(seed)
+
+
+def _offset_tensor(offset, device) -> torch.Tensor:
+    if isinstance(offset, torch.Tensor):
+        if offset.numel() != 1 or offset.dtype != torch.int64:
+            raise ValueError("offset tensor must hold one int64")
+        return offset.reshape(1).to(device)
+    if not 0 <= int(offset) < 2**63:
+        raise ValueError(f"offset must be in [0, 2**63), got {offset}")
+    return torch.tensor([int(offset)], dtype=torch.int64, device=device)
+
+
+def _coefficients(lam, eps, mode, seed, offset, batch, vocab_p, device):
+    """``coef = sign * lam / (2 eps)`` per row, and the permutation (None unless permutation mode)."""
+    if mode == "temperature":
+        return lam, None
+    coef = lam / (2.0 * eps)
+    if mode == "antidistill":
+        return coef, None
+    perm, sign = permutation_and_sign(seed, offset.reshape(()), batch, vocab_p, device=device)
+    return coef * sign, perm
+
+
+def _raise_on_bad(bad: torch.Tensor) -> None:
+    bad = bad.cpu()
+    if not bool(bad.any()):
+        return
+    rows = lambda bit: torch.nonzero(bad & bit).flatten().tolist()[:8]  # noqa: E731
+    problems = []
+    if rows(1):
+        problems.append(f"teacher logits contain NaN or +inf (rows {rows(1)})")
+    if rows(2):
+        problems.append(f"proxy logits contain NaN or +-inf (rows {rows(2)})")
+    if rows(4):
+        problems.append(f"every token has -inf score (rows {rows(4)})")
+    raise ValueError("bad logits: " + "; ".join(problems))
+
+
+def adjusted_logits(teacher_logits, plus_logits=None, minus_logits=None, *, tau: PerRow, lam: PerRow,
+                    eps: float, mode: str = "antidistill", seed: int | None = None, offset=0,
+                    generator: torch.Generator | None = None, check: bool = True,
+                    backend: str | None = None) -> torch.Tensor:
+    """The adjusted log-probabilities ``a = log_softmax(t)/tau + lam * D`` as float32 ``[B, V_T]``.
+
+    ``softmax(a)`` is the distribution :func:`sample` draws from; rows with ``tau == 0`` hold
+    the greedy objective ``log_softmax(t) + lam * D``. In permutation mode ``D`` is permuted
+    with the noise of ``(seed, offset)``, as :func:`sample` with the same seed and offset does.
+    """
+    t, p, m, tau_t, lam_t = _prepare(teacher_logits, plus_logits, minus_logits, tau, lam, eps, mode, check)
+    seed = _resolve_seed(seed, generator) if mode == "permutation" else 0
+    off = _offset_tensor(offset, t.device)
+    coef, perm = _coefficients(lam_t, eps, mode, seed, off, t.shape[0], p.shape[1] if p is not None else 0, t.device)
+    out, _, bad = _kernels(t, backend).adjusted_logits(t, p, m, perm, tau_t, coef)
+    if check:
+        _raise_on_bad(bad)
+    return out
+
+
+def top_k_top_p_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Set to ``-inf`` every logit outside each row's top-k set, then outside its top-p nucleus.
+
+    ``logits`` float32 ``[B, V]``; ``top_k`` int ``[B]`` (0 keeps all); ``top_p`` float ``[B]`` in
+    (0, 1]: the nucleus is the shortest prefix of the descending order whose probability under
+    ``softmax`` of the top-k-filtered row reaches ``top_p``.
+    """
+    vocab = logits.shape[1]
+    ordered, order = torch.sort(logits, dim=1, descending=True)
+    rank = torch.arange(vocab, device=logits.device)[None, :]
+    k = torch.where(top_k <= 0, vocab, top_k.clamp(max=vocab))
+    keep = rank < k[:, None]
+    probs = torch.softmax(ordered.masked_fill(~keep, -math.inf), dim=1)
+    mass_before = probs.cumsum(1) - probs
+    keep &= mass_before < top_p[:, None]
+    keep_in_place = torch.zeros_like(keep).scatter(1, order, keep)
+    return logits.masked_fill(~keep_in_place, -math.inf)
+
+
+def sample(teacher_logits, plus_logits=None, minus_logits=None, *, tau: PerRow, lam: PerRow = 0.0,
+           eps: float = 1e-4, top_k=0, top_p=1.0, mode: str = "antidistill",
+           generator: torch.Generator | None = None, seed: int | None = None, offset=0,
+           return_logprobs: bool = False, check: bool = True, backend: str | None = None):
+    """Draw one token per row from ``softmax(log_softmax(t)/tau + lam * D)`` (module docstring).
+
+    Args:
+        teacher_logits: ``[B, V_T]`` float32/bfloat16/float16.
+        plus_logits, minus_logits: ``[B, V_P]`` logits of ``theta_P +- eps g`` (``V_P <= V_T``);
+            unused in temperature mode.
+        tau, lam: floats or ``[B]`` tensors; ``tau == 0`` is greedy.
+        eps: the finite-difference step the proxy pair was built with.
+        top_k, top_p: int / float or ``[B]`` tensors, applied to the adjusted distribution
+            (0 and 1.0 disable them; any other value costs an extra pass and a sort).
+        generator, seed, offset: randomness (module docstring).
+        return_logprobs: also return the teacher's unadjusted ``log_softmax(t)[x]`` of each token.
+        check: validate inputs and raise on NaN/inf logits (one device sync on a ``[B]`` flag).
+
+    Returns:
+        tokens int64 ``[B]``, and float32 ``[B]`` log-probabilities with ``return_logprobs``.
+    """
+    t, p, m, tau_t, lam_t = _prepare(teacher_logits, plus_logits, minus_logits, tau, lam, eps, mode, check)
+    batch, vocab_t = t.shape
+    seed = _resolve_seed(seed, generator)
+    off = _offset_tensor(offset, t.device)
+    coef, perm = _coefficients(lam_t, eps, mode, seed, off, batch, p.shape[1] if p is not None else 0, t.device)
+    ops = _kernels(t, backend)
+    if not isinstance(top_k, torch.Tensor) and not isinstance(top_p, torch.Tensor) and top_k == 0 and top_p == 1.0:
+        tokens, logprobs, bad = ops.fused_sample(t, p, m, perm, tau_t, coef, seed, off)
+    else:
+        top_k_t = torch.as_tensor(top_k, device=t.device).expand(batch)
+        top_p_t = torch.as_tensor(top_p, device=t.device, dtype=torch.float32).expand(batch)
+        if check and bool(((top_p_t <= 0) | (top_p_t > 1)).any() | (top_k_t < 0).any()):
+            raise ValueError(f"top_p must be in (0, 1] and top_k >= 0, got top_p={top_p}, top_k={top_k}")
+        adjusted, lse_t, bad = ops.adjusted_logits(t, p, m, perm, tau_t, coef)
+        filtered = top_k_top_p_mask(adjusted, top_k_t, top_p_t)
+        greedy_only = torch.where(tau_t == 0, 0.0, 1.0)
+        tokens, _, _ = ops.fused_sample(filtered, None, None, None, greedy_only, torch.zeros_like(coef), seed, off)
+        logprobs = t.gather(1, tokens[:, None])[:, 0].float() - lse_t
+    if check:
+        _raise_on_bad(bad)
+    return (tokens, logprobs) if return_logprobs else tokens

@@ -1,0 +1,6 @@
+"""Triton kernels of adfast (installed as ``adfast.kernels``). Each op sits in its own module
+beside its launcher; :mod:`adfast.reference` holds the PyTorch twin of each."""
+from .adjusted_logits import adjusted_logits
+from .fused_sample import fused_sample
+
+__all__ = ["adjusted_logits", "fused_sample"]

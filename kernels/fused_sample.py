@@ -1,0 +1,185 @@
+"""Fused antidistillation sampling: one read of the teacher and both proxy rows, one token out.
+
+For row ``b`` the kernel draws ``x_b ~ softmax(a_b)`` with
+
+    a_b[v] = log_softmax(t_b)[v] / tau_b + lam_b * D_b[v]
+    D_b[v] = (log_softmax(p_b)[v] - log_softmax(m_b)[v]) / (2 eps)   for v < V_P, else 0
+
+by Gumbel-max over the scores ``z_b[v] = t_b[v] / tau_b + coef_b * (p_b[v] - m_b[v]) + G_b[v]``
+(``coef_b = lam_b / (2 eps)``, times the row's sign in permutation mode; ``G`` the Philox
+Gumbel noise of :mod:`adfast.philox`). ``tau_b == 0`` drops the noise and the ``1/tau``:
+greedy ``argmax(log_softmax(t) + lam D)``.
+
+Normalisers. A constant added to a whole row cannot move an argmax, so the draw uses raw
+logits and skips the teacher's ``1/tau * lse(t)`` and, when ``V_P == V_T``, both proxy
+log-sum-exps. When the proxy vocabulary is shorter (the teacher's head is padded further), the
+proxy normalisers shift only the prefix ``v < V_P`` by ``coef * (lse(m) - lse(p))``: the kernel
+then computes both proxy log-sum-exps online in the same pass, keeps the best prefix and the
+best tail score apart and compares them after the shift. The teacher's log-sum-exp is always
+computed (online, same pass) because the kernel also returns ``log_softmax(t_b)[x_b]``, the
+teacher's unadjusted log-probability of the drawn token. The reported ``D`` itself comes from
+:mod:`adfast.kernels.adjusted_logits`, where all normalisers are applied.
+
+Work split. Stage 1 runs a ``[B, S]`` grid, each program streaming one vocabulary chunk and
+writing a partial (online max / sum-exp of t, p, m; best prefix and tail scores and indices;
+bad-input bits); stage 2 runs ``[B]`` programs that merge the S partials. S is chosen so the
+grid fills the GPU even at batch 1. Each logit is read once (stage 2 reads one teacher logit
+per row). Ties go to the smallest index.
+
+Bad-input bits per row: 1 = teacher NaN or +inf, 2 = proxy NaN or +-inf, 4 = every score -inf.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .gumbel import gumbel_block, split_offset
+from .online_lse import lse_merge, lse_update
+from .split import plan_splits
+
+
+# Stage-1 partial layout: float32 [B, S, 8] and int32 [B, S, 3].
+F_TMAX, F_TSUM, F_PMAX, F_PSUM, F_MMAX, F_MSUM, F_BEST_PRE, F_BEST_TAIL = (tl.constexpr(i) for i in range(8))
+I_IDX_PRE, I_IDX_TAIL, I_BAD = (tl.constexpr(i) for i in range(3))
+
+
+@triton.jit
+def _argmax_update(best, best_idx, z, start):
+    blk_best = tl.max(z, axis=0)
+    best_idx = tl.where(blk_best > best, start + tl.argmax(z, axis=0), best_idx)
+    return tl.maximum(best, blk_best), best_idx
+
+
+@triton.jit
+def _fused_sample_partials(
+    teacher_ptr, plus_ptr, minus_ptr, perm_ptr, tau_ptr, coef_ptr, offset_ptr, fpart_ptr, ipart_ptr,
+    stride_t, stride_p, stride_perm, vocab_t, vocab_p, chunk, num_splits, seed,
+    HAS_PROXY: tl.constexpr, SHIFT: tl.constexpr, PERMUTE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, vocab_t)
+    tau = tl.load(tau_ptr + row)
+    inv_tau = 1.0 / tl.where(tau == 0.0, 1.0, tau)
+    noise_scale = tl.where(tau == 0.0, 0.0, 1.0)
+    coef = tl.load(coef_ptr + row)
+    off_lo, off_hi = split_offset(offset_ptr)
+    t_row = teacher_ptr + row.to(tl.int64) * stride_t
+    prefix_end = vocab_p if SHIFT else vocab_t
+
+    t_max, t_sum = -float("inf"), 0.0
+    p_max, p_sum = -float("inf"), 0.0
+    m_max, m_sum = -float("inf"), 0.0
+    best_pre, idx_pre = -float("inf"), -1
+    best_tail, idx_tail = -float("inf"), -1
+    bad = 0
+    for start in range(lo, hi, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < hi
+        t = tl.load(t_row + offs, mask=mask, other=-float("inf")).to(tl.float32)
+        bad = bad | tl.max(((t != t) | (t == float("inf"))).to(tl.int32), axis=0)
+        t_max, t_sum = lse_update(t_max, t_sum, t)
+        z = t * inv_tau
+        if HAS_PROXY:
+            pmask = mask & (offs < vocab_p)
+            if PERMUTE:
+                idx = tl.load(perm_ptr + row.to(tl.int64) * stride_perm + offs, mask=pmask, other=0)
+            else:
+                idx = offs
+            p = tl.load(plus_ptr + row.to(tl.int64) * stride_p + idx, mask=pmask, other=0.0).to(tl.float32)
+            m = tl.load(minus_ptr + row.to(tl.int64) * stride_p + idx, mask=pmask, other=0.0).to(tl.float32)
+            proxy_bad = (p != p) | (m != m) | (tl.abs(p) == float("inf")) | (tl.abs(m) == float("inf"))
+            bad = bad | (2 * tl.max(proxy_bad.to(tl.int32), axis=0))
+            z = z + coef * (p - m)
+            if SHIFT:
+                p_max, p_sum = lse_update(p_max, p_sum, tl.where(pmask, p, -float("inf")))
+                m_max, m_sum = lse_update(m_max, m_sum, tl.where(pmask, m, -float("inf")))
+        z = z + noise_scale * gumbel_block(seed, start, row, off_lo, off_hi, BLOCK)
+        in_prefix = offs < prefix_end
+        best_pre, idx_pre = _argmax_update(best_pre, idx_pre, tl.where(mask & in_prefix, z, -float("inf")), start)
+        if SHIFT:
+            best_tail, idx_tail = _argmax_update(best_tail, idx_tail, tl.where(mask & ~in_prefix, z, -float("inf")),
+                                                 start)
+
+    fpart = fpart_ptr + (row * num_splits + split) * 8
+    tl.store(fpart + F_TMAX, t_max)
+    tl.store(fpart + F_TSUM, t_sum)
+    tl.store(fpart + F_PMAX, p_max)
+    tl.store(fpart + F_PSUM, p_sum)
+    tl.store(fpart + F_MMAX, m_max)
+    tl.store(fpart + F_MSUM, m_sum)
+    tl.store(fpart + F_BEST_PRE, best_pre)
+    tl.store(fpart + F_BEST_TAIL, best_tail)
+    ipart = ipart_ptr + (row * num_splits + split) * 3
+    tl.store(ipart + I_IDX_PRE, idx_pre)
+    tl.store(ipart + I_IDX_TAIL, idx_tail)
+    tl.store(ipart + I_BAD, bad)
+
+
+@triton.jit
+def _first_best(score_ptr, idx_ptr, s, smask):
+    """Best score over the partials and its smallest index (2**31 - 1 when all are -inf)."""
+    score = tl.load(score_ptr + s * 8, mask=smask, other=-float("inf"))
+    idx = tl.load(idx_ptr + s * 3, mask=smask, other=-1)
+    best = tl.max(score, axis=0)
+    return best, tl.min(tl.where((score == best) & (idx >= 0), idx, 2147483647), axis=0)
+
+
+@triton.jit
+def _fused_sample_merge(
+    teacher_ptr, coef_ptr, fpart_ptr, ipart_ptr, tokens_ptr, logprobs_ptr, bad_ptr, stride_t, num_splits,
+    SHIFT: tl.constexpr, SPLITS: tl.constexpr,
+):
+    row = tl.program_id(0)
+    s = tl.arange(0, SPLITS)
+    smask = s < num_splits
+    fpart = fpart_ptr + row * num_splits * 8
+    ipart = ipart_ptr + row * num_splits * 3
+    lse_t = lse_merge(fpart + F_TMAX, fpart + F_TSUM, 8, s, smask)
+    best, token = _first_best(fpart + F_BEST_PRE, ipart + I_IDX_PRE, s, smask)
+    if SHIFT:
+        shift = tl.load(coef_ptr + row) * (lse_merge(fpart + F_MMAX, fpart + F_MSUM, 8, s, smask)
+                                            - lse_merge(fpart + F_PMAX, fpart + F_PSUM, 8, s, smask))
+        best_tail, token_tail = _first_best(fpart + F_BEST_TAIL, ipart + I_IDX_TAIL, s, smask)
+        take_tail = (best_tail > best + shift) | (token == 2147483647)
+        token = tl.where(take_tail, token_tail, token)
+    bits = tl.load(ipart + I_BAD + s * 3, mask=smask, other=0)
+    bad = tl.max(bits & 1, axis=0) | tl.max(bits & 2, axis=0)
+    empty = token == 2147483647
+    bad = bad | tl.where(empty, 4, 0)
+    token = tl.where(empty, 0, token)
+    t_tok = tl.load(teacher_ptr + row.to(tl.int64) * stride_t + token).to(tl.float32)
+    tl.store(tokens_ptr + row, token.to(tl.int64))
+    tl.store(logprobs_ptr + row, t_tok - lse_t)
+    tl.store(bad_ptr + row, bad)
+
+
+def fused_sample(teacher, plus, minus, perm, tau, coef, seed: int, offset, num_splits=None):
+    """Launch the two stages. Shapes: teacher ``[B, V_T]``, plus/minus ``[B, V_P]`` or None,
+    perm ``[B, V_P]`` int or None, tau/coef float32 ``[B]``, offset int64 ``[1]`` on the device.
+
+    Returns ``(tokens int64 [B], teacher_logprobs float32 [B], bad int32 [B])``.
+    """
+    batch, vocab_t = teacher.shape
+    has_proxy = plus is not None
+    vocab_p = plus.shape[1] if has_proxy else 0
+    shift = has_proxy and vocab_p < vocab_t
+    plan = plan_splits(batch, vocab_t, teacher.device, num_splits)
+    dev = teacher.device
+    fpart = torch.empty(batch, plan.splits, 8, device=dev, dtype=torch.float32)
+    ipart = torch.empty(batch, plan.splits, 3, device=dev, dtype=torch.int32)
+    tokens = torch.empty(batch, device=dev, dtype=torch.int64)
+    logprobs = torch.empty(batch, device=dev, dtype=torch.float32)
+    bad = torch.empty(batch, device=dev, dtype=torch.int32)
+    _fused_sample_partials[(batch, plan.splits)](
+        teacher, plus if has_proxy else teacher, minus if has_proxy else teacher,
+        perm if perm is not None else tokens, tau, coef, offset, fpart, ipart,
+        teacher.stride(0), plus.stride(0) if has_proxy else 0, perm.stride(0) if perm is not None else 0,
+        vocab_t, vocab_p, plan.chunk, plan.splits, seed,
+        HAS_PROXY=has_proxy, SHIFT=shift, PERMUTE=perm is not None, BLOCK=plan.block, num_warps=plan.num_warps,
+    )
+    _fused_sample_merge[(batch,)](
+        teacher, coef, fpart, ipart, tokens, logprobs, bad, teacher.stride(0), plan.splits,
+        SHIFT=shift, SPLITS=triton.next_power_of_2(plan.splits),
+    )
+    return tokens, logprobs, bad

@@ -1,0 +1,29 @@
+"""Gumbel noise inside Triton kernels, bit-identical to :func:`adfast.philox.gumbel_noise`."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def gumbel_block(seed, start, row, off_lo, off_hi, BLOCK: tl.constexpr):
+    """Standard Gumbel noise for vocabulary entries ``start .. start + BLOCK`` of ``row``.
+
+    ``start`` is a multiple of 4: one Philox call (counter ``(v // 4, row, off_lo, off_hi)``)
+    yields the four words of entries ``v .. v + 3``, so the RNG costs a quarter call per logit.
+    Returns ``[BLOCK]`` float32 ``-log(-log(u))`` with ``u = (w >> 9) * 2**-23 + 2**-24``.
+    """
+    quads = start // 4 + tl.arange(0, BLOCK // 4)
+    c0 = quads.to(tl.uint32)
+    c1 = tl.zeros_like(c0) + row.to(tl.uint32)
+    c2 = tl.zeros_like(c0) + off_lo
+    c3 = tl.zeros_like(c0) + off_hi
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3)
+    words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK,))
+    u = (words >> 9).to(tl.float32) * 1.1920928955078125e-07 + 5.9604644775390625e-08
+    return -tl.log(-tl.log(u))
+
+
+@triton.jit
+def split_offset(offset_ptr):
+    """Load the int64 RNG offset from device memory and split it into uint32 low / high words."""
+    offset = tl.load(offset_ptr)
+    return (offset & 0xFFFFFFFF).to(tl.uint32), ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32)

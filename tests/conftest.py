@@ -1,0 +1,45 @@
+"""Shared fixtures. Without a CUDA device the Triton kernels run under the interpreter on CPU
+tensors: TRITON_INTERPRET must be set before anything imports adfast.kernels."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
+VOCAB = 96
+
+
+def tiny_qwen2(vocab: int = VOCAB, seed: int = 0, **overrides) -> Qwen2ForCausalLM:
+    """A random 2-layer Qwen2 (grouped-query attention, qkv bias, untied head) in float32, eval mode."""
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+               tie_word_embeddings=False, attn_implementation="eager")
+    cfg.update(overrides)
+    return Qwen2ForCausalLM(Qwen2Config(**cfg)).eval()
+
+
+def tiny_llama(vocab: int = VOCAB, seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A random 2-layer Llama (grouped-query attention, tied embeddings, llama3 rope scaling), float32."""
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+               tie_word_embeddings=True, attn_implementation="eager",
+               rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    cfg.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+@pytest.fixture
+def qwen2_model():
+    return tiny_qwen2()
+
+
+@pytest.fixture
+def llama_model():
+    return tiny_llama()
