@@ -1,0 +1,199 @@
+"""The proxy gradient ``g``: the gradient of the proxy's downstream loss, computed once and stored.
+
+For held-out teacher traces ``x_i = prompt_i + completion_i`` (``s_i = len(prompt_i) >= 1``,
+``n_i = len(completion_i) >= 1``) the downstream loss is the token-weighted mean NLL over
+completion tokens only:
+
+    L(theta) = (1 / N) * sum_i sum_{t = s_i}^{s_i + n_i - 1} -log p_theta(x_i[t] | x_i[:t]),
+    N = sum_i n_i,
+
+so every completion token of the dataset counts equally (an example weighs in proportion to its
+completion length); prompt tokens condition the completion but are never scored. ``g = dL/dtheta``.
+
+The examples run in right-padded batches (pad positions masked in the attention mask and in the
+loss). Batch ``k`` backpropagates ``(sum of its token NLLs) / N``, so the per-batch gradients,
+accumulated in float32 whatever the model's dtype, sum exactly to ``g``.
+
+Gradients are stored as safetensors with string metadata (:func:`save_gradient`); never pickle.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+FORMAT = "adfast.proxy_gradient"
+FORMAT_VERSION = "1"
+
+
+@dataclass
+class ProxyGradient:
+    """``g`` for one proxy.
+
+    ``grads``: parameter name -> float32 CPU tensor ``dL/dtheta`` of the parameter's shape, keyed
+    as ``named_parameters()`` names them (tied weights once); ``loss``: the dataset mean NLL ``L``
+    at the proxy's weights; ``num_examples``; ``num_tokens``: ``N``, the completion tokens scored;
+    ``model_id``: :func:`model_identity` of the proxy.
+    """
+
+    grads: dict[str, torch.Tensor]
+    loss: float
+    num_examples: int
+    num_tokens: int
+    model_id: str
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """``"<model_type>-v<vocab>-h<hidden>-l<layers>-<hash>"``: a short identity of the architecture.
+
+    The hash (12 hex digits of sha256) covers model type, vocabulary and hidden sizes, layer and
+    head counts, and every parameter name and shape; weights, dtype and device are not part of it.
+    """
+    cfg = model.config.get_text_config()
+    fields = {key: getattr(cfg, key, None) for key in (
+        "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")}
+    fields["parameters"] = [[name, list(p.shape)] for name, p in model.named_parameters()]
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+    sizes = f"v{fields['vocab_size']}-h{fields['hidden_size']}-l{fields['num_hidden_layers']}"
+    return f"{fields['model_type']}-{sizes}-{digest}"
+
+
+def model_identity(model: nn.Module) -> str:
+    """``"<config._name_or_path>@<model_fingerprint>"`` (the name is ``<unnamed>`` when empty)."""
+    return f"{getattr(model.config, '_name_or_path', '') or '<unnamed>'}@{model_fingerprint(model)}"
+
+
+def fingerprint_of(model_id: str) -> str:
+    """The fingerprint part of a :func:`model_identity` string."""
+    return model_id.rpartition("@")[2]
+
+
+def _check_examples(examples, vocab: int) -> list[tuple[list[int], list[int]]]:
+    """``examples`` as a list of ``(prompt, completion)`` int lists, validated."""
+    checked = []
+    for i, example in enumerate(examples):
+        if not isinstance(example, (tuple, list)) or len(example) != 2:
+            raise ValueError(f"example {i} must be a (prompt_ids, completion_ids) pair")
+        prompt, completion = ([int(t) for t in part] for part in example)
+        if not prompt:
+            raise ValueError(f"example {i} has an empty prompt: the first completion token needs a context "
+                             "(start the prompt with BOS)")
+        if not completion:
+            raise ValueError(f"example {i} has an empty completion: there is no token to score")
+        bad = [t for t in prompt + completion if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"example {i} has token ids outside the proxy's vocabulary [0, {vocab}): {bad[:8]}")
+        checked.append((prompt, completion))
+    if not checked:
+        raise ValueError("examples is empty: need at least one (prompt_ids, completion_ids) pair")
+    return checked
+
+
+def _batch(examples: list[tuple[list[int], list[int]]], pad: int, device):
+    """Right-padded ``input_ids, attention_mask [B, T]`` and ``scored [B, T - 1]``.
+
+    ``scored[b, t]`` is True where the logits at position ``t`` predict a completion token
+    ``input_ids[b, t + 1]``.
+    """
+    width = max(len(p) + len(c) for p, c in examples)
+    input_ids = torch.full((len(examples), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros(len(examples), width, dtype=torch.long)
+    scored = torch.zeros(len(examples), width - 1, dtype=torch.bool)
+    for b, (prompt, completion) in enumerate(examples):
+        length = len(prompt) + len(completion)
+        input_ids[b, :length] = torch.tensor(prompt + completion)
+        attention_mask[b, :length] = 1
+        scored[b, len(prompt) - 1:length - 1] = True
+    return input_ids.to(device), attention_mask.to(device), scored.to(device)
+
+
+def proxy_gradient(proxy: nn.Module, examples: Sequence[tuple[Sequence[int], Sequence[int]]], *,
+                   batch_size: int = 8, pad_token_id: int | None = None, progress: bool = True) -> ProxyGradient:
+    """``g = dL/dtheta`` of the token-weighted completion NLL ``L`` (module docstring) of a causal LM.
+
+    Args:
+        proxy: a Hugging Face causal LM; only parameters with ``requires_grad`` are differentiated.
+        examples: ``(prompt_ids, completion_ids)`` pairs of int lists; the trace is their concatenation.
+        batch_size: examples per forward/backward pass (the result does not depend on it beyond rounding).
+        pad_token_id: the id right padding uses (masked, so any valid id); default the config's, else 0.
+        progress: show a tqdm bar over batches.
+
+    The model runs in eval mode (dropout off); its parameters, their ``.grad`` and every module's
+    train/eval mode are left as they were.
+    """
+    vocab = proxy.get_input_embeddings().num_embeddings
+    examples = _check_examples(examples, vocab)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    pad = getattr(proxy.config, "pad_token_id", None) if pad_token_id is None else pad_token_id
+    pad = 0 if pad is None else int(pad)
+    if not 0 <= pad < vocab:
+        raise ValueError(f"pad_token_id {pad} is outside the proxy's vocabulary [0, {vocab})")
+    params = {name: p for name, p in proxy.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("the proxy has no parameter with requires_grad=True: nothing to differentiate")
+    device = next(iter(params.values())).device
+
+    total = sum(len(c) for _, c in examples)
+    order = sorted(examples, key=lambda ex: len(ex[0]) + len(ex[1]), reverse=True)  # less padding
+    grads = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in params.items()}
+    saved_grads = {name: p.grad for name, p in params.items()}
+    saved_modes = [(module, module.training) for module in proxy.modules()]
+    nll_total = 0.0
+    proxy.eval()
+    try:
+        with torch.enable_grad():
+            for start in tqdm(range(0, len(order), batch_size), desc="proxy gradient", disable=not progress):
+                input_ids, attention_mask, scored = _batch(order[start:start + batch_size], pad, device)
+                for p in params.values():
+                    p.grad = None
+                logits = proxy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+                nll = F.cross_entropy(logits[:, :-1][scored].float(), input_ids[:, 1:][scored], reduction="sum")
+                (nll / total).backward()
+                nll_total += nll.item()
+                for name, p in params.items():
+                    if p.grad is not None:
+                        grads[name] += p.grad
+    finally:
+        for name, p in params.items():
+            p.grad = saved_grads[name]
+        for module, training in saved_modes:
+            module.training = training
+    return ProxyGradient(grads={name: g.cpu() for name, g in grads.items()}, loss=nll_total / total,
+                         num_examples=len(examples), num_tokens=total, model_id=model_identity(proxy))
+
+
+def save_gradient(path, gradient: ProxyGradient) -> None:
+    """Write ``gradient`` to a safetensors file: float32 tensors plus string metadata."""
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_id": gradient.model_id,
+                "loss": repr(float(gradient.loss)), "num_examples": str(int(gradient.num_examples)),
+                "num_tokens": str(int(gradient.num_tokens))}
+    tensors = {name: g.detach().to("cpu", torch.float32).contiguous() for name, g in gradient.grads.items()}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def load_gradient(path) -> ProxyGradient:
+    """Read a file written by :func:`save_gradient`; anything else raises ``ValueError``."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            grads = {name: f.get_tensor(name) for name in f.keys()}
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a safetensors file ({e}); proxy gradients are read only from "
+                         "safetensors files written by save_gradient (pickles are never loaded)") from None
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path} is a safetensors file but not an adfast proxy gradient "
+                         f"(metadata format={metadata.get('format')!r}, expected {FORMAT!r})")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path} has proxy-gradient format version {metadata.get('format_version')!r}; "
+                         f"this adfast reads version {FORMAT_VERSION}")
+    return ProxyGradient(grads=grads, loss=float(metadata["loss"]), num_examples=int(metadata["num_examples"]),
+                         num_tokens=int(metadata["num_tokens"]), model_id=metadata["model_id"])

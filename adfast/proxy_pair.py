@@ -1,0 +1,128 @@
+"""The two perturbed proxies ``theta_P +- eps g`` whose log-probabilities give antidistillation's ``D``.
+
+For a proxy with weights ``theta`` and the proxy gradient ``g`` (:mod:`adfast.gradient`),
+
+    D(x) = (log p(x; theta + eps g) - log p(x; theta - eps g)) / (2 eps)
+         = <grad_theta log p(x; theta), g> + O(eps^2),
+
+the central finite difference of the directional derivative of the proxy's log-probabilities
+along ``g``. Each perturbed weight is computed in float32, ``w.float() +- eps * g.float()``, and
+cast back to the weight's dtype. In low precision a perturbation smaller than half a rounding
+step of its weight rounds away (``plus == minus`` there): ``vanished_fraction`` is the fraction of
+weight elements with ``g != 0`` where that happened; if it is 1, ``D`` is identically zero.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .gradient import ProxyGradient, fingerprint_of, load_gradient, model_identity
+
+
+def _listing(items: list[str], limit: int = 6) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def _resolve(gradient_or_path) -> tuple[dict[str, torch.Tensor], str | None]:
+    """``(grads, stored model_id or None)`` from a ProxyGradient, a path or a name -> tensor mapping."""
+    if isinstance(gradient_or_path, ProxyGradient):
+        return gradient_or_path.grads, gradient_or_path.model_id
+    if isinstance(gradient_or_path, (str, os.PathLike)):
+        loaded = load_gradient(gradient_or_path)
+        return loaded.grads, loaded.model_id
+    if isinstance(gradient_or_path, Mapping):
+        not_tensors = [str(name) for name, g in gradient_or_path.items() if not isinstance(g, torch.Tensor)]
+        if not_tensors:
+            raise ValueError(f"gradient entries must be tensors; not tensors: {_listing(not_tensors)}")
+        return dict(gradient_or_path), None
+    raise TypeError("gradient_or_path must be a ProxyGradient, a mapping name -> tensor or a path to a "
+                    f"safetensors file from save_gradient, got {type(gradient_or_path).__name__}")
+
+
+def _check_gradient(params: dict[str, nn.Parameter], grads: dict[str, torch.Tensor]) -> None:
+    """Refuse a gradient whose names or shapes differ from the proxy's, or that is non-finite or zero."""
+    missing = [name for name in params if name not in grads]
+    unexpected = [name for name in grads if name not in params]
+    shapes = [f"{name} (gradient {tuple(g.shape)}, proxy {tuple(params[name].shape)})"
+              for name, g in grads.items() if name in params and g.shape != params[name].shape]
+    problems = [f"{label} ({len(items)}): {_listing(items)}"
+                for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
+                if items]
+    if problems:
+        raise ValueError("gradient does not match the proxy's parameters: " + "; ".join(problems))
+    non_finite = [name for name, g in grads.items() if not bool(torch.isfinite(g).all())]
+    if non_finite:
+        raise ValueError(f"gradient has NaN or inf entries in: {_listing(non_finite)}")
+    if not any(bool(g.any()) for g in grads.values()):
+        raise ValueError("gradient is zero everywhere: both proxies would equal the original and D would be 0")
+
+
+def _frozen_copy(proxy: nn.Module) -> nn.Module:
+    twin = copy.deepcopy(proxy).eval().requires_grad_(False)
+    for p in twin.parameters():
+        p.grad = None
+    return twin
+
+
+@dataclass
+class ProxyPair:
+    """``plus`` / ``minus``: eval-mode, frozen copies of the proxy at ``theta +- eps g``."""
+
+    plus: nn.Module
+    minus: nn.Module
+    eps: float
+    vanished_fraction: float
+    model_id: str
+
+    @classmethod
+    def from_gradient(cls, proxy: nn.Module, gradient_or_path, eps: float, *,
+                      warn_above: float = 0.5) -> "ProxyPair":
+        """Build the pair from ``proxy`` and its gradient (a ProxyGradient, a mapping or a file path).
+
+        Raises ``ValueError`` for ``eps`` not finite and > 0, a gradient computed for another model
+        (stored ``model_id`` fingerprint differs), names or shapes that differ from the proxy's
+        parameters, a zero or non-finite gradient, and an ``eps`` so small that every perturbation
+        rounds away. Warns when ``vanished_fraction > warn_above``.
+        """
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+            raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
+        if not 0.0 <= warn_above <= 1.0:
+            raise ValueError(f"warn_above must be in [0, 1], got {warn_above}")
+        grads, stored_id = _resolve(gradient_or_path)
+        model_id = model_identity(proxy)
+        if stored_id is not None and fingerprint_of(stored_id) != fingerprint_of(model_id):
+            raise ValueError(f"the gradient was computed for another model: it belongs to {stored_id!r}, "
+                             f"the proxy is {model_id!r}")
+        params = dict(proxy.named_parameters())
+        _check_gradient(params, grads)
+
+        plus, minus = _frozen_copy(proxy), _frozen_copy(proxy)
+        plus_params, minus_params = dict(plus.named_parameters()), dict(minus.named_parameters())
+        perturbed = vanished = 0
+        with torch.no_grad():
+            for name, w in params.items():
+                g = grads[name].to(w.device, torch.float32)
+                up, down = plus_params[name], minus_params[name]
+                up.copy_(w.float() + eps * g)  # copy_ casts to the weight's dtype
+                down.copy_(w.float() - eps * g)
+                moved = g != 0
+                perturbed += int(moved.sum())
+                vanished += int((up == down)[moved].sum())
+        fraction = vanished / perturbed
+        dtypes = ", ".join(sorted({str(w.dtype) for w in params.values()}))
+        if vanished == perturbed:
+            raise ValueError(f"eps={eps} is too small for the proxy's dtype ({dtypes}): every perturbed weight "
+                             "rounds back to its original value, so plus == minus and D would be identically "
+                             "zero; use a larger eps (or a higher-precision proxy)")
+        if fraction > warn_above:
+            warnings.warn(f"eps={eps}: the perturbation rounded away in {fraction:.1%} of the perturbed weights "
+                          f"({dtypes}); D only sees the rest. Consider a larger eps.", stacklevel=2)
+        return cls(plus=plus, minus=minus, eps=float(eps), vanished_fraction=fraction, model_id=model_id)
