@@ -1,0 +1,105 @@
+"""Sampler kernel throughput on a CUDA device: the fused kernel against the copy bandwidth and eager PyTorch.
+
+For each batch size, with Qwen2.5 shapes (teacher vocabulary 152064, proxy 151936, bf16 logits):
+
+- ``fused``: ``adfast.sample`` in antidistill mode (one pass: teacher + both proxies, Gumbel-max draw);
+- ``fused_temperature``: ``adfast.sample`` in temperature mode (teacher only);
+- ``adjusted``: ``adfast.adjusted_logits`` (two reads of the inputs, one float32 write);
+- ``eager``: the same draw written plainly in eager PyTorch (three log-softmaxes, the difference,
+  ``softmax`` and ``torch.multinomial``), the baseline a user would otherwise run.
+
+Each kernel is timed as a replayed CUDA graph (median of ``triton.testing.do_bench``). Achieved
+bandwidth counts the bytes the op must move (each logit read once, outputs written once) and is
+compared with a device-to-device copy measured in the same run (bytes read + written).
+Writes ``bench/results/sampler-<device>.json``.
+
+Usage: ``python bench/sampler.py [--batches 1 8 32 64] [--out bench/results]``
+"""
+import argparse
+import json
+import pathlib
+import sys
+
+import torch
+
+import adfast
+
+VOCAB_T, VOCAB_P = 152064, 151936
+
+
+def copy_bandwidth(nbytes: int = 2 << 30) -> float:
+    """Bytes per second of a device-to-device copy, counting bytes read plus bytes written."""
+    import triton.testing
+
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def graph_time_ms(fn) -> float:
+    """Median time of one replay of ``fn`` captured as a CUDA graph."""
+    import triton.testing
+
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return triton.testing.do_bench(graph.replay, warmup=50, rep=300, return_mode="median")
+
+
+def eager_sample(t, p, m, tau, lam, eps):
+    a = torch.log_softmax(t.float(), -1) / tau
+    d = (torch.log_softmax(p.float(), -1) - torch.log_softmax(m.float(), -1)) / (2 * eps)
+    a[:, : p.shape[1]] += lam * d
+    return torch.multinomial(torch.softmax(a, -1), 1)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/sampler.py measures GPU kernels and needs a CUDA device", file=sys.stderr)
+        return 2
+    device = torch.cuda.get_device_name()
+    bandwidth = copy_bandwidth()
+    print(f"{device}: copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    rows = []
+    for batch in args.batches:
+        t = torch.randn(batch, VOCAB_T, device="cuda", dtype=torch.bfloat16) * 3
+        p = torch.randn(batch, VOCAB_P, device="cuda", dtype=torch.bfloat16) * 3
+        m = p + 1e-2 * torch.randn_like(p)
+        offset = torch.zeros(1, dtype=torch.int64, device="cuda")
+        kw = dict(tau=0.7, lam=0.5, eps=1e-4, seed=1, offset=offset, check=False)
+        in_bytes = batch * (VOCAB_T + 2 * VOCAB_P) * 2
+        variants = {
+            "fused": (lambda: adfast.sample(t, p, m, **kw), in_bytes + batch * 12),
+            "fused_temperature": (lambda: adfast.sample(t, None, None, mode="temperature", **kw),
+                                  batch * VOCAB_T * 2 + batch * 12),
+            "adjusted": (lambda: adfast.adjusted_logits(t, p, m, **kw), 2 * in_bytes + batch * VOCAB_T * 4),
+            "eager": (lambda: eager_sample(t, p, m, 0.7, 0.5, 1e-4), in_bytes + batch * 8),
+        }
+        times = {name: graph_time_ms(fn) for name, (fn, _) in variants.items()}
+        for name, (_, nbytes) in variants.items():
+            achieved = nbytes / (times[name] * 1e-3)
+            rows.append(dict(device=device, batch=batch, variant=name, ms=times[name], bytes=nbytes,
+                             bytes_per_s=achieved, copy_bandwidth=bandwidth, bandwidth_frac=achieved / bandwidth,
+                             speedup_vs_eager=times["eager"] / times[name]))
+            print(f"B={batch:3d} {name:18s} {times[name] * 1e3:9.1f} us  {achieved / 1e12:5.2f} TB/s "
+                  f"({achieved / bandwidth:6.1%} of copy)  {times['eager'] / times[name]:5.1f}x eager")
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"sampler-{device.replace(' ', '_')}.json"
+    path.write_text(json.dumps(rows, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
