@@ -66,4 +66,5 @@ def adjusted_logits(teacher, plus, minus, perm, tau, coef, num_splits=None):
         lse_m = torch.logsumexp(minus.float(), dim=1, keepdim=True)
         p, m = _proxy_difference(plus, minus, perm)
         out[:, :vocab_p] = out[:, :vocab_p] + coef[:, None] * ((p - lse_p) - (m - lse_m))
-    return out, lse_t, _bad_bits(teacher, plus, minus)
+    all_masked = torch.where(torch.isneginf(lse_t), 4, 0).to(torch.int32)
+    return out, lse_t, _bad_bits(teacher, plus, minus) | all_masked

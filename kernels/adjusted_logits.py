@@ -6,7 +6,7 @@ Here the normalisers matter (the output is a proper log-probability up to ``1/ta
 three log-sum-exps are computed. Stage 1 (``[B, S]`` grid) writes per-chunk online
 (max, sum-exp) of teacher, plus and minus rows; stage 2 (``[B, S]`` grid) merges the S partials
 of its row and writes its chunk of ``a`` in float32, plus the teacher log-sum-exp and the
-bad-input bits of the row (bits as in :mod:`adfast.kernels.fused_sample`). Inputs are read
+bad-input bits of the row (bits as in :mod:`adfast.kernels.fused_sample`; 4 = every teacher logit -inf). Inputs are read
 twice, outputs written once. Rows with ``tau == 0`` hold the greedy objective
 ``log_softmax(t) + lam D``. In permutation mode ``D[v]`` is read at ``perm[v]`` and the row's
 sign is folded into ``coef = sign * lam / (2 eps)``.
@@ -78,7 +78,8 @@ def _adjusted_write(
     coef = tl.load(coef_ptr + row)
     if split == 0:
         bits = tl.load(part_bad_ptr + row * num_splits + s, mask=smask, other=0)
-        tl.store(bad_ptr + row, tl.max(bits & 1, axis=0) | tl.max(bits & 2, axis=0))
+        all_masked = tl.where(lse_t == -float("inf"), 4, 0)
+        tl.store(bad_ptr + row, tl.max(bits & 1, axis=0) | tl.max(bits & 2, axis=0) | all_masked)
         tl.store(lse_ptr + row, lse_t)
     lo = split * chunk
     hi = tl.minimum(lo + chunk, vocab_t)

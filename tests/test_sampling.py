@@ -242,11 +242,14 @@ def test_non_finite_logits_are_refused(backend, where, value, message):
         adfast.adjusted_logits(t, p, m, tau=1.0, lam=0.1, eps=1e-2, backend=backend)
 
 
-def test_all_masked_row_is_refused():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_masked_row_is_refused(backend):
     t, p, m = make_logits(2, 40, 40, torch.float32, 1e-2)
     t[0] = -math.inf
-    with pytest.raises(ValueError, match="every token has -inf"):
-        adfast.sample(t, p, m, tau=1.0, lam=0.1, eps=1e-2, seed=0, backend="torch")
+    with pytest.raises(ValueError, match="every token has -inf score \\(rows \\[0\\]\\)"):
+        adfast.sample(t, p, m, tau=1.0, lam=0.1, eps=1e-2, seed=0, backend=backend)
+    with pytest.raises(ValueError, match="every token has -inf score \\(rows \\[0\\]\\)"):
+        adfast.adjusted_logits(t, p, m, tau=1.0, lam=0.1, eps=1e-2, backend=backend)
 
 
 @pytest.mark.parametrize("kwargs,message", [
