@@ -1,0 +1,285 @@
+"""Engine: continuous batching against transformers' greedy generate, the Hugging Face logits processor,
+single-prompt runs, full teacher forwards, CUDA-graph replay and a two-process torchrun."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import VOCAB, tiny_llama, tiny_qwen2
+
+from adfast.engine import Engine, batch_buckets
+from adfast.hf import AntidistillationLogitsProcessor
+from adfast.hf import generate as hf_generate
+from adfast.proxy_pair import ProxyPair
+
+EPS = 1e-2
+SMALL_VOCAB = 90  # a proxy narrower than the teacher: the teacher's ids 90..95 are out of its reach
+MAX_NEW = 6
+# Six prompts of different lengths (ids < SMALL_VOCAB, valid for every proxy here).
+PROMPTS = [torch.randint(0, SMALL_VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+           for n in (3, 1, 7, 4, 9, 2)]
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run faster on one intra-op thread, many times faster on a busy shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def pytorch_sampler(monkeypatch):
+    """adfast.sample on CPU runs the PyTorch twin of its Triton kernels (adfast.reference): the same
+    draws (test_sampling checks it) without the interpreter's ~50 ms per row and step."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@pytest.fixture
+def interpreted_kernels(monkeypatch):
+    """Run the Triton kernels themselves, in the interpreter, where there is no GPU (conftest's setting)."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def make_pair(vocab: int = VOCAB, seed: int = 1) -> ProxyPair:
+    """A float32 ProxyPair of a tiny Llama proxy and a random gradient."""
+    proxy = tiny_llama(vocab=vocab, seed=seed)
+    g = torch.Generator().manual_seed(100 + seed)
+    grads = {name: torch.randn(p.shape, generator=g) for name, p in proxy.named_parameters()}
+    return ProxyPair.from_gradient(proxy, grads, eps=EPS)
+
+
+@pytest.fixture(scope="module")
+def teachers():
+    return {"qwen2": tiny_qwen2(), "llama": tiny_llama(seed=3)}
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return make_pair()
+
+
+@pytest.fixture(scope="module")
+def engine(teachers, pair):
+    """Qwen2 teacher, full-vocabulary pair, 3 slots for 6 prompts (buckets 1, 2, 3)."""
+    return Engine(teachers["qwen2"], pair, max_batch_size=3, max_seq_len=20)
+
+
+def hf_greedy(model, prompt, max_new_tokens=MAX_NEW, stop=None, **kwargs):
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop, pad_token_id=0,
+                         **kwargs)
+    return out[0, len(prompt):].tolist()
+
+
+def teacher_mean_logprob(model, prompt, tokens) -> float:
+    """The mean of ``log_softmax`` of a full transformers forward at the generated tokens."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1]
+    return logits.log_softmax(-1).gather(1, torch.tensor(tokens)[:, None]).mean().item()
+
+
+def test_buckets():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(3) == [1, 2, 3]
+    assert batch_buckets(8) == [1, 2, 4, 8]
+    assert batch_buckets(12) == [1, 2, 4, 8, 12]
+
+
+@pytest.mark.parametrize("mode", ["temperature", "antidistill"])
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_greedy_matches_transformers(teachers, pair, family, mode):
+    teacher = teachers[family]
+    plain = [hf_greedy(teacher, p) for p in PROMPTS]
+    stop = plain[0][2]  # ends prompt 0 (and maybe others) early: slots free at different steps
+    expected = [hf_greedy(teacher, p, stop=stop) for p in PROMPTS]
+    engine = Engine(teacher, pair if mode == "antidistill" else None, max_batch_size=3, max_seq_len=16)
+    results = engine.generate(PROMPTS, max_new_tokens=MAX_NEW, tau=0.0, lam=0.0, mode=mode,
+                              stop_token_ids=[stop])
+    assert [r.tokens for r in results] == expected
+    assert [r.finish_reason for r in results] == ["stop" if e[-1] == stop else "length" for e in expected]
+    assert {r.finish_reason for r in results} == {"stop", "length"}
+    assert [r.num_tokens for r in results] == [len(e) for e in expected]
+    for prompt, r in zip(PROMPTS, results):
+        assert r.mean_logprob == pytest.approx(teacher_mean_logprob(teacher, prompt, r.tokens), abs=1e-4)
+        assert r.seconds > 0
+
+
+@pytest.mark.parametrize("proxy_vocab", [VOCAB, SMALL_VOCAB])
+def test_lam_matches_logits_processor(teachers, proxy_vocab, interpreted_kernels):
+    teacher, lam = teachers["qwen2"], 0.5
+    pair = make_pair(vocab=proxy_vocab, seed=2)
+    # The engine never emits ids the proxies cannot read; transformers is told the same.
+    suppress = {"suppress_tokens": list(range(proxy_vocab, VOCAB))} if proxy_vocab < VOCAB else {}
+    expected = [hf_generate(teacher, AntidistillationLogitsProcessor(pair, lam=lam, tau=0.0),
+                            input_ids=torch.tensor([p]), max_new_tokens=MAX_NEW, **suppress)[0, len(p):].tolist()
+                for p in PROMPTS]
+    engine = Engine(teacher, pair, max_batch_size=2, max_seq_len=16)
+    results = engine.generate(PROMPTS, max_new_tokens=MAX_NEW, tau=0.0, lam=lam)
+    assert [r.tokens for r in results] == expected
+    assert expected != [hf_greedy(teacher, p) for p in PROMPTS]  # lam changed something
+    for prompt, r in zip(PROMPTS, results):  # unadjusted, unmasked teacher log-probabilities
+        assert r.mean_logprob == pytest.approx(teacher_mean_logprob(teacher, prompt, r.tokens), abs=1e-4)
+
+
+def test_per_prompt_lam_equals_each_prompt_alone(engine):
+    lams = [0.0, 2.0, 0.5, 1.0, 3.0, 0.25]
+    together = engine.generate(PROMPTS, max_new_tokens=MAX_NEW, tau=[0.0] * len(PROMPTS), lam=torch.tensor(lams))
+    alone = [engine.generate([p], max_new_tokens=MAX_NEW, tau=0.0, lam=lam)[0] for p, lam in zip(PROMPTS, lams)]
+    assert [r.tokens for r in together] == [r.tokens for r in alone]
+    for a, b in zip(together, alone):
+        assert a.mean_logprob == pytest.approx(b.mean_logprob, abs=1e-5)
+    unadjusted = engine.generate(PROMPTS, max_new_tokens=MAX_NEW, tau=0.0, lam=0.0)
+    assert [r.tokens for r in together] != [r.tokens for r in unadjusted]
+
+
+def test_stop_tokens_and_stream(engine):
+    greedy = engine.generate(PROMPTS, max_new_tokens=MAX_NEW, tau=0.0, lam=1.0)
+    stop = greedy[2].tokens[1]
+    results = engine.generate(PROMPTS, max_new_tokens=MAX_NEW, tau=0.0, lam=1.0, stop_token_ids=(stop, VOCAB + 5))
+    for full, r in zip(greedy, results):
+        if stop in full.tokens:
+            assert r.finish_reason == "stop" and r.tokens == full.tokens[:full.tokens.index(stop) + 1]
+        else:
+            assert r.finish_reason == "length" and r.tokens == full.tokens and r.num_tokens == MAX_NEW
+    assert results[2].finish_reason == "stop" and results[2].num_tokens == 2
+
+    events = list(engine.stream(PROMPTS, max_new_tokens=MAX_NEW, tau=0.0, lam=1.0, stop_token_ids=[stop]))
+    for i, r in enumerate(results):
+        mine = [(token, logprob) for index, token, logprob in events if index == i]
+        assert [token for token, _ in mine] == r.tokens
+        assert sum(lp for _, lp in mine) / len(mine) == pytest.approx(r.mean_logprob, abs=1e-6)
+
+
+@pytest.mark.parametrize("mode, interpreted", [("antidistill", True), ("permutation", False), ("temperature", False)])
+def test_sampling_seeds_and_logprobs(engine, teachers, mode, interpreted, request):
+    if interpreted:
+        request.getfixturevalue("interpreted_kernels")
+    kw = dict(max_new_tokens=MAX_NEW, tau=1.0, lam=[0.5, 1.0, 0.0, 2.0, 1.0, 0.5], mode=mode)
+    first = engine.generate(PROMPTS, seed=0, **kw)
+    assert [r.tokens for r in engine.generate(PROMPTS, seed=0, **kw)] == [r.tokens for r in first]
+    assert [r.tokens for r in engine.generate(PROMPTS, seed=1, **kw)] != [r.tokens for r in first]
+    for prompt, r in zip(PROMPTS, first):
+        assert r.mean_logprob == pytest.approx(teacher_mean_logprob(teachers["qwen2"], prompt, r.tokens), abs=1e-4)
+
+
+def test_top_k_one_is_greedy(engine):
+    kw = dict(max_new_tokens=MAX_NEW, lam=1.0)
+    greedy = engine.generate(PROMPTS, tau=0.0, **kw)
+    assert [r.tokens for r in engine.generate(PROMPTS, tau=1.0, top_k=1, seed=3, **kw)] == [r.tokens for r in greedy]
+    assert [r.tokens for r in engine.generate(PROMPTS, tau=1.0, top_p=1e-6, seed=3, **kw)] == [r.tokens for r in greedy]
+
+
+def test_errors(teachers, pair, engine):
+    kw = dict(max_new_tokens=4)
+    assert engine.generate([], **kw) == []
+    with pytest.raises(ValueError, match=r"prompt 1 has 18 tokens; with max_new_tokens=4 it needs 22 .*max_seq_len=20"):
+        engine.generate([[1, 2], [3] * 18], **kw)
+    with pytest.raises(ValueError, match="prompt 0 has 25 tokens"):
+        engine.generate([torch.ones(25, dtype=torch.long)], **kw)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        engine.generate([[1], []], **kw)
+    with pytest.raises(ValueError, match="prompt 0 has a token id outside"):
+        engine.generate([[VOCAB]], **kw)
+    with pytest.raises(ValueError, match="eps=0.5 differs"):
+        engine.generate([[1]], eps=0.5, **kw)
+    engine.generate([[1]], eps=EPS, **kw)
+    with pytest.raises(ValueError, match="lam has 1 values for 2 prompts"):
+        engine.generate([[1], [2]], lam=[1.0], **kw)
+    with pytest.raises(ValueError, match="tau must be >= 0"):
+        engine.generate([[1], [2]], tau=[1.0, -1.0], **kw)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        engine.generate([[1]], max_new_tokens=0)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        engine.generate([[1]], mode="greedy", **kw)
+    with pytest.raises(ValueError, match="top_p"):
+        engine.generate([[1]], top_p=0.0, **kw)
+    with pytest.raises(ValueError, match="prompt 0 has 3 tokens"):
+        engine.stream([[1, 2, 3]], max_new_tokens=18)  # validated when called, not when iterated
+    teacher_only = Engine(teachers["qwen2"], None, max_batch_size=1, max_seq_len=8)
+    with pytest.raises(ValueError, match="needs a proxy pair"):
+        teacher_only.generate([[1]], mode="antidistill", **kw)
+    with pytest.raises(ValueError, match="proxy vocabulary"):
+        Engine(tiny_qwen2(vocab=SMALL_VOCAB), pair, max_batch_size=1, max_seq_len=8)
+    far_pair = ProxyPair(pair.plus, pair.minus.to("meta"), EPS, 0.0, "")
+    with pytest.raises(ValueError, match="different devices"):
+        Engine(teachers["qwen2"], far_pair, max_batch_size=1, max_seq_len=8)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        Engine(teachers["qwen2"], pair, max_batch_size=0, max_seq_len=8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_replay_equals_eager(teachers, pair, dtype):
+    kw = dict(max_new_tokens=MAX_NEW, tau=[1.0, 0.0, 0.7, 1.0, 1.3, 1.0], lam=[0.5, 1.0, 0.0, 2.0, 1.0, 0.5],
+              seed=7, stop_token_ids=[5])
+    engines = {graph: Engine(teachers["qwen2"], pair, max_batch_size=4, max_seq_len=16, device="cuda", dtype=dtype,
+                             cuda_graph=graph) for graph in (False, True)}
+    for mode in ("antidistill", "permutation", "temperature"):
+        eager, graphed = (engines[graph].generate(PROMPTS, mode=mode, **kw) for graph in (False, True))
+        assert [r.tokens for r in graphed] == [r.tokens for r in eager], mode
+        assert [r.finish_reason for r in graphed] == [r.finish_reason for r in eager], mode
+        for a, b in zip(graphed, eager):
+            assert a.mean_logprob == pytest.approx(b.mean_logprob, abs=1e-5)
+    assert engines[True]._graphs and not engines[False]._graphs
+    filtered = [engines[graph].generate(PROMPTS, top_k=3, top_p=0.9, **kw) for graph in (False, True)]
+    assert [r.tokens for r in filtered[0]] == [r.tokens for r in filtered[1]]
+
+
+# ------------------------------------------------------------------------------- torchrun sharding
+
+DIST_PROMPTS = PROMPTS[:5]
+DIST_KW = dict(max_new_tokens=4, tau=0.0, lam=[0.0, 1.0, 2.0, 0.5, 1.0])
+
+
+def build_engine() -> Engine:
+    """The same tiny teacher and pair in every process (fixed seeds), on the CPU."""
+    return Engine(tiny_qwen2(), make_pair(), max_batch_size=2, max_seq_len=16)
+
+
+DIST_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+torch.set_num_threads(1)
+from test_engine import DIST_KW, DIST_PROMPTS, build_engine
+from adfast.engine import generate_distributed
+
+local = []
+def factory():
+    engine = build_engine()
+    generate = engine.generate
+    def counted(prompts, **kw):
+        local.append(len(prompts))
+        return generate(prompts, **kw)
+    engine.generate = counted
+    return engine
+
+results = generate_distributed(factory, DIST_PROMPTS, backend="gloo", **DIST_KW)
+with open(os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.json"), "w") as f:
+    json.dump({"local": local, "results": [[r.tokens, r.finish_reason, r.mean_logprob] for r in results]}, f)
+"""
+
+
+def test_generate_distributed_matches_one_process(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(DIST_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script), str(TESTS), str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    single = build_engine().generate(DIST_PROMPTS, **DIST_KW)
+    expected = [[r.tokens, r.finish_reason, r.mean_logprob] for r in single]
+    for rank, local in ((0, [3]), (1, [2])):  # round robin: prompts 0, 2, 4 and 1, 3
+        out = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert out["local"] == local
+        assert [r[:2] for r in out["results"]] == [e[:2] for e in expected]
+        assert [r[2] for r in out["results"]] == pytest.approx([e[2] for e in expected], abs=1e-5)
