@@ -1,4 +1,5 @@
-"""The ``adfast`` command line: ``grad`` (proxy gradient), ``generate`` (sample traces), ``demo``.
+"""The ``adfast`` command line: ``grad`` (proxy gradient), ``generate`` (sample traces), ``demo``,
+``check-eps`` (finite-difference error of D against eps, :mod:`adfast.eps_study`).
 
 ``adfast grad`` computes the proxy gradient ``g`` from teacher traces (jsonl; prompts and
 completions as described in :mod:`adfast.tasks`) and saves it as safetensors. ``adfast generate``
@@ -27,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor
 
-from . import tasks
+from . import eps_study, tasks
 from .gradient import load_gradient, proxy_gradient, save_gradient
 from .hf import AntidistillationLogitsProcessor, generate
 from .models import DTYPES, load_model
@@ -346,6 +347,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--show", type=int, default=0, help="index of the test problem whose traces are printed")
     _threads_option(demo, 1)
     demo.set_defaults(run=cmd_demo)
+    eps_study.add_parser(commands)
     return parser
 
 
