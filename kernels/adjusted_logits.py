@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .online_lse import lse_merge, lse_update
+from .proxy_block import load_proxy_block
 from .split import plan_splits
 
 
@@ -90,12 +91,8 @@ def _adjusted_write(
         a = (t - lse_t) * inv_tau
         if HAS_PROXY:
             pmask = mask & (offs < vocab_p)
-            if PERMUTE:
-                idx = tl.load(perm_ptr + row.to(tl.int64) * stride_perm + offs, mask=pmask, other=0)
-            else:
-                idx = offs
-            p = tl.load(plus_ptr + row.to(tl.int64) * stride_p + idx, mask=pmask, other=0.0).to(tl.float32)
-            m = tl.load(minus_ptr + row.to(tl.int64) * stride_p + idx, mask=pmask, other=0.0).to(tl.float32)
+            p, m = load_proxy_block(plus_ptr, minus_ptr, perm_ptr, row, stride_p, stride_perm, offs, pmask,
+                                    PERMUTE)
             a = a + tl.where(pmask, coef * ((p - lse_p) - (m - lse_m)), 0.0)
         tl.store(out_ptr + row.to(tl.int64) * stride_o + offs, a, mask=mask)
 

@@ -34,6 +34,7 @@ import triton.language as tl
 
 from .gumbel import gumbel_block, split_offset
 from .online_lse import lse_merge, lse_update
+from .proxy_block import load_proxy_block
 from .split import plan_splits
 
 
@@ -82,12 +83,8 @@ def _fused_sample_partials(
         z = t * inv_tau
         if HAS_PROXY:
             pmask = mask & (offs < vocab_p)
-            if PERMUTE:
-                idx = tl.load(perm_ptr + row.to(tl.int64) * stride_perm + offs, mask=pmask, other=0)
-            else:
-                idx = offs
-            p = tl.load(plus_ptr + row.to(tl.int64) * stride_p + idx, mask=pmask, other=0.0).to(tl.float32)
-            m = tl.load(minus_ptr + row.to(tl.int64) * stride_p + idx, mask=pmask, other=0.0).to(tl.float32)
+            p, m = load_proxy_block(plus_ptr, minus_ptr, perm_ptr, row, stride_p, stride_perm, offs, pmask,
+                                    PERMUTE)
             proxy_bad = (p != p) | (m != m) | (tl.abs(p) == float("inf")) | (tl.abs(m) == float("inf"))
             bad = bad | (2 * tl.max(proxy_bad.to(tl.int32), axis=0))
             z = z + coef * (p - m)

@@ -35,6 +35,16 @@ def tiny_llama(vocab: int = VOCAB, seed: int = 0, **overrides) -> LlamaForCausal
     return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine waiting OpenMP threads
+    slow them down many times over: the suite runs on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def qwen2_model():
     return tiny_qwen2()

@@ -24,15 +24,6 @@ PROMPTS = [torch.randint(0, SMALL_VOCAB, (n,), generator=torch.Generator().manua
 TESTS = Path(__file__).resolve().parent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one intra-op thread, many times faster on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def pytorch_sampler(monkeypatch):
     """adfast.sample on CPU runs the PyTorch twin of its Triton kernels (adfast.reference): the same

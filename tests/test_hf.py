@@ -43,15 +43,6 @@ def perturbed_pair(proxy, eps=EPS, seed=0):
     return Pair(plus, minus, eps)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one intra-op thread, many times faster on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def teacher():
     return tiny_qwen2()
