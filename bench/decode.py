@@ -1,0 +1,192 @@
+"""Decode throughput: Hugging Face ``generate`` against the lockstep engine, temperature against antidistillation.
+
+Variants, each at batch sizes 1, 8, 32, 64 (prompt 128 random tokens, 256 new tokens, EOS never stops):
+
+- ``hf_temperature``: transformers ``generate`` with temperature sampling;
+- ``hf_antidistill``: transformers ``generate`` + :class:`adfast.hf.AntidistillationLogitsProcessor`;
+- ``engine_temperature``, ``engine_antidistill``, ``engine_permutation``: :class:`adfast.Engine`.
+
+Models have the real architectures with random bf16 weights (throughput does not depend on the
+values): a Qwen2.5-7B-shaped teacher and a Qwen2.5-3B-shaped proxy pair (``--shapes real``, a CUDA
+device), or tiny ones (``--shapes tiny``, any device: a smoke test of this script).
+
+``limit_ms`` is the weight-read floor of one step: the bytes of every weight a step reads (all
+parameters except an untied input embedding, of which a step reads only B rows; the proxies count
+twice in the antidistillation variants) over the device-to-device copy bandwidth measured in the
+same run. ``limit_frac = limit_ms / ms_step``. Writes ``bench/results/decode-<device>.json`` (rows:
+``device, batch, variant, tok_s, ms_step, limit_ms, limit_frac``) and a PNG of tok/s against batch.
+
+Usage: ``python bench/decode.py [--shapes real|tiny] [--batches 1 8 32 64] [--variants ...]``
+"""
+import argparse
+import gc
+import json
+import pathlib
+import sys
+import time
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+import adfast
+from adfast.hf import AntidistillationLogitsProcessor
+
+SHAPES = {
+    "real": dict(
+        teacher=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                     num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
+        proxy=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                   num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True)),
+    "tiny": dict(
+        teacher=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+        proxy=dict(vocab_size=500, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
+}
+VARIANTS = ("hf_temperature", "hf_antidistill", "engine_temperature", "engine_antidistill", "engine_permutation")
+EPS, LAM, TAU = 1e-2, 0.5, 1.0
+
+
+def random_model(spec: dict, dtype, device) -> Qwen2ForCausalLM:
+    config = Qwen2Config(**spec, max_position_embeddings=4096, attn_implementation="sdpa")
+    with torch.device(device):
+        model = Qwen2ForCausalLM._from_config(config, dtype=dtype)
+    return model.eval().requires_grad_(False)
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the weights one decode step reads (an untied input embedding only by rows: left out)."""
+    skip = set() if model.config.tie_word_embeddings else {id(model.get_input_embeddings().weight)}
+    return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in skip)
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes per second of a device-to-device copy (read + written); on CPU, of a memory copy."""
+    src = torch.randn(1 << 28 if device.type == "cuda" else 1 << 24, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    sync(device)
+    began, reps = time.perf_counter(), 20
+    for _ in range(reps):
+        dst.copy_(src)
+    sync(device)
+    return 2 * src.numel() * src.element_size() * reps / (time.perf_counter() - began)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    began = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - began
+
+
+def hf_run(teacher, pair, mode, prompts, new_tokens):
+    ids = torch.tensor(prompts, device=teacher.device)
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+              min_new_tokens=new_tokens, pad_token_id=0)
+    if mode == "temperature":
+        return lambda: teacher.generate(**kw, do_sample=True, temperature=TAU, top_k=0, top_p=1.0)
+    proc = AntidistillationLogitsProcessor(pair, lam=LAM, tau=TAU, mode=mode, pad_token_id=0)
+    return lambda: adfast.hf.generate(teacher, proc, **kw)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", choices=sorted(SHAPES), default="real")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.shapes == "real" and device.type != "cuda":
+        print("--shapes real needs a CUDA device (use --shapes tiny for a smoke test)", file=sys.stderr)
+        return 2
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    bandwidth = copy_bandwidth(device)
+    print(f"{name}: copy bandwidth {bandwidth / 1e12:.3f} TB/s", flush=True)
+
+    spec = SHAPES[args.shapes]
+    teacher = random_model(spec["teacher"], dtype, device)
+    proxy = random_model(spec["proxy"], dtype, device)
+    gradient = {n: torch.randn(p.shape, device=device, dtype=torch.float32) for n, p in proxy.named_parameters()}
+    pair = adfast.ProxyPair.from_gradient(proxy, gradient, eps=EPS)
+    del proxy, gradient
+    gc.collect()
+    teacher_bytes, proxy_bytes = weight_bytes(teacher), weight_bytes(pair.plus)
+    gen = torch.Generator().manual_seed(0)
+    vocab = spec["proxy"]["vocab_size"]
+
+    rows = []
+
+    def record(batch, variant, seconds):
+        bytes_per_step = teacher_bytes + (0 if variant.endswith("temperature") else 2 * proxy_bytes)
+        ms_step = 1e3 * seconds / args.new_tokens
+        limit_ms = 1e3 * bytes_per_step / bandwidth
+        rows.append(dict(device=name, batch=batch, variant=variant, tok_s=batch * args.new_tokens / seconds,
+                         ms_step=ms_step, limit_ms=limit_ms, limit_frac=limit_ms / ms_step))
+        r = rows[-1]
+        print(f"B={batch:3d} {variant:20s} {r['tok_s']:9.1f} tok/s {ms_step:8.2f} ms/step "
+              f"(limit {limit_ms:6.2f} ms, {r['limit_frac']:6.1%})", flush=True)
+
+    def prompts(batch):
+        return torch.randint(0, vocab, (batch, args.prompt_len), generator=gen).tolist()
+
+    for variant in [v for v in args.variants if v.startswith("hf_")]:
+        mode = variant.split("_", 1)[1]
+        for batch in args.batches:
+            hf_run(teacher, pair, mode, prompts(batch), 4)()  # warm-up
+            record(batch, variant, timed(hf_run(teacher, pair, mode, prompts(batch), args.new_tokens), device))
+
+    engine_variants = [v for v in args.variants if v.startswith("engine_")]
+    if engine_variants:
+        engine = adfast.Engine(teacher, pair, max_batch_size=max(args.batches),
+                               max_seq_len=args.prompt_len + args.new_tokens + 1, device=device, dtype=dtype)
+        del teacher, pair
+        gc.collect()
+        for variant in engine_variants:
+            mode = variant.split("_", 1)[1]
+            for batch in args.batches:
+                kw = dict(tau=TAU, lam=LAM, mode=mode, seed=0)
+                engine.generate(prompts(batch), max_new_tokens=4, **kw)  # warm-up: graph capture
+                batch_prompts = prompts(batch)
+                record(batch, variant, timed(lambda: engine.generate(
+                    batch_prompts, max_new_tokens=args.new_tokens, **kw), device))
+
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"decode-{name.replace(' ', '_')}{'' if args.shapes == 'real' else '-' + args.shapes}"
+    stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    plot(rows, stem.with_suffix(".png"), name)
+    print(f"wrote {stem}.json and .png")
+    return 0
+
+
+def plot(rows, path, name):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        points = [(r["batch"], r["tok_s"]) for r in rows if r["variant"] == variant]
+        ax.plot(*zip(*points), marker="o", label=variant)
+    ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="tokens / s", title=f"decode throughput, {name}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
