@@ -4,21 +4,44 @@
 ``adfast grad`` computes the proxy gradient ``g`` from teacher traces (jsonl; prompts and
 completions as described in :mod:`adfast.tasks`) and saves it as safetensors. ``adfast generate``
 samples one completion per prompt from the teacher with antidistillation (or temperature, or
-permutation) sampling through Hugging Face ``generate`` (:mod:`adfast.hf`) and writes the traces
-as jsonl, in prompt order. ``adfast demo`` runs the whole method on the embedded SmolLM2 on CPU.
+permutation) sampling and writes the traces as jsonl, in prompt order, through one of two backends:
+
+* ``--backend engine`` (the default): the lockstep continuous-batching engine
+  (:class:`adfast.engine.Engine`: a static-cache teacher and a stacked proxy pair, CUDA graphs on
+  a GPU), with up to ``--batch-size`` sequences in flight and ``--max-seq-len`` cache positions
+  per sequence (default: the longest prompt plus ``--max-new-tokens``). It runs Llama and Qwen2
+  teachers and proxies (:mod:`adfast.decoder`); for other architectures use ``--backend hf``.
+  Under ``torchrun`` (``RANK`` and ``WORLD_SIZE`` set) the prompts are sharded over the ranks
+  (:func:`adfast.engine.generate_distributed`) and rank 0 alone writes the one output file. The
+  models are loaded on the CPU and the engine copies their weights to ``--device``.
+* ``--backend hf``: Hugging Face ``generate`` with a logits processor (:mod:`adfast.hf`), over
+  left-padded batches of ``--batch-size`` consecutive prompts; any architecture, one process.
+
+Temperature mode needs neither a proxy nor a gradient (the engine then runs no proxy at all).
+With ``--tau 0`` (greedy) both backends give the same completions (in float32; in half precision
+near-ties can break differently); sampled completions differ
+(the backends draw their noise differently), each reproducible for a fixed ``--seed``.
+
+``adfast demo`` runs the whole method on the embedded SmolLM2 on CPU (through the HF backend).
 
 Every trace row carries ``completion`` (text, special tokens skipped), ``completion_ids`` (the
-generated ids up to and including the first EOS), ``tokens`` (their count), ``mean_logprob``
-(the mean over those tokens of the teacher's log-probability under its own unadjusted
-distribution at temperature 1, i.e. ``log_softmax`` of the scores Hugging Face hands the
-logits processors: the raw logits unless the teacher's generation config adds processors such
-as a repetition penalty), ``seconds`` (the wall time of its batch divided by the batch size, so
-that the rows sum to the total) and, when the row has an ``answer``, ``correct``.
+generated ids up to and including the first EOS: generation stops at the tokenizer's / generation
+config's EOS ids), ``tokens`` (their count), ``mean_logprob`` (the mean over those tokens of the
+teacher's log-probability under its own unadjusted distribution at temperature 1: ``log_softmax``
+of the raw logits with the engine; with the HF backend of the scores Hugging Face hands the
+logits processors, the raw logits unless the teacher's generation config adds processors such as
+a repetition penalty), ``seconds`` and, when the row has an ``answer``, ``correct``. ``seconds``
+with the HF backend is the wall time of the row's batch divided by the batch size, so that the
+rows sum to the total; with the engine it is the row's own latency as the engine reports it, the
+wall time from its prompt's prefill (when it took a cache slot) to its last token. Engine rows
+decode concurrently, so their ``seconds`` overlap and sum to more than the run's wall time; the
+tokens/s that ``generate`` prints divides by the run's wall time, for either backend.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +52,8 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor
 
 from . import eps_study, tasks
+from .decoder import DecoderConfig
+from .engine import Engine, generate_distributed
 from .gradient import load_gradient, proxy_gradient, save_gradient
 from .hf import AntidistillationLogitsProcessor, generate
 from .models import DTYPES, load_model
@@ -113,6 +138,54 @@ def generate_traces(teacher, tokenizer, prompts: list[list[int]], make_processor
     return traces
 
 
+def engine_traces(teacher, tokenizer, prompts: list[list[int]], pair=None, *, mode: str, lam: float, tau: float,
+                  top_k: int, top_p: float, max_new_tokens: int, batch_size: int, seed: int,
+                  max_seq_len: int | None = None, device=None, cuda_graph: bool = True) -> list[dict]:
+    """:func:`generate_traces`' rows from the lockstep :class:`adfast.engine.Engine` (module docstring).
+
+    ``pair`` is a :class:`adfast.ProxyPair`, or None in temperature mode. The engine holds
+    ``batch_size`` sequences (at most ``len(prompts)``) of ``max_seq_len`` positions (default the
+    longest prompt plus ``max_new_tokens``) on ``device`` (default the teacher's); generation stops
+    at the EOS ids. Under torchrun the prompts are sharded over the ranks and every rank gets all
+    rows, in prompt order (:func:`adfast.engine.generate_distributed`).
+    """
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
+    if max_seq_len is None:
+        max_seq_len = max(map(len, prompts)) + max_new_tokens
+    eos = sorted(_eos_ids(teacher, tokenizer))
+
+    def factory() -> Engine:
+        return Engine(teacher, pair, max_batch_size=min(batch_size, len(prompts)), max_seq_len=max_seq_len,
+                      device=device, cuda_graph=cuda_graph)
+
+    results = generate_distributed(factory, prompts, max_new_tokens=max_new_tokens, tau=tau, lam=lam, mode=mode,
+                                   top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=eos)
+    return [{"completion": tokenizer.decode(r.tokens, skip_special_tokens=True), "completion_ids": list(r.tokens),
+             "tokens": r.num_tokens, "mean_logprob": float(r.mean_logprob), "seconds": float(r.seconds)}
+            for r in results]
+
+
+def _check_engine_support(model, role: str, path: str) -> None:
+    """Raise a ValueError pointing at ``--backend hf`` when the engine cannot run ``model``."""
+    try:
+        DecoderConfig.from_hf(model.config)
+    except ValueError as error:
+        raise ValueError(f"--backend engine cannot run the {role} {path}: {error}; use --backend hf") from None
+
+
+def _torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", 0))
+
+
 def summarize(traces: list[dict]) -> dict:
     """Totals over traces: ``tokens``, ``seconds``, ``tokens_per_s``, token-weighted ``mean_logprob``
     and ``accuracy`` (None when no trace was checked)."""
@@ -167,25 +240,48 @@ def cmd_generate(args) -> None:
     if not rows:
         raise ValueError(f"{args.prompts} holds no prompts")
     _answers(rows, str(args.prompts))
+    engine = args.backend == "engine"
+    if not engine and _torchrun():
+        raise ValueError("--backend hf runs in one process and does not shard prompts over torchrun ranks; "
+                         "run it without torchrun, or use --backend engine")
+    if args.max_seq_len is not None and args.max_seq_len < 1:
+        raise ValueError(f"--max-seq-len must be >= 1, got {args.max_seq_len}")
     gradient = None
     if args.mode != "temperature":
         if args.proxy is None or args.grad is None:
             raise ValueError(f"--mode {args.mode} needs --proxy and --grad (temperature mode needs neither)")
         gradient = load_gradient(args.grad)
-    teacher, tokenizer = load_model(args.teacher, dtype=args.dtype, device=args.device)
+    load_device = "cpu" if engine else args.device  # the engine copies the weights to args.device
+    teacher, tokenizer = load_model(args.teacher, dtype=args.dtype, device=load_device)
+    if engine:
+        _check_engine_support(teacher, "teacher", args.teacher)
     prompts = [tasks.prompt_ids(tokenizer, row, f"{args.prompts} row {i}") for i, row in enumerate(rows, 1)]
+    rank = _rank()
     if gradient is None:
-        pair = _no_proxy(args.eps)
+        pair = None if engine else _no_proxy(args.eps)
     else:
         proxy = teacher if _same_model(args.teacher, args.proxy) else load_model(
-            args.proxy, dtype=args.dtype, device=args.device)[0]
+            args.proxy, dtype=args.dtype, device=load_device)[0]
+        if engine:
+            _check_engine_support(proxy, "proxy", args.proxy)
         pair = ProxyPair.from_gradient(proxy, gradient, args.eps)
-        print(f"proxy pair: eps {pair.eps:g}, perturbation rounded away in {pair.vanished_fraction:.1%} "
-              "of the perturbed weights", file=sys.stderr)
-    make = _processor_factory(pair, mode=args.mode, lam=args.lam, tau=args.tau, top_k=args.top_k,
-                              top_p=args.top_p, pad_token_id=tokenizer.pad_token_id)
-    traces = generate_traces(teacher, tokenizer, prompts, make, max_new_tokens=args.max_new_tokens,
-                             batch_size=args.batch_size, seed=args.seed, desc=args.mode)
+        if rank == 0:
+            print(f"proxy pair: eps {pair.eps:g}, perturbation rounded away in {pair.vanished_fraction:.1%} "
+                  "of the perturbed weights", file=sys.stderr)
+    began = time.perf_counter()
+    if engine:
+        traces = engine_traces(teacher, tokenizer, prompts, pair, mode=args.mode, lam=args.lam, tau=args.tau,
+                               top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                               batch_size=args.batch_size, seed=args.seed, max_seq_len=args.max_seq_len,
+                               device=args.device, cuda_graph=not args.no_cuda_graph)
+    else:
+        make = _processor_factory(pair, mode=args.mode, lam=args.lam, tau=args.tau, top_k=args.top_k,
+                                  top_p=args.top_p, pad_token_id=tokenizer.pad_token_id)
+        traces = generate_traces(teacher, tokenizer, prompts, make, max_new_tokens=args.max_new_tokens,
+                                 batch_size=args.batch_size, seed=args.seed, desc=args.mode)
+    wall = time.perf_counter() - began
+    if rank != 0:
+        return  # rank 0 writes the one output, holding every rank's rows in prompt order
     out_rows = []
     for row, ids, trace in zip(rows, prompts, traces):
         out = {**row, "prompt_ids": ids, **trace}
@@ -195,8 +291,8 @@ def cmd_generate(args) -> None:
     tasks.write_jsonl(args.out, out_rows)
     stats = summarize(out_rows)
     accuracy = "" if stats["accuracy"] is None else f", accuracy {stats['accuracy']:.1%}"
-    print(f"wrote {len(out_rows)} traces to {args.out}: {stats['tokens']} tokens, "
-          f"{stats['tokens_per_s']:.1f} tokens/s, "
+    print(f"wrote {len(out_rows)} traces to {args.out} ({args.backend} backend): {stats['tokens']} tokens, "
+          f"{stats['tokens'] / wall if wall else math.nan:.1f} tokens/s, "
           f"mean teacher log-prob {stats['mean_logprob']:.3f}/token{accuracy}")
 
 
@@ -309,7 +405,8 @@ def _parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", parents=[common], help="sample traces from the teacher",
                               description="Prompts: prompt_ids, else question (chat template applied), else "
-                                          "prompt (text, verbatim). Writes one jsonl row per prompt, in order.")
+                                          "prompt (text, verbatim). Writes one jsonl row per prompt, in order. "
+                                          "Under torchrun (--backend engine) rank 0 writes it.")
     gen.add_argument("--teacher", required=True, help=models)
     gen.add_argument("--proxy", help=models + " (not needed in temperature mode)")
     gen.add_argument("--grad", type=Path, help="the proxy gradient from `adfast grad` (not needed in temperature mode)")
@@ -320,10 +417,18 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--tau", type=float, default=1.0, help="temperature; 0 is greedy")
     gen.add_argument("--eps", type=float, default=DEFAULT_EPS, help="finite-difference step of the proxy pair")
     gen.add_argument("--max-new-tokens", type=int, default=256)
-    gen.add_argument("--batch-size", type=int, default=8)
+    gen.add_argument("--batch-size", type=int, default=8,
+                     help="hf: prompts per generate call; engine: sequences decoded at once (cache slots)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--top-k", type=int, default=0, help="0 disables it")
     gen.add_argument("--top-p", type=float, default=1.0, help="1 disables it")
+    gen.add_argument("--backend", choices=("engine", "hf"), default="engine",
+                     help="engine: the lockstep continuous-batching engine (Llama / Qwen2; shards prompts "
+                          "over torchrun ranks); hf: Hugging Face generate (any architecture, one process)")
+    gen.add_argument("--max-seq-len", type=int, default=None,
+                     help="engine: cache positions per sequence (default: longest prompt + --max-new-tokens)")
+    gen.add_argument("--no-cuda-graph", action="store_true",
+                     help="engine: run the decode step eagerly on CUDA instead of replaying CUDA graphs")
     _threads_option(gen, None)
     gen.set_defaults(run=cmd_generate)
 

@@ -105,7 +105,6 @@ def cpu_name() -> str:
 
 def report(rows, recommended, setup, table, png_name) -> str:
     """The markdown summary: settings, the table, the recommendation per dtype."""
-    best = {d: next(r for r in rows if r["dtype"] == d and r["eps"] == e) for d, e in recommended.items()}
     lines = [
         "# Finite-difference step eps for SmolLM2-135M-Instruct on CPU",
         "",

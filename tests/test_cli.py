@@ -42,15 +42,6 @@ def save_model(model, path):
     return str(path)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine waiting OpenMP threads cost a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     """Two random Llamas (teacher and proxy; same 96-token vocabulary) saved with safetensors.
@@ -111,7 +102,6 @@ def test_grad_then_generate(dirs, gradient_file, tmp_path, mode):
     header = tokenizer("<s>assistant: ", add_special_tokens=False)["input_ids"]
     assert rows[0]["prompt_ids"][-len(header):] == header  # a question goes through the chat template
     again = run_generate(dirs, gradient_file, tmp_path, "--mode", mode, "--lam", "0.5", "--tau", "1.0")
-    drop_time = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731
     assert drop_time(again) == drop_time(rows)  # a fixed seed reproduces the traces
 
 
@@ -137,6 +127,74 @@ def test_grad_and_generate_on_their_own_traces(dirs, tmp_path):
     from adfast.gradient import load_gradient
 
     assert load_gradient(tmp_path / "g.safetensors").num_tokens == sum(r["tokens"] for r in tasks.read_jsonl(traces))
+
+
+def drop_time(rows):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+@pytest.mark.parametrize("mode, lam", [("antidistill", "0.5"), ("temperature", "0")])
+def test_engine_greedy_equals_hf_greedy(dirs, gradient_file, tmp_path, mode, lam):
+    """With tau 0 the engine backend (the default) and the hf backend write the same rows."""
+    engine = run_generate(dirs, gradient_file, tmp_path, "--mode", mode, "--lam", lam, "--tau", "0")
+    hf = run_generate(dirs, gradient_file, tmp_path, "--mode", mode, "--lam", lam, "--tau", "0", "--backend", "hf")
+    assert [row["completion_ids"] for row in engine] == [row["completion_ids"] for row in hf]
+    for e, h in zip(engine, hf):
+        assert e.keys() == h.keys() and e["seconds"] > 0 and h["seconds"] > 0
+        assert e["mean_logprob"] == pytest.approx(h["mean_logprob"], abs=1e-4)
+        assert {k: v for k, v in e.items() if k not in ("seconds", "mean_logprob")} == \
+               {k: v for k, v in h.items() if k not in ("seconds", "mean_logprob")}
+
+
+def test_engine_under_torchrun(dirs, tmp_path, monkeypatch):
+    """Under torchrun the engine shards the prompts (here one gloo rank) and rank 0 writes the same rows;
+    other ranks write nothing; the hf backend refuses to run under torchrun."""
+    import socket
+
+    import torch.distributed as dist
+
+    args = ["generate", "--teacher", dirs["teacher"], "--mode", "temperature", "--tau", "0", "--max-new-tokens", "4",
+            "--batch-size", "2", "--prompts", write_jsonl(tmp_path / "p.jsonl", PROMPTS)]
+    main(args + ["--out", str(tmp_path / "single.jsonl")])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    try:
+        main(args + ["--out", str(tmp_path / "ranked.jsonl")])
+        assert dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    ranked, single = (tasks.read_jsonl(tmp_path / name) for name in ("ranked.jsonl", "single.jsonl"))
+    assert drop_time(ranked) == drop_time(single)
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr("adfast.cli.generate_distributed",
+                        lambda factory, prompts, **kw: factory().generate(prompts, **kw))
+    main(args + ["--out", str(tmp_path / "rank1.jsonl")])
+    assert not (tmp_path / "rank1.jsonl").exists()
+    with pytest.raises(SystemExit, match="--backend hf runs in one process"):
+        main(args + ["--out", str(tmp_path / "hf.jsonl"), "--backend", "hf"])
+
+
+def test_engine_refuses_other_architectures(tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    path = save_model(MistralForCausalLM(MistralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=None)).eval(), tmp_path / "mistral")
+    args = ["generate", "--teacher", path, "--mode", "temperature", "--max-new-tokens", "2",
+            "--prompts", write_jsonl(tmp_path / "p.jsonl", PROMPTS[:2]), "--out", str(tmp_path / "o.jsonl")]
+    with pytest.raises(SystemExit, match="--backend engine cannot run the teacher .*mistral.*use --backend hf"):
+        main(args)
+    assert not (tmp_path / "o.jsonl").exists()
+    main(args + ["--backend", "hf"])
+    assert len(tasks.read_jsonl(tmp_path / "o.jsonl")) == 2
 
 
 def test_demo_runs_on_a_tiny_model(dirs, capsys):
