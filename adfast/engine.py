@@ -484,7 +484,9 @@ def generate_distributed(engine_factory, prompts: Sequence[Sequence[int]], *, ba
 
     Under ``torchrun`` (``RANK`` and ``WORLD_SIZE`` set) the process group is initialised here if it
     is not yet (``backend``: default ``"nccl"`` where CUDA is available, after
-    ``torch.cuda.set_device(LOCAL_RANK)``, else ``"gloo"``); it is left initialised. Without a
+    ``torch.cuda.set_device(LOCAL_RANK)``, else ``"gloo"``) and destroyed again before returning
+(a group left behind makes gloo abort the process at exit); a group the caller initialised is
+left as it is. Without a
     process group or those variables this is ``engine_factory().generate(prompts, ...)``.
 
     Rank ``r`` of ``W`` takes prompts ``r, r + W, r + 2W, ...`` (per-prompt ``tau`` / ``lam`` are
@@ -496,7 +498,8 @@ def generate_distributed(engine_factory, prompts: Sequence[Sequence[int]], *, ba
     """
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    created = not dist.is_initialized()
+    if created:
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             return engine_factory().generate(prompts, **generate_kwargs)
         if backend is None:
@@ -504,7 +507,17 @@ def generate_distributed(engine_factory, prompts: Sequence[Sequence[int]], *, ba
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        return _generate_on_ranks(engine_factory, prompts, dist.get_rank(), dist.get_world_size(), generate_kwargs)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _generate_on_ranks(engine_factory, prompts, rank: int, world: int, generate_kwargs) -> list[GenerationResult]:
+    """Rank ``rank``'s share of :func:`generate_distributed`, gathered from all ranks in prompt order."""
+    import torch.distributed as dist
+
     mine = list(range(rank, len(prompts), world))
     kwargs = dict(generate_kwargs)
     for name in ("tau", "lam"):
