@@ -217,10 +217,13 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots:
     Returns:
         ``[C, B, T, H, D]``. Head ``h`` reads key/value head ``h // (H / KV)`` (grouped-query).
 
-    Two paths. CUDA decode (``T == 1``, fp16/bf16) with flash-attn installed calls
+    Three paths. CUDA decode (``T == 1``, fp16/bf16) with flash-attn installed calls
     ``flash_attn_with_kvcache`` on the cache in place (the layout is its ``[batch, seqlen,
     heads, dim]`` with copy and slot folded into the batch, selected by ``cache_batch_idx``), so
-    its cost follows each slot's length. Everything else runs ``scaled_dot_product_attention``
+    its cost follows each slot's length. Without flash-attn, CUDA decode runs our split-K Triton
+    kernel :func:`adfast.kernels.decode_attention.decode_attention`, which also reads only live
+    positions (tested against this function's SDPA path under the Triton interpreter; not yet
+    measured on a GPU). Everything else runs ``scaled_dot_product_attention``
     with a boolean mask over gathered copies of the slots' rows: that path reads all
     ``max_seq_len`` positions of every slot, whatever their lengths (cost grows with
     ``max_seq_len``); it is the reference and the prefill path, not the fast decode path.
@@ -235,6 +238,10 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots:
             cache_seqlens=(query_pos[:, 0] + 1).to(torch.int32).repeat(num_copies),
             cache_batch_idx=rows.flatten().to(torch.int32), causal=True)
         return out.view(num_copies, batch, 1, heads, head_dim)
+    if q.is_cuda and seq == 1:
+        from .kernels.decode_attention import decode_attention
+
+        return decode_attention(q, k_cache, v_cache, slots, query_pos[:, 0] + 1)
 
     def gather(cache):  # [C, max_batch, S + 1, KV, D] -> [C B, H, S, D]
         x = cache[:, slots, :max_seq_len].to(q.dtype).permute(0, 1, 3, 2, 4)

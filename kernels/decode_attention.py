@@ -1,0 +1,214 @@
+"""Split-K ("flash-decoding") attention of one new query per row over its slot's live cache.
+
+Shapes (one layer; ``C`` weight copies, ``B`` rows, ``H`` query heads, ``KV`` key/value heads,
+``GROUP = H // KV``, ``D`` head dim, ``S = max_seq_len``)::
+
+    q                 [C, B, 1, H, D]          any float dtype
+    k_cache, v_cache  [C, max_batch, S + 1, KV, D]  fp32 / bf16 / fp16 (any strides, last dim 1)
+    slots             [B]  int               cache slot of row b
+    lengths           [B]  int               live positions of row b (= query_pos[b, 0] + 1, >= 1)
+    out               [C, B, 1, H, D]          q's dtype
+
+Math, for copy ``c``, row ``b``, head ``h`` (kv head ``j = h // GROUP``), ``n < L = lengths[b]``::
+
+    s_n   = <q[c, b, 0, h], K[c, slots[b], n, j]> / sqrt(D)
+    out   = sum_n softmax(s)_n V[c, slots[b], n, j]
+
+Stage 1 (:func:`_decode_partials`, grid ``(C * B * KV, num_splits)``): program ``(p, s)`` with
+``p = (c * B + b) * KV + j`` takes all GROUP query heads of kv head ``j`` together as one
+``[GROUP_PAD, D]`` tile (``GROUP_PAD = max(16, next_pow2(GROUP))``, padded rows are zero and
+never stored) so that every K/V block is loaded once for the whole group and both products run on
+``tl.dot`` (which needs M >= 16 on tensor cores; the padding costs idle MMA rows, not bytes; fp32
+caches use ``input_precision="ieee"`` so no TF32 rounding). Under the Triton interpreter
+(CPU tensors) ``tl.dot`` on bf16/fp16 operands returns garbage (triton 3.9), so there the
+operands (already rounded to the cache dtype) are upcast to fp32 and multiplied in IEEE fp32:
+the same products, exact in fp32, so the result matches the GPU's bf16 MMA with fp32
+accumulation up to summation order. It walks positions
+``[s * chunk, min((s + 1) * chunk, L))`` in ``BLOCK_N`` blocks (K/V loads masked to ``n < L``: a
+position ``>= L`` is never read, and a split with ``s * chunk >= L`` runs no iteration and stores
+nothing), keeping the online-softmax state (running max ``m`` in the log2 domain, sum ``l``,
+unnormalised ``acc [GROUP_PAD, D]``) in float32, and writes ``m, l [GROUP]`` and
+``acc [GROUP, D]`` to a float32 workspace. Probabilities are cast to V's dtype for the second
+``tl.dot`` (as flash-attention does), so bf16/fp16 caches see bf16/fp16 rounding of P.
+
+Stage 2 (:func:`_decode_merge`, grid ``(C * B * H,)``) reads the ``ceil(L / chunk)`` live splits
+of its head and writes ``sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s`` in q's dtype.
+
+Bytes: the live K and V rows, ``2 * C * KV * D * itemsize * sum_b L_b`` (the blocks round up to
+``BLOCK_N`` only in masked lanes, which load nothing), plus q and out, plus the workspace
+(``C * B * KV * splits * GROUP * (D + 2) * 4`` written and read once, small beside the cache
+for long rows). Nothing scales with ``max_seq_len`` except the number of (empty) programs.
+
+Splits: ``chunk`` (a multiple of ``BLOCK_N``) is fixed from ``max_seq_len`` so that
+``C * B * KV * splits`` programs cover the GPU about four times (``splits <= S / 256``, so each
+split has at least 256 positions of work when rows are full); short rows simply use fewer live
+splits. Choosing from ``max_seq_len`` (not ``lengths.max()``) keeps the launch free of host syncs
+and CUDA-graph safe. On CPU (Triton interpreter) a small ``BLOCK_N`` and at most 4 splits keep
+tests fast while still crossing block and split boundaries.
+"""
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_partials(
+    q_ptr, k_ptr, v_ptr, slots_ptr, lengths_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+    batch, kv_heads, chunk, num_splits, qk_scale,
+    sq_c, sq_b, sq_h,
+    sk_c, sk_s, sk_n, sk_j,
+    sv_c, sv_s, sv_n, sv_j,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    j = pid % kv_heads
+    cb = pid // kv_heads
+    b = cb % batch
+    c = cb // batch
+    length = tl.load(lengths_ptr + b).to(tl.int32)
+    slot = tl.load(slots_ptr + b).to(tl.int64)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, length)
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    gmask = g < GROUP
+    q_off = c.to(tl.int64) * sq_c + b.to(tl.int64) * sq_b + (j * GROUP + g).to(tl.int64)[:, None] * sq_h
+    q = tl.load(q_ptr + q_off + d[None, :], mask=gmask[:, None], other=0.0)
+    k_base = k_ptr + c.to(tl.int64) * sk_c + slot * sk_s + j.to(tl.int64) * sk_j
+    v_base = v_ptr + c.to(tl.int64) * sv_c + slot * sv_s + j.to(tl.int64) * sv_j
+    q = q.to(k_ptr.dtype.element_ty)
+
+    m_i = tl.full([GROUP_PAD], -float("inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        nmask = n < hi
+        k = tl.load(k_base + n.to(tl.int64)[:, None] * sk_n + d[None, :], mask=nmask[:, None], other=0.0)
+        if IEEE:  # fp32 operands (exact products of the cache-dtype values), no TF32
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(nmask[None, :], s * qk_scale, -float("inf"))  # log2 domain
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every block has a live position
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + n.to(tl.int64)[:, None] * sv_n + d[None, :], mask=nmask[:, None], other=0.0)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    smask = gmask & (lo + g * 0 < length)  # nothing stored by splits past the row's length
+    part = pid.to(tl.int64) * num_splits + split
+    tl.store(part_m_ptr + part * GROUP + g, m_i, mask=smask)
+    tl.store(part_l_ptr + part * GROUP + g, l_i, mask=smask)
+    tl.store(part_acc_ptr + (part * GROUP + g)[:, None] * HEAD_DIM + d[None, :], acc, mask=smask[:, None])
+
+
+@triton.jit
+def _decode_merge(
+    part_m_ptr, part_l_ptr, part_acc_ptr, lengths_ptr, out_ptr,
+    batch, heads, chunk, num_splits,
+    so_c, so_b, so_h,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = pid % heads
+    cb = pid // heads
+    b = cb % batch
+    c = cb // batch
+    kv_heads = heads // GROUP
+    j = h // GROUP
+    g = h % GROUP
+    length = tl.load(lengths_ptr + b).to(tl.int32)
+    live = (length + chunk - 1) // chunk
+    s = tl.arange(0, SPLITS_PAD)
+    smask = s < live
+    d = tl.arange(0, HEAD_DIM)
+    part = (cb.to(tl.int64) * kv_heads + j) * num_splits + s  # [SPLITS_PAD]
+    idx = part * GROUP + g
+    m = tl.load(part_m_ptr + idx, mask=smask, other=-float("inf"))
+    l = tl.load(part_l_ptr + idx, mask=smask, other=0.0)
+    acc = tl.load(part_acc_ptr + idx[:, None] * HEAD_DIM + d[None, :], mask=smask[:, None], other=0.0)
+    m_max = tl.max(m, axis=0)
+    w = tl.where(smask, tl.exp2(m - m_max), 0.0)
+    num = tl.sum(acc * w[:, None], axis=0)
+    den = tl.sum(l * w, axis=0)
+    out = num / den
+    o_off = c.to(tl.int64) * so_c + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h
+    tl.store(out_ptr + o_off + d, out.to(out_ptr.dtype.element_ty))
+
+
+def _plan(num_programs: int, max_seq_len: int, device: torch.device, num_splits: int | None,
+          block_n: int | None) -> tuple[int, int, int, int]:
+    """``(splits, chunk, block_n, num_warps)``; see the module docstring."""
+    if device.type == "cuda":
+        block_n = block_n or 64
+        num_warps = 4
+        if num_splits is None:
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            num_splits = max(1, min(-(-4 * sms // num_programs), max_seq_len // 256))
+    else:
+        block_n = block_n or 16
+        num_warps = 4
+        num_splits = num_splits or max(1, min(4, max_seq_len // (2 * block_n)))
+    chunk = -(-max_seq_len // num_splits)
+    chunk = -(-chunk // block_n) * block_n
+    num_splits = -(-max_seq_len // chunk)
+    return num_splits, chunk, block_n, num_warps
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                     lengths: torch.Tensor, num_splits: int | None = None,
+                     block_n: int | None = None) -> torch.Tensor:
+    """Decode attention of ``q [C, B, 1, H, D]`` over positions ``< lengths[b]`` of cache slot
+    ``slots[b]`` (cache ``[C, max_batch, max_seq_len + 1, KV, D]``), grouped-query, scale
+    ``1 / sqrt(D)``. Returns ``[C, B, 1, H, D]`` in q's dtype. ``lengths`` must be in
+    ``[1, max_seq_len]``. ``num_splits``/``block_n`` override the plan (tests, tuning).
+    Same result as :func:`adfast.decoder.attend` with ``query_pos = (lengths - 1)[:, None]``.
+    """
+    num_copies, batch, seq, heads, head_dim = q.shape
+    assert seq == 1, "decode_attention handles one query per row (T == 1)"
+    assert k_cache.shape == v_cache.shape and k_cache.dtype == v_cache.dtype
+    assert k_cache.shape[0] == num_copies and k_cache.shape[4] == head_dim
+    kv_heads = k_cache.shape[3]
+    assert heads % kv_heads == 0
+    assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, "head_dim must be a power of two >= 16"
+    assert k_cache.stride(4) == 1 and v_cache.stride(4) == 1 and q.stride(4) == 1
+    group = heads // kv_heads
+    max_seq_len = k_cache.shape[2] - 1
+    slots = slots.contiguous()
+    lengths = lengths.contiguous()
+
+    programs = num_copies * batch * kv_heads
+    splits, chunk, block_n, num_warps = _plan(programs, max_seq_len, q.device, num_splits, block_n)
+    part_m = torch.empty(programs * splits * group, device=q.device, dtype=torch.float32)
+    part_l = torch.empty_like(part_m)
+    part_acc = torch.empty(programs * splits * group * head_dim, device=q.device, dtype=torch.float32)
+    out = torch.empty((num_copies, batch, 1, heads, head_dim), device=q.device, dtype=q.dtype)
+
+    _decode_partials[(programs, splits)](
+        q, k_cache, v_cache, slots, lengths, part_m, part_l, part_acc,
+        batch, kv_heads, chunk, splits, LOG2E / head_dim ** 0.5,
+        q.stride(0), q.stride(1), q.stride(3),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_N=block_n, IEEE=k_cache.dtype == torch.float32 or not q.is_cuda, num_warps=num_warps,
+    )
+    _decode_merge[(num_copies * batch * heads,)](
+        part_m, part_l, part_acc, lengths, out,
+        batch, heads, chunk, splits,
+        out.stride(0), out.stride(1), out.stride(3),
+        GROUP=group, HEAD_DIM=head_dim, SPLITS_PAD=max(2, triton.next_power_of_2(splits)), num_warps=4,
+    )
+    return out
