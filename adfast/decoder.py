@@ -33,6 +33,13 @@ Cache and positions (:meth:`Decoder.forward`): each sequence lives in a *slot* o
 cache knows how many tokens each slot holds (``lengths``), new tokens are appended at the end of
 their slot and ``forward`` advances ``lengths`` itself, with device tensors only, so a captured
 CUDA graph replays the whole step. ``KVCache.reset(slots)`` empties slots for new prompts.
+
+Tangent (JVP) mode: :meth:`Decoder.set_tangent` stores a weight direction ``g`` (a proxy
+gradient) in the fused layout, and ``forward(..., tangent=True)`` returns the logits and their
+exact derivative ``d/dh logits(theta + h g)`` from one pass that carries primal and tangent
+together (tangent K/V cached per slot); :func:`log_softmax_tangent` / :meth:`Decoder.delta` turn
+that into ``D = d/dh log_softmax``, the antidistillation term, with no ``eps``. It is a plain-torch
+reference path (explicit softmax attention); a GPU-fast version is later work.
 """
 from __future__ import annotations
 
@@ -256,6 +263,88 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots:
     return out.view(num_copies, batch, heads, seq, head_dim).transpose(2, 3)
 
 
+# ------------------------------------------------------------------------------ tangent (JVP) mode
+#
+# Forward-mode derivatives along a weight direction ``g``: every function below maps a primal and
+# its tangent (d/dh at h = 0 of the value at weights ``theta + h g``) to the output and its tangent.
+# Plain torch ops: the CPU / reference path; a fused GPU version is later work.
+
+
+def rms_norm_jvp(x: torch.Tensor, dx: torch.Tensor, weight: torch.Tensor, dweight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rms_norm` and its tangent: with ``r = rsqrt(mean(x^2) + eps)``, ``y = w x r`` and
+    ``dy = dw x r + w r (dx - x r^2 mean(x dx))``, statistics in float32 (float64 for float64)."""
+    h, dh = x.to(compute_dtype(x.dtype)), dx.to(compute_dtype(x.dtype))
+    r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    normed = h * r
+    dnormed = r * (dh - h * (r * r) * (h * dh).mean(-1, keepdim=True))
+    normed, dnormed = normed.to(x.dtype), dnormed.to(x.dtype)
+    return weight[:, None] * normed, dweight[:, None] * normed + weight[:, None] * dnormed
+
+
+def linear_jvp(x: torch.Tensor, dx: torch.Tensor, weight: torch.Tensor, dweight: torch.Tensor,
+               bias: torch.Tensor | None = None, dbias: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`linear` and its tangent ``dx W^T + x G^T + db``.
+
+    ``x`` and ``dx`` go through ``W`` as one batched matmul (``W`` read once for both), then
+    ``x G^T`` is added to the tangent.
+    """
+    n = x.shape[1]
+    both = torch.bmm(torch.cat((x, dx), dim=1), weight.transpose(1, 2))
+    y, dy = both[:, :n], both[:, n:]
+    dy = torch.baddbmm(dy, x, dweight.transpose(1, 2))
+    if bias is not None:
+        y = y + bias[:, None]
+        dy = dy + dbias[:, None]
+    return y, dy
+
+
+def attend_jvp(q: torch.Tensor, dq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               dk_cache: torch.Tensor, dv_cache: torch.Tensor, slots: torch.Tensor,
+               query_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attend` and its tangent, by an explicit masked softmax (same masking and grouping).
+
+    With ``S = Q K^T / sqrt(D)`` (keys past ``query_pos`` masked), ``P = softmax(S)``, ``O = P V``:
+    ``dS = (dQ K^T + Q dK^T) / sqrt(D)``, ``dP = P (dS - sum(P dS))``, ``dO = dP V + P dV``.
+    ``dk_cache``, ``dv_cache`` hold the cached keys' and values' tangents, laid out as the caches.
+    Scores and softmax in float32 (float64 for float64); reads all ``max_seq_len`` positions of
+    every slot (the reference path, not a fast one). Returns ``(out, dout)``, ``[C, B, T, H, D]``.
+    """
+    heads, head_dim = q.shape[3:]
+    max_seq_len, kv_heads = k_cache.shape[2] - 1, k_cache.shape[3]
+    dtype = q.dtype
+    work = compute_dtype(dtype)
+
+    def gather(cache):  # [C, max_batch, S + 1, KV, D] -> [C, B, H, S, D]
+        x = cache[:, slots, :max_seq_len].to(work).permute(0, 1, 3, 2, 4)
+        return x.repeat_interleave(heads // kv_heads, dim=2)
+
+    keys, values, dkeys, dvalues = gather(k_cache), gather(v_cache), gather(dk_cache), gather(dv_cache)
+    q, dq = q.to(work).transpose(2, 3), dq.to(work).transpose(2, 3)  # [C, B, H, T, D]
+    scale = 1.0 / math.sqrt(head_dim)
+    mask = torch.arange(max_seq_len, device=q.device)[None, None, :] <= query_pos[:, :, None]  # [B, T, S]
+    mask = mask[None, :, None]  # [1, B, 1, T, S]
+    scores = (q @ keys.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+    dscores = ((dq @ keys.transpose(-1, -2) + q @ dkeys.transpose(-1, -2)) * scale).masked_fill(~mask, 0)
+    p = torch.softmax(scores, dim=-1)
+    dp = p * (dscores - (p * dscores).sum(-1, keepdim=True))
+    out = p @ values
+    dout = dp @ values + p @ dvalues
+    return out.transpose(2, 3).to(dtype), dout.transpose(2, 3).to(dtype)
+
+
+def log_softmax_tangent(logits: torch.Tensor, dlogits: torch.Tensor) -> torch.Tensor:
+    """The tangent of ``log_softmax(logits)`` along ``dlogits``: ``dlogits - sum_v softmax(logits)_v dlogits_v``.
+
+    Over the last (vocabulary) dimension, in float64 for float64 inputs, else float32. With the
+    output of ``Decoder.forward(..., tangent=True)`` it is ``D = d/dh log_softmax(logits(theta + h g))``.
+    """
+    work = torch.float64 if torch.float64 in (logits.dtype, dlogits.dtype) else torch.float32
+    logits, dlogits = logits.to(work), dlogits.to(work)
+    return dlogits - (torch.softmax(logits, dim=-1) * dlogits).sum(-1, keepdim=True)
+
+
 class KVCache(nn.Module):
     """Static per-layer keys and values of ``max_batch`` slots, and each slot's length.
 
@@ -265,15 +354,20 @@ class KVCache(nn.Module):
     place. Position ``max_seq_len`` is scratch: padding tokens write there and nothing reads it,
     so writes need no data-dependent shapes. ``lengths``: int64 ``[max_batch]``, the number of
     live positions of each slot (positions ``>= lengths[s]`` hold stale data and are never read).
+    ``dk``, ``dv`` (``tangent=True``, else None): the tangents of ``k`` and ``v`` (same shape and
+    layout), written by :meth:`Decoder.forward` with ``tangent=True``.
     """
 
     def __init__(self, num_layers: int, num_copies: int, max_batch: int, max_seq_len: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device | str | None):
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str | None, *, tangent: bool = False):
         super().__init__()
         shape = (num_layers, num_copies, max_batch, max_seq_len + 1, num_kv_heads, head_dim)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        for name in ("dk", "dv"):
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device) if tangent else None,
+                                 persistent=False)
         self.register_buffer("lengths", torch.zeros(max_batch, dtype=torch.int64, device=device), persistent=False)
 
     def reset(self, slots) -> None:
@@ -323,6 +417,7 @@ class Decoder(nn.Module):
         self.norm = param(config.hidden_size)
         self.lm_head = self.embed if config.tie_word_embeddings else param(config.vocab_size, config.hidden_size)
         self.cache: KVCache | None = None
+        self.tangent_weights: dict[str, torch.Tensor] | None = None
 
     # ----------------------------------------------------------------------------------- loading
 
@@ -420,21 +515,85 @@ class Decoder(nn.Module):
                 raise ValueError(f"{path} is neither a Hugging Face model directory nor a .gguf file")
         return cls.from_hf([source], dtype=dtype, device=device)
 
+    # ----------------------------------------------------------------------------------- tangent
+
+    def set_tangent(self, gradient) -> None:
+        """Store the direction ``g`` of tangent mode (``forward(..., tangent=True)``), or clear it (None).
+
+        ``gradient``: a :class:`adfast.gradient.ProxyGradient` or a mapping from transformers
+        parameter names (``named_parameters()`` of the model this decoder was built from, tied
+        weights once) to tensors. It is stored in this decoder's fused layout, dtype and device,
+        in ``tangent_weights`` (keyed as ``named_parameters()``): q/k/v and gate/up concatenated
+        as the weights are, and one tangent shared by a tied embedding and ``lm_head``. Every
+        copy of a ``num_copies > 1`` decoder gets the same direction. Raises ``ValueError``
+        listing missing names, unexpected names and shape mismatches (a ``lm_head.weight`` of a
+        tied model is accepted only when equal to ``model.embed_tokens.weight``).
+        """
+        if gradient is None:
+            self.tangent_weights = None
+            return
+        grads = getattr(gradient, "grads", gradient)
+        if not hasattr(grads, "keys"):
+            raise ValueError(f"gradient must be a ProxyGradient or a mapping name -> tensor, got {type(gradient)}")
+        sources = self._hf_sources()
+        params = dict(self.named_parameters())
+        used = {key for keys in sources.values() for key in keys}
+        missing = sorted(used - grads.keys())
+        unexpected = sorted(grads.keys() - used)
+        tied_head = "lm_head.weight"
+        if self.config.tie_word_embeddings and tied_head in unexpected:
+            embed = grads.get("model.embed_tokens.weight")
+            head = grads[tied_head]
+            if (isinstance(head, torch.Tensor) and isinstance(embed, torch.Tensor) and head.shape == embed.shape
+                    and torch.equal(head, embed.to(head.device, head.dtype))):
+                unexpected.remove(tied_head)
+        cfg = self.config
+        bad_shapes = []
+        for name, keys in sources.items():
+            shape = tuple(params[name].shape[1:])
+            if name.endswith("qkv"):
+                rows = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim)
+            elif name.endswith("gate_up"):
+                rows = (cfg.intermediate_size, cfg.intermediate_size)
+            else:
+                rows = (shape[0],)
+            for key, row in zip(keys, rows):
+                value, want = grads.get(key), (row, *shape[1:])
+                if value is not None and (not isinstance(value, torch.Tensor) or tuple(value.shape) != want):
+                    got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                    bad_shapes.append(f"{key}: {got}, expected {want}")
+        if missing or unexpected or bad_shapes:
+            raise ValueError(f"the gradient does not fit this decoder ({self.config}): missing {missing}, "
+                             f"unexpected {unexpected}, shape mismatches {bad_shapes}")
+        dtype, device = self.embed.dtype, self.embed.device
+        tangent = {}
+        for name, keys in sources.items():
+            value = torch.cat([grads[key].detach().to(device, dtype) for key in keys])
+            tangent[name] = value[None].expand(self.num_copies, *value.shape)
+        if self.config.tie_word_embeddings:
+            tangent["lm_head"] = tangent["embed"]
+        self.tangent_weights = tangent
+
     # ------------------------------------------------------------------------------------- cache
 
     def setup_cache(self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None,
-                    device=None) -> KVCache:
+                    device=None, *, tangent: bool | None = None) -> KVCache:
         """Allocate the KV cache (all slots empty) and the rotary tables; returns the cache.
 
         ``dtype`` / ``device`` default to the weights'. The rotary tables ``cos, sin [max_seq_len, D]``
         are computed in float32 (float64 for float64 weights) as transformers computes them.
+        ``tangent``: also allocate the tangent caches ``dk``, ``dv`` that ``forward(...,
+        tangent=True)`` needs; None (the default) allocates them when a tangent is set
+        (:meth:`set_tangent`).
         """
         if max_batch < 1 or max_seq_len < 1:
             raise ValueError(f"max_batch and max_seq_len must be >= 1, got {max_batch}, {max_seq_len}")
         dtype, device = dtype or self.embed.dtype, device or self.embed.device
         cfg = self.config
+        if tangent is None:
+            tangent = self.tangent_weights is not None
         self.cache = KVCache(cfg.num_layers, self.num_copies, max_batch, max_seq_len, cfg.num_kv_heads,
-                             cfg.head_dim, dtype, device)
+                             cfg.head_dim, dtype, device, tangent=tangent)
         table_dtype = compute_dtype(self.embed.dtype)
         inv_freq = rope_inv_freq(cfg, table_dtype).to(device)
         angles = torch.arange(max_seq_len, device=device).to(table_dtype)[:, None] * inv_freq
@@ -479,7 +638,7 @@ class Decoder(nn.Module):
                                  f"exceed max_seq_len={cache.max_seq_len}")
 
     def forward(self, tokens: torch.Tensor, slots: torch.Tensor, num_tokens: torch.Tensor | None = None, *,
-                last_only: bool = True, check: bool = True) -> torch.Tensor:
+                last_only: bool = True, check: bool = True, tangent: bool = False):
         """Append ``tokens`` to their slots, attend causally over each slot, return logits.
 
         Args:
@@ -507,7 +666,26 @@ class Decoder(nn.Module):
         Returns:
             logits ``[C, B, 1, V]`` (``last_only``) or ``[C, B, T, V]``, float32 (float64 for a
             float64 decoder). Rows with ``n_b = 0`` hold unspecified values.
+
+        Tangent mode (``tangent=True``; needs :meth:`set_tangent` and a cache with tangent K/V,
+        :meth:`setup_cache`): returns ``(logits, dlogits)``, both shaped and typed as above, with
+        ``dlogits = d/dh logits(theta + h g)`` at ``h = 0``, exact (forward-mode AD by hand,
+        primal and tangent carried together through one pass): each linear layer reads ``W``
+        once for ``x`` and ``dx`` and adds ``G x`` (and the bias tangent) to the tangent; the
+        embedding, RMSNorms (with their weights' tangents), rotary, attention (softmax tangent,
+        the keys' and values' tangents cached per slot as keys and values are) and the SiLU-gated
+        MLP propagate it. :func:`log_softmax_tangent` (or :meth:`delta`) turns it into ``D``.
+        This is the plain-torch reference path (explicit softmax attention over all
+        ``max_seq_len`` positions, no SDPA / flash-attn / Triton, no CUDA-graph tuning); a
+        GPU-fast version is later work. Its logits equal ``tangent=False``'s up to round-off.
+        Calls with ``tangent=False`` on a tangent cache leave the tangent K/V of the positions
+        they write stale: keep one mode per slot.
         """
+        if tangent and self.tangent_weights is None:
+            raise ValueError("forward(tangent=True) needs a direction: call set_tangent(gradient) first")
+        if tangent and (self.cache is None or self.cache.dk is None):
+            raise ValueError("forward(tangent=True) needs tangent K/V caches: call setup_cache(..., tangent=True) "
+                             "(or setup_cache after set_tangent)")
         self._check(tokens, slots, num_tokens, check)
         cfg, cache = self.config, self.cache
         batch, seq = tokens.shape
@@ -519,6 +697,8 @@ class Decoder(nn.Module):
         write_pos = torch.where(real, position, cache.max_seq_len)
         query_pos = (start[:, None] + torch.minimum(t, n[:, None] - 1)).clamp(0, cache.max_seq_len - 1)
         cos, sin = self.rope_cos[query_pos], self.rope_sin[query_pos]
+        if tangent:
+            return self._forward_tangent(tokens, slots, n, start, write_pos, query_pos, cos, sin, last_only)
 
         copies, heads, kv_heads, head_dim = self.num_copies, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         x = self.embed[:, tokens].view(copies, batch * seq, cfg.hidden_size)
@@ -545,8 +725,68 @@ class Decoder(nn.Module):
         logits = logits.view(copies, batch, out_seq, cfg.vocab_size)
         return logits if logits.dtype == torch.float64 else logits.float()
 
+    def _forward_tangent(self, tokens, slots, n, start, write_pos, query_pos, cos, sin, last_only: bool):
+        """The body of ``forward(..., tangent=True)``: the primal pass of :meth:`forward` with tangents."""
+        cfg, cache, g = self.config, self.cache, self.tangent_weights
+        batch, seq = tokens.shape
+        copies, heads, kv_heads, head_dim = self.num_copies, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        eps = cfg.rms_norm_eps
+        x = self.embed[:, tokens].view(copies, batch * seq, cfg.hidden_size)
+        dx = g["embed"][:, tokens].reshape(copies, batch * seq, cfg.hidden_size)
+        for i, layer in enumerate(self.layers):
+            prefix = f"layers.{i}."
+            d = {name[len(prefix):]: value for name, value in g.items() if name.startswith(prefix)}.get
+            h, dh = rms_norm_jvp(x, dx, layer.attention_norm, d("attention_norm"), eps)
+            qkv, dqkv = linear_jvp(h, dh, layer.wqkv, d("wqkv"), layer.bqkv, d("bqkv"))
+            sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+            (q, k, v), (dq, dk, dv) = qkv.split(sizes, dim=-1), dqkv.split(sizes, dim=-1)
+            q = apply_rope(q.reshape(copies, batch, seq, heads, head_dim), cos, sin)
+            dq = apply_rope(dq.reshape(copies, batch, seq, heads, head_dim), cos, sin)
+            k = apply_rope(k.reshape(copies, batch, seq, kv_heads, head_dim), cos, sin)
+            dk = apply_rope(dk.reshape(copies, batch, seq, kv_heads, head_dim), cos, sin)
+            for buffer, value in ((cache.k, k), (cache.dk, dk), (cache.v, v), (cache.dv, dv)):
+                buffer[i][:, slots[:, None], write_pos] = value.reshape(
+                    copies, batch, seq, kv_heads, head_dim).to(buffer.dtype)
+            out, dout = attend_jvp(q, dq, cache.k[i], cache.v[i], cache.dk[i], cache.dv[i], slots, query_pos)
+            o, do = linear_jvp(out.reshape(copies, batch * seq, heads * head_dim),
+                               dout.reshape(copies, batch * seq, heads * head_dim), layer.wo, d("wo"),
+                               layer.bo, d("bo"))
+            x, dx = x + o, dx + do
+            h, dh = rms_norm_jvp(x, dx, layer.ffn_norm, d("ffn_norm"), eps)
+            gate_up, dgate_up = linear_jvp(h, dh, layer.w_gate_up, d("w_gate_up"), layer.b_gate_up, d("b_gate_up"))
+            (gate, up), (dgate, dup) = gate_up.chunk(2, dim=-1), dgate_up.chunk(2, dim=-1)
+            sig = torch.sigmoid(gate)
+            act = F.silu(gate)
+            dact = sig * (1 + gate * (1 - sig)) * dgate  # silu'(a) = s (1 + a (1 - s)), s = sigmoid(a)
+            o, do = linear_jvp(act * up, dact * up + act * dup, layer.w_down, d("w_down"), layer.b_down, d("b_down"))
+            x, dx = x + o, dx + do
+        cache.lengths[slots] = (start + n).clamp(max=cache.max_seq_len)
+
+        x, dx = x.view(copies, batch, seq, cfg.hidden_size), dx.view(copies, batch, seq, cfg.hidden_size)
+        if last_only:
+            rows, last = torch.arange(batch, device=x.device), (n - 1).clamp(min=0)
+            x, dx = x[:, rows, last][:, :, None], dx[:, rows, last][:, :, None]
+        out_seq = x.shape[2]
+        h, dh = rms_norm_jvp(x.reshape(copies, batch * out_seq, -1), dx.reshape(copies, batch * out_seq, -1),
+                             self.norm, g["norm"], eps)
+        logits, dlogits = linear_jvp(h, dh, self.lm_head, g["lm_head"])
+        logits = logits.view(copies, batch, out_seq, cfg.vocab_size)
+        dlogits = dlogits.view(copies, batch, out_seq, cfg.vocab_size)
+        if logits.dtype != torch.float64:
+            logits, dlogits = logits.float(), dlogits.float()
+        return logits, dlogits
+
+    def delta(self, tokens: torch.Tensor, slots: torch.Tensor, num_tokens: torch.Tensor | None = None, *,
+              last_only: bool = True, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits, D)`` of one tangent-mode :meth:`forward` (same arguments and cache update), with
+        ``D = d/dh log_softmax(logits(theta + h g))`` at ``h = 0`` (:func:`log_softmax_tangent`),
+        ``[C, B, 1 | T, V]``, float32 (float64 for a float64 decoder)."""
+        logits, dlogits = self(tokens, slots, num_tokens, last_only=last_only, check=check, tangent=True)
+        return logits, log_softmax_tangent(logits, dlogits)
+
     def extra_repr(self) -> str:
         return f"num_copies={self.num_copies}, {self.config}"
 
 
-__all__ = ["Decoder", "DecoderConfig", "KVCache", "attend", "rope_inv_freq"]
+__all__ = ["Decoder", "DecoderConfig", "KVCache", "attend", "attend_jvp", "linear_jvp", "log_softmax_tangent",
+           "rms_norm_jvp", "rope_inv_freq"]

@@ -1,0 +1,149 @@
+"""Decoder tangent (JVP) mode: forward(..., tangent=True) and D = log_softmax_tangent against exact_delta."""
+import pytest
+import torch
+from conftest import VOCAB, tiny_llama, tiny_qwen2
+
+from adfast.decoder import Decoder, log_softmax_tangent
+from adfast.exact_delta import exact_delta, relative_error
+from adfast.gradient import proxy_gradient
+
+# torch's forward AD (exact_delta) loads its JVP decompositions with torch.jit.script, deprecated in torch 2.13
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+MODELS = {"qwen2": tiny_qwen2, "llama3-tied": tiny_llama}
+
+
+def random_tokens(count: int, seed: int) -> list[int]:
+    return torch.randint(0, VOCAB, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def right_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 ``[B, max len]`` zero-padded ids and their ``[B]`` lengths."""
+    ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.int64)
+    for b, row in enumerate(rows):
+        ids[b, :len(row)] = torch.tensor(row)
+    return ids, torch.tensor([len(row) for row in rows])
+
+
+def mask_of(lengths: torch.Tensor, seq: int) -> torch.Tensor:
+    return (torch.arange(seq)[None] < lengths[:, None]).long()
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def setup(request):
+    """A tiny proxy and its real proxy gradient on a few random traces."""
+    model = MODELS[request.param]()
+    traces = [(random_tokens(4, 2 * i), random_tokens(5, 2 * i + 1)) for i in range(3)]
+    return model, proxy_gradient(model, traces, progress=False)
+
+
+def tangent_decoder(model, gradient, dtype=torch.float64, copies=1) -> Decoder:
+    decoder = Decoder.from_hf([model] * copies, dtype=dtype)
+    decoder.set_tangent(gradient)
+    return decoder
+
+
+def test_prefill_matches_exact_delta(setup):
+    """One right-padded prefill of prompts of lengths 9, 4, 7 in slots 2, 0, 1: D at every real position."""
+    model, gradient = setup
+    ids, lengths = right_padded([random_tokens(9, 10), random_tokens(4, 11), random_tokens(7, 12)])
+    reference = exact_delta(model, gradient, ids, attention_mask=mask_of(lengths, ids.shape[1]))
+    decoder = tangent_decoder(model, gradient)
+    cache = decoder.setup_cache(4, 12)
+    assert cache.dk is not None and cache.dv is not None
+    logits, dlogits = decoder(ids, torch.tensor([2, 0, 1]), lengths, last_only=False, tangent=True)
+    assert logits.shape == dlogits.shape == (1, 3, 9, VOCAB) and dlogits.dtype == torch.float64
+    delta = log_softmax_tangent(logits, dlogits)[0]
+    real = mask_of(lengths, ids.shape[1]).bool()
+    assert relative_error(delta, reference)[real].max() < 1e-10
+    assert (torch.softmax(logits[0], -1) * delta).sum(-1)[real].abs().max() < 1e-12  # sum_v p_v D_v = 0
+    assert cache.lengths.tolist() == [4, 7, 9, 0]
+
+
+def test_prefill_then_decode_matches_exact_delta(setup):
+    """Prefill, then single-token steps (one with an idle row): the tangent K/V cache carries each slot."""
+    model, gradient = setup
+    rows = [random_tokens(5, 20), random_tokens(3, 21), random_tokens(6, 22)]
+    slots = torch.tensor([1, 3, 0])
+    decoder = tangent_decoder(model, gradient)
+    decoder.setup_cache(4, 12)
+    ids, lengths = right_padded(rows)
+    outputs = [(lengths - 1, decoder.delta(ids, slots, lengths)[1][0, :, 0])]  # (position, D) per step
+    for step in range(4):
+        new = random_tokens(3, 30 + step)
+        num = torch.tensor([1, 0 if step == 2 else 1, 1])
+        for row, token, count in zip(rows, new, num.tolist()):
+            row.extend([token] * count)
+        _, delta = decoder.delta(torch.tensor(new)[:, None], slots, num)
+        outputs.append((torch.tensor([len(row) - 1 for row in rows]), delta[0, :, 0]))
+    ids, lengths = right_padded(rows)
+    reference = exact_delta(model, gradient, ids, attention_mask=mask_of(lengths, ids.shape[1]))
+    for step, (position, delta) in enumerate(outputs):
+        for b in range(len(rows)):
+            if step == 3 and b == 1:
+                continue  # idle row: unspecified output
+            error = relative_error(delta[b], reference[b, position[b]])
+            assert error < 1e-10, (step, b, float(error))
+
+
+def test_float32_close_to_float64(setup):
+    model, gradient = setup
+    ids, lengths = right_padded([random_tokens(8, 40), random_tokens(5, 41)])
+    deltas = []
+    for dtype in (torch.float64, torch.float32):
+        decoder = tangent_decoder(model, gradient, dtype)
+        decoder.setup_cache(2, 8)
+        logits, delta = decoder.delta(ids, torch.arange(2), lengths, last_only=False)
+        assert logits.dtype == delta.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        deltas.append(delta[0])
+    real = mask_of(lengths, ids.shape[1]).bool()
+    assert relative_error(deltas[1], deltas[0])[real].max() < 1e-4
+
+
+def test_primal_unchanged_and_copies_share_the_direction(setup):
+    """tangent=False gives the same logits with or without a tangent; tangent=True's logits agree to
+    round-off; every copy of a C = 2 decoder gets the same direction."""
+    model, gradient = setup
+    ids, lengths = right_padded([random_tokens(6, 50), random_tokens(4, 51)])
+    slots = torch.arange(2)
+    plain = Decoder.from_hf([model], dtype=torch.float64)
+    plain.setup_cache(2, 8)
+    assert plain.cache.dk is None
+    expected = plain(ids, slots, lengths, last_only=False)
+    decoder = tangent_decoder(model, gradient, copies=2)
+    decoder.setup_cache(2, 8)
+    assert torch.equal(decoder(ids, slots, lengths, last_only=False), expected.expand(2, -1, -1, -1))
+    decoder.cache.reset(slots)
+    logits, dlogits = decoder(ids, slots, lengths, last_only=False, tangent=True)
+    torch.testing.assert_close(logits, expected.expand(2, -1, -1, -1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dlogits[0], dlogits[1], rtol=0, atol=0)
+    single = tangent_decoder(model, gradient)
+    single.setup_cache(2, 8)
+    torch.testing.assert_close(single(ids, slots, lengths, last_only=False, tangent=True)[1], dlogits[:1],
+                               rtol=1e-12, atol=1e-13)
+
+
+def test_refusals(setup):
+    model, gradient = setup
+    decoder = Decoder.from_hf([model], dtype=torch.float64)
+    decoder.setup_cache(1, 4)
+    tokens, slots = torch.tensor([[1, 2]]), torch.arange(1)
+    with pytest.raises(ValueError, match="set_tangent"):
+        decoder(tokens, slots, tangent=True)
+    grads = dict(gradient.grads)
+    wrong = dict(grads)
+    del wrong["model.norm.weight"]
+    wrong["model.layers.0.self_attn.k_proj.weight"] = grads["model.layers.0.self_attn.k_proj.weight"][:-1]
+    wrong["model.extra.weight"] = torch.zeros(3)
+    with pytest.raises(ValueError) as info:
+        decoder.set_tangent(wrong)
+    message = str(info.value)
+    assert "model.norm.weight" in message and "model.extra.weight" in message and "k_proj" in message
+    assert decoder.tangent_weights is None
+    decoder.set_tangent(gradient.grads)
+    assert decoder.tangent_weights["layers.0.wqkv"].dtype == torch.float64
+    with pytest.raises(ValueError, match="tangent K/V"):  # cache made before the tangent was set
+        decoder(tokens, slots, tangent=True)
+    decoder.setup_cache(1, 4)
+    assert decoder(tokens, slots, tangent=True)[1].shape == (1, 1, 1, VOCAB)
+    decoder.set_tangent(None)
+    assert decoder.setup_cache(1, 4).dk is None
