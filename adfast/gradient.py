@@ -180,20 +180,30 @@ def save_gradient(path, gradient: ProxyGradient) -> None:
     save_file(tensors, str(path), metadata=metadata)
 
 
-def load_gradient(path) -> ProxyGradient:
-    """Read a file written by :func:`save_gradient`; anything else raises ``ValueError``."""
+def read_tensor_file(path, fmt: str, version: str, kind: str, writer: str):
+    """``(tensors, metadata)`` of a safetensors file whose metadata names format ``fmt``, ``version``.
+
+    Anything else (not safetensors, another format or version) raises ``ValueError`` naming ``kind``
+    (e.g. "proxy gradient") and ``writer``, the function that writes such files. Never unpickles.
+    """
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            grads = {name: f.get_tensor(name) for name in f.keys()}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
     except SafetensorError as e:
-        raise ValueError(f"{path} is not a safetensors file ({e}); proxy gradients are read only from "
-                         "safetensors files written by save_gradient (pickles are never loaded)") from None
-    if metadata.get("format") != FORMAT:
-        raise ValueError(f"{path} is a safetensors file but not an adfast proxy gradient "
-                         f"(metadata format={metadata.get('format')!r}, expected {FORMAT!r})")
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path} has proxy-gradient format version {metadata.get('format_version')!r}; "
-                         f"this adfast reads version {FORMAT_VERSION}")
+        raise ValueError(f"{path} is not a safetensors file ({e}); {kind}s are read only from "
+                         f"safetensors files written by {writer} (pickles are never loaded)") from None
+    if metadata.get("format") != fmt:
+        raise ValueError(f"{path} is a safetensors file but not an adfast {kind} "
+                         f"(metadata format={metadata.get('format')!r}, expected {fmt!r})")
+    if metadata.get("format_version") != version:
+        raise ValueError(f"{path} has {kind.replace(' ', '-')} format version {metadata.get('format_version')!r}; "
+                         f"this adfast reads version {version}")
+    return tensors, metadata
+
+
+def load_gradient(path) -> ProxyGradient:
+    """Read a file written by :func:`save_gradient`; anything else raises ``ValueError``."""
+    grads, metadata = read_tensor_file(path, FORMAT, FORMAT_VERSION, "proxy gradient", "save_gradient")
     return ProxyGradient(grads=grads, loss=float(metadata["loss"]), num_examples=int(metadata["num_examples"]),
                          num_tokens=int(metadata["num_tokens"]), model_id=metadata["model_id"])
