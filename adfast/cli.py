@@ -56,6 +56,7 @@ from .decoder import DecoderConfig
 from .engine import Engine, generate_distributed
 from .gradient import load_gradient, proxy_gradient, save_gradient
 from .hf import AntidistillationLogitsProcessor, generate
+from .low_rank import low_rank_gradient, save_low_rank_gradient, total_energy
 from .models import DTYPES, load_model
 from .proxy_pair import ProxyPair
 
@@ -230,9 +231,15 @@ def cmd_grad(args) -> None:
                  tasks.completion_ids(tokenizer, row, f"{args.traces} row {i}")) for i, row in enumerate(rows, 1)]
     gradient = proxy_gradient(proxy, examples, batch_size=args.batch_size, pad_token_id=tokenizer.pad_token_id)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    save_gradient(args.out, gradient)
+    if args.rank:
+        factored = low_rank_gradient(gradient, args.rank)
+        save_low_rank_gradient(args.out, factored)
+        kept = f", rank {args.rank}: {total_energy(gradient, factored):.4f} of the gradient's energy kept"
+    else:
+        save_gradient(args.out, gradient)
+        kept = ""
     print(f"wrote {args.out}: proxy loss {gradient.loss:.4f} over {gradient.num_tokens} completion tokens "
-          f"of {gradient.num_examples} traces")
+          f"of {gradient.num_examples} traces{kept}")
 
 
 def cmd_generate(args) -> None:
@@ -400,6 +407,9 @@ def _parser() -> argparse.ArgumentParser:
     grad.add_argument("--traces", required=True, type=Path, help="jsonl of prompts with their completions")
     grad.add_argument("--out", required=True, type=Path, help="the gradient's safetensors file")
     grad.add_argument("--batch-size", type=int, default=8)
+    grad.add_argument("--rank", type=int, default=0,
+                      help="store each weight matrix's gradient as its top-RANK singular factors "
+                           "(adfast.low_rank); 0 stores it dense. Every command reads either file")
     _threads_option(grad, None)
     grad.set_defaults(run=cmd_grad)
 

@@ -129,6 +129,27 @@ def test_grad_and_generate_on_their_own_traces(dirs, tmp_path):
     assert load_gradient(tmp_path / "g.safetensors").num_tokens == sum(r["tokens"] for r in tasks.read_jsonl(traces))
 
 
+def test_grad_rank_writes_a_low_rank_file_every_command_reads(dirs, gradient_file, tmp_path):
+    """grad --rank r stores top-r factors; generate reads it as the dense G_r (same traces as a dense G_r file)."""
+    from adfast.gradient import load_gradient, save_gradient
+    from adfast.low_rank import load_low_rank_gradient, low_rank_gradient
+
+    factored = tmp_path / "g4.safetensors"
+    assert main(["grad", "--proxy", dirs["proxy"], "--traces", write_jsonl(tmp_path / "t.jsonl", TRACES),
+                 "--out", str(factored), "--batch-size", "2", "--rank", "4"]) == 0
+    assert load_low_rank_gradient(factored).rank == 4
+    expected = low_rank_gradient(load_gradient(gradient_file), 4).to_dense()
+    read_back = load_gradient(factored)
+    assert read_back.grads.keys() == expected.grads.keys()
+    for name, g in expected.grads.items():
+        torch.testing.assert_close(read_back.grads[name], g, atol=1e-6, rtol=1e-5)
+    dense_rank4 = tmp_path / "g4_dense.safetensors"
+    save_gradient(dense_rank4, read_back)
+    args = ("--lam", "0.5", "--tau", "0", "--backend", "hf")
+    assert drop_time(run_generate(dirs, str(factored), tmp_path, *args)) == \
+        drop_time(run_generate(dirs, str(dense_rank4), tmp_path, *args))
+
+
 def drop_time(rows):
     return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
 
