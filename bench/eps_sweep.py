@@ -16,19 +16,12 @@ Usage: ``python bench/eps_sweep.py [--holdout 16] [--test 6] [--max-new-tokens 6
 """
 import argparse
 import os
-import platform
-import shlex
-import sys
-import time
 from pathlib import Path
 
 import torch
 
-from adfast import tasks
-from adfast.eps_study import (DEFAULT_DTYPES, DEFAULT_EPS, format_table, greedy_completions, recommend_eps,
-                              sweep_eps, write_outputs)
-from adfast.gradient import proxy_gradient
-from adfast.models import load_model
+from adfast.eps_study import DEFAULT_DTYPES, DEFAULT_EPS, format_table, recommend_eps, sweep_eps, write_outputs
+from smollm2_study import Stopwatch, command_line, cpu_name, smollm2_study
 
 
 def main() -> None:
@@ -46,44 +39,26 @@ def main() -> None:
     parser.add_argument("--name", default="eps_sweep_smollm2_cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    timings = {}
-    began = step = time.perf_counter()
-
-    def lap(label):
-        nonlocal step
-        timings[label] = round(time.perf_counter() - step, 1)
-        print(f"{label}: {timings[label]:.1f} s", flush=True)
-        step = time.perf_counter()
-
-    model, tokenizer = load_model(None, dtype="float32")
-    lap("load")
-    holdout, test = tasks.problems("holdout", args.holdout), tasks.problems("test", args.test)
-    holdout_prompts = [tasks.format_prompt(tokenizer, p.question) for p in holdout]
-    test_prompts = [tasks.format_prompt(tokenizer, p.question) for p in test]
-    traces = greedy_completions(model, tokenizer, holdout_prompts + test_prompts, max_new_tokens=args.max_new_tokens)
-    holdout_traces, test_traces = traces[:len(holdout)], traces[len(holdout):]
-    accuracy = sum(tasks.is_correct(tokenizer.decode(t, skip_special_tokens=True), p.answer)
-                   for t, p in zip(holdout_traces, holdout)) / len(holdout)
-    lap("greedy traces")
-    gradient = proxy_gradient(model, list(zip(holdout_prompts, holdout_traces)), batch_size=4,
-                              pad_token_id=tokenizer.pad_token_id, progress=False)
-    g_norm = sum(float(g.double().pow(2).sum()) for g in gradient.grads.values()) ** 0.5
-    lap("proxy gradient")
-    sequences = list(zip(test_prompts, test_traces))
+    command = command_line()
+    clock = Stopwatch()
+    study = smollm2_study(args.holdout, args.test, args.max_new_tokens, clock)
+    model, gradient, test_traces = study.model, study.gradient, study.test_traces
+    sequences = list(zip(study.test_prompts, test_traces))
     rows = sweep_eps(model, gradient, sequences, dtypes=args.dtypes, eps_values=args.eps,
                      batch_size=args.batch_size)
-    lap("sweep")
+    clock.lap("sweep")
     for dtype in dict.fromkeys(r["dtype"] for r in rows):
-        timings[f"sweep {dtype}"] = round(sum(r["seconds"] for r in rows if r["dtype"] == dtype), 1)
+        clock.timings[f"sweep {dtype}"] = round(sum(r["seconds"] for r in rows if r["dtype"] == dtype), 1)
 
-    timings["total"] = round(time.perf_counter() - began, 1)
+    clock.total()
     setup = {"model": "SmolLM2-135M-Instruct (embedded Q4_1 GGUF, dequantised, float32)", "command": command,
              "device": f"{cpu_name()}, {os.cpu_count()} cores (shared), {args.threads} torch thread(s)",
-             "torch": torch.__version__, "holdout_traces": len(holdout), "holdout_trace_tokens": gradient.num_tokens,
-             "holdout_greedy_accuracy": accuracy, "gradient_loss": gradient.loss, "gradient_norm": g_norm,
-             "test_traces": len(test), "test_trace_tokens": [len(t) for t in test_traces],
-             "max_new_tokens": args.max_new_tokens, "reference_dtype": "float64", "timings_s": timings}
+             "torch": torch.__version__, "holdout_traces": len(study.holdout),
+             "holdout_trace_tokens": gradient.num_tokens,
+             "holdout_greedy_accuracy": study.holdout_accuracy, "gradient_loss": gradient.loss,
+             "gradient_norm": study.gradient_norm,
+             "test_traces": len(study.test), "test_trace_tokens": [len(t) for t in test_traces],
+             "max_new_tokens": args.max_new_tokens, "reference_dtype": "float64", "timings_s": clock.timings}
     json_path, png_path = write_outputs(rows, args.out, args.name, **setup)
     recommended = {dtype: recommend_eps(rows, dtype) for dtype in dict.fromkeys(r["dtype"] for r in rows)}
     table = format_table(rows, markdown=True)
@@ -91,16 +66,7 @@ def main() -> None:
     print("recommended eps: " + ", ".join(f"{d} {e:g}" for d, e in recommended.items()))
     md = args.out / f"{args.name}.md"
     md.write_text(report(rows, recommended, setup, table, png_path.name))
-    print(f"wrote {json_path}, {png_path}, {md} ({timings['total']:.0f} s)")
-
-
-def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo, else the machine type."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
+    print(f"wrote {json_path}, {png_path}, {md} ({clock.timings['total']:.0f} s)")
 
 
 def report(rows, recommended, setup, table, png_name) -> str:

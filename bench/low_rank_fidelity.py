@@ -19,19 +19,15 @@ Usage: ``python bench/low_rank_fidelity.py [--ranks 8 32 128 512] [--holdout 16]
 import argparse
 import json
 import os
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from adfast import tasks
-from adfast.eps_study import _scored_batches, greedy_completions
+from adfast.eps_study import _scored_batches
 from adfast.exact_delta import angle_sine, exact_delta
-from adfast.gradient import proxy_gradient
 from adfast.low_rank import captured_energy, low_rank_gradient, total_energy
-from adfast.models import load_model
+from smollm2_study import Stopwatch, command_line, cpu_name, smollm2_study
 
 COSINE_TARGET = 0.95
 
@@ -61,40 +57,23 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    timings = {}
-    began = step = time.perf_counter()
+    command = command_line()
+    clock = Stopwatch()
+    study = smollm2_study(args.holdout, args.test, args.max_new_tokens, clock)
+    model, gradient, g_norm = study.model, study.gradient, study.gradient_norm
+    holdout, test, test_traces = study.holdout, study.test, study.test_traces
 
-    def lap(label):
-        nonlocal step
-        timings[label] = round(time.perf_counter() - step, 1)
-        print(f"{label}: {timings[label]:.1f} s", flush=True)
-        step = time.perf_counter()
-
-    model, tokenizer = load_model(None, dtype="float32")
-    lap("load")
-    holdout, test = tasks.problems("holdout", args.holdout), tasks.problems("test", args.test)
-    holdout_prompts = [tasks.format_prompt(tokenizer, p.question) for p in holdout]
-    test_prompts = [tasks.format_prompt(tokenizer, p.question) for p in test]
-    traces = greedy_completions(model, tokenizer, holdout_prompts + test_prompts, max_new_tokens=args.max_new_tokens)
-    holdout_traces, test_traces = traces[:len(holdout)], traces[len(holdout):]
-    lap("greedy traces")
-    gradient = proxy_gradient(model, list(zip(holdout_prompts, holdout_traces)), batch_size=4,
-                              pad_token_id=tokenizer.pad_token_id, progress=False)
-    g_norm = sum(float(g.double().pow(2).sum()) for g in gradient.grads.values()) ** 0.5
-    lap("proxy gradient")
-
-    batches = list(_scored_batches(list(zip(test_prompts, test_traces)), args.batch_size))
+    batches = list(_scored_batches(list(zip(study.test_prompts, test_traces)), args.batch_size))
     full = [exact_delta(model, gradient, ids, attention_mask=mask, dtype=dtype)[scored] for ids, mask, scored in batches]
     positions = sum(d.shape[0] for d in full)
-    lap("full-gradient D")
+    clock.lap("full-gradient D")
     precision_floor = None
     if args.check_float64 and dtype != torch.float64:
         ids, mask, scored = batches[0]
         reference = exact_delta(model, gradient, ids, attention_mask=mask, dtype=torch.float64)[scored]
         precision_floor = float(angle_sine(full[0], reference).mean())
         del reference
-        lap("float64 check")
+        clock.lap("float64 check")
 
     shapes = {name: tuple(g.shape) for name, g in gradient.grads.items()}
     rows = []
@@ -125,8 +104,8 @@ def main() -> None:
         print(f"r={rank}: sine {row['sine']:.4g} cosine {row['cosine']:.4g} energy {row['energy_total']:.4g} "
               f"bytes {row['tangent_bytes_bf16'] / 2**20:.1f} / {row['dense_bytes_bf16'] / 2**20:.1f} MiB "
               f"({row['seconds']:.0f} s)", flush=True)
-    lap("ranks")
-    timings["total"] = round(time.perf_counter() - began, 1)
+    clock.lap("ranks")
+    clock.total()
 
     first = next((r["rank"] for r in rows if r["cosine"] >= COSINE_TARGET), None)
     setup = {"model": "SmolLM2-135M-Instruct (embedded Q4_1 GGUF, dequantised, float32)", "command": command,
@@ -137,23 +116,14 @@ def main() -> None:
              "max_new_tokens": args.max_new_tokens, "delta_dtype": args.dtype,
              "float32_vs_float64_full_D_sine_first_batch": precision_floor,
              "cosine_target": COSINE_TARGET, "first_rank_reaching_cosine_target": first,
-             "matrix_shapes": {n: list(s) for n, s in shapes.items() if len(s) == 2}, "timings_s": timings}
+             "matrix_shapes": {n: list(s) for n, s in shapes.items() if len(s) == 2}, "timings_s": clock.timings}
     args.out.mkdir(parents=True, exist_ok=True)
     json_path, png_path, md_path = (args.out / f"{args.name}.{ext}" for ext in ("json", "png", "md"))
     json_path.write_text(json.dumps({**setup, "rows": rows}, indent=2) + "\n")
     plot(rows, png_path)
     md_path.write_text(report(rows, setup, png_path.name))
     print(md_path.read_text())
-    print(f"wrote {json_path}, {png_path}, {md_path} ({timings['total']:.0f} s)")
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        import platform
-        return platform.machine()
+    print(f"wrote {json_path}, {png_path}, {md_path} ({clock.timings['total']:.0f} s)")
 
 
 def plot(rows, path) -> None:
