@@ -1,7 +1,10 @@
 """Continuous-batching generation with antidistillation sampling on a lockstep teacher / proxy pair.
 
 The teacher is a :class:`adfast.decoder.Decoder` with one weight set, the proxy pair
-``theta_P +- eps g`` one ``Decoder`` with two stacked copies. Both have a static KV cache of
+``theta_P +- eps g`` one ``Decoder`` with two stacked copies (``delta="fd"``, the finite
+difference), or, with ``delta="jvp"``, the unperturbed proxy ``theta_P`` as a one-copy ``Decoder``
+in tangent mode along ``g`` (:meth:`Decoder.set_tangent`), whose one pass gives ``D`` exactly
+(:meth:`Decoder.delta`) and feeds it to :func:`adfast.sample` as ``delta``. Both have a static KV cache of
 ``max_batch_size`` slots of ``max_seq_len`` positions, used in lockstep: a sequence occupies the
 same slot in both, and every forward gives both the same tokens, so both hold the same lengths.
 
@@ -9,7 +12,8 @@ Pieces, in the manner of gpt-fast's ``generate.py``:
 
 * :func:`prefill` empties slots and writes prompts into them (eager, batched, one forward).
 * :func:`decode_one_token` is one step for a fixed-size batch of rows: teacher forward, proxy
-  forward (``T = 1``), :func:`adfast.sample` and the in-place advance of the sampling offset,
+  forward (``T = 1``; the tangent-mode forward and ``D`` with ``delta="jvp"``),
+  :func:`adfast.sample` and the in-place advance of the sampling offset,
   all on static device tensors with no host synchronisation. On CUDA it is captured as one CUDA
   graph per batch-size bucket, with the teacher and the stacked proxies on two streams joined
   before the sampler (the overlap measured in ``/work/shared/notes/h100-ceilings.md``).
@@ -73,12 +77,15 @@ class StepConfig:
     """What a captured decode step holds as constants: a change needs another capture.
 
     ``filtered``: top-k / top-p are on (their values are read from the per-row buffers).
+    ``delta``: ``"fd"`` (the proxies are the pair ``theta +- eps g``) or ``"jvp"`` (one proxy in
+    tangent mode gives ``D`` exactly; ``eps`` is unused).
     """
 
     mode: str
     eps: float
     seed: int
     filtered: bool
+    delta: str = "fd"
 
 
 @dataclass
@@ -120,10 +127,12 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 
 @torch.no_grad()
-def prefill(model: Decoder, prompts: Sequence[Sequence[int]], slots: Sequence[int]) -> None:
+def prefill(model: Decoder, prompts: Sequence[Sequence[int]], slots: Sequence[int], *, tangent: bool = False) -> None:
     """Empty ``slots`` of ``model``'s cache and write ``prompts[i]`` (0 or more tokens) into ``slots[i]``.
 
-    One right-padded forward ``[len(prompts), max length]``; the logits are discarded.
+    One right-padded forward ``[len(prompts), max length]``; the logits are discarded. ``tangent``:
+    run it in tangent mode (``forward(..., tangent=True)``), which also fills the tangent K/V caches
+    that later tangent-mode steps read.
     """
     cache = model.cache
     cache.reset(list(slots))
@@ -135,10 +144,15 @@ def prefill(model: Decoder, prompts: Sequence[Sequence[int]], slots: Sequence[in
     for row, prompt in enumerate(prompts):
         tokens[row, :len(prompt)] = torch.as_tensor(prompt, dtype=torch.int64)
     model(tokens.to(device), torch.tensor(list(slots), device=device),
-          torch.tensor([len(p) for p in prompts], device=device), check=True)
+          torch.tensor([len(p) for p in prompts], device=device), check=True, tangent=tangent)
 
 
-def _proxy_logits(proxies: Decoder, tokens, slots, num_tokens) -> tuple[torch.Tensor, torch.Tensor]:
+def _proxy_logits(proxies: Decoder, tokens, slots, num_tokens,
+                  exact: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(plus, minus)`` logits of the pair, or ``(D, None)`` from a tangent-mode proxy (``exact``)."""
+    if exact:
+        _, delta = proxies.delta(tokens[:, None], slots, num_tokens, check=False)
+        return delta[0, :, 0], None
     logits = proxies(tokens[:, None], slots, num_tokens, check=False)[:, :, 0]
     return logits[0], logits[1]
 
@@ -152,6 +166,9 @@ def decode_one_token(teacher: Decoder, proxies: Decoder | None, rows: StepInputs
     (unless ``proxies`` is None, temperature mode) the proxies' caches, draws each row's next
     token with :func:`adfast.sample` (``seed = config.seed``, ``offset = rows.offset``), then
     writes the drawn tokens into ``rows.tokens`` and adds 1 to ``rows.offset``, in place.
+    With ``config.delta == "jvp"``, ``proxies`` is one tangent-mode proxy (tangent caches
+    filled by ``prefill(..., tangent=True)``): its :meth:`Decoder.delta` gives ``D`` exactly and
+    the sampler gets ``delta=D`` instead of the pair's logits.
 
     When the proxy vocabulary ``V_P`` is smaller than the teacher's, the teacher's ids ``>= V_P``
     are masked out (the proxies could not read them at the next step; in the Qwen2.5 family they
@@ -168,23 +185,25 @@ def decode_one_token(teacher: Decoder, proxies: Decoder | None, rows: StepInputs
         idle rows hold unspecified values.
     """
     tokens, slots, num_tokens = rows.tokens, rows.slots, rows.num_tokens
+    exact = config.delta == "jvp"
     plus = minus = None
     if proxies is not None and proxy_stream is not None:
         proxy_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(proxy_stream):
-            plus, minus = _proxy_logits(proxies, tokens, slots, num_tokens)
+            plus, minus = _proxy_logits(proxies, tokens, slots, num_tokens, exact)
     teacher_logits = teacher(tokens[:, None], slots, num_tokens, check=False)[0, :, 0]
     if proxies is not None and proxy_stream is not None:
         torch.cuda.current_stream().wait_stream(proxy_stream)
     elif proxies is not None:
-        plus, minus = _proxy_logits(proxies, tokens, slots, num_tokens)
+        plus, minus = _proxy_logits(proxies, tokens, slots, num_tokens, exact)
+    proxy_inputs = dict(delta=plus) if exact else dict(plus_logits=plus, minus_logits=minus)
 
     full_lse = None
     if plus is not None and plus.shape[1] < teacher_logits.shape[1]:
         full_lse = torch.logsumexp(teacher_logits, dim=1)
         teacher_logits[:, plus.shape[1]:] = -math.inf
     filters = dict(top_k=rows.top_k, top_p=rows.top_p) if config.filtered else {}
-    drawn, logprobs = sample(teacher_logits, plus, minus, tau=rows.tau, lam=rows.lam, eps=config.eps,
+    drawn, logprobs = sample(teacher_logits, **proxy_inputs, tau=rows.tau, lam=rows.lam, eps=config.eps,
                              mode=config.mode, seed=config.seed, offset=rows.offset, return_logprobs=True,
                              check=False, **filters)
     if full_lse is not None:
@@ -212,6 +231,19 @@ def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
+@torch.no_grad()
+def _midpoint(pair) -> torch.nn.Module:
+    """A frozen copy of ``pair.plus`` with weights ``(plus + minus) / 2`` (in float32, cast back):
+    the unperturbed proxy ``theta`` of a pair ``theta +- eps g``, up to rounding."""
+    import copy
+
+    proxy = copy.deepcopy(pair.plus).eval().requires_grad_(False)
+    minus = dict(pair.minus.named_parameters())
+    for name, w in proxy.named_parameters():
+        w.copy_((w.float() + minus[name].to(w.device).float()) / 2)
+    return proxy
+
+
 def _per_prompt(value, count: int, name: str) -> list[float]:
     """A float, or one value per prompt (sequence or 1-D tensor), as ``count`` finite floats."""
     if isinstance(value, torch.Tensor):
@@ -236,6 +268,9 @@ class Engine:
             is: its cache is replaced).
         pair: a :class:`adfast.ProxyPair` (``plus``, ``minus`` transformers models and ``eps``),
             or None for temperature sampling only. Its vocabulary may not be larger than the teacher's.
+            With ``delta="jvp"``: the unperturbed proxy, a transformers Llama / Qwen2 causal LM
+            (or a ProxyPair, whose proxy is taken as the float32 midpoint ``(plus + minus) / 2``
+            of its weights, equal to ``theta`` up to rounding), with ``gradient``.
         max_batch_size: sequences decoded at once (cache slots).
         max_seq_len: positions per slot; every prompt needs ``len(prompt) + max_new_tokens <= max_seq_len``.
         device, dtype: where and in which dtype the decoders' weights (copies of the models') live;
@@ -244,29 +279,66 @@ class Engine:
             ``device="cuda"``.
         cuda_graph: on CUDA, capture each decode bucket as a CUDA graph (teacher and proxies on two
             streams) and replay it; otherwise, and on CPU, the step runs eagerly with the same results.
+        delta: how ``D`` is computed. ``"fd"`` (default): the central finite difference of the pair
+            ``theta +- eps g`` (two proxy copies per forward). ``"jvp"``: exactly, by one tangent-mode
+            pass of one proxy copy along ``gradient`` (:meth:`Decoder.delta`); no ``eps``. The
+            tangent pass is the decoder's plain-torch reference path (slower per copy than a primal
+            forward).
+        gradient: the direction ``g`` for ``delta="jvp"`` (a :class:`adfast.ProxyGradient`, a mapping
+            ``named_parameters()`` name -> tensor, or a gradient file); checked against the proxy as
+            :meth:`ProxyPair.from_gradient` checks it. Not used with ``delta="fd"``.
 
     One generation at a time: :meth:`generate` and :meth:`stream` use the engine's caches.
     """
 
     def __init__(self, teacher, pair=None, *, max_batch_size: int, max_seq_len: int,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 cuda_graph: bool = True):
+                 cuda_graph: bool = True, delta: str = "fd", gradient=None):
         if max_batch_size < 1 or max_seq_len < 1:
             raise ValueError(f"max_batch_size and max_seq_len must be >= 1, got {max_batch_size}, {max_seq_len}")
-        if pair is not None:
-            missing = [name for name in ("plus", "minus", "eps") if not hasattr(pair, name)]
-            if missing:
-                raise ValueError(f"pair must have plus, minus and eps attributes (a ProxyPair); missing {missing}")
+        if delta not in ("fd", "jvp"):
+            raise ValueError(f"delta must be 'fd' (finite difference of a ProxyPair) or 'jvp' (exact, tangent "
+                             f"mode), got {delta!r}")
+        proxy = None
+        if delta == "fd":
+            if gradient is not None:
+                raise ValueError("gradient= is only used with delta='jvp'; with delta='fd' the ProxyPair already "
+                                 "holds the perturbed copies")
+            if pair is not None:
+                missing = [name for name in ("plus", "minus", "eps") if not hasattr(pair, name)]
+                if missing:
+                    raise ValueError(f"pair must have plus, minus and eps attributes (a ProxyPair); missing {missing}")
+        else:
+            if pair is None:
+                raise ValueError("delta='jvp' needs the proxy model (and gradient=); for temperature sampling "
+                                 "alone pass no proxy and delta='fd'")
+            is_pair = all(hasattr(pair, name) for name in ("plus", "minus", "eps"))
+            if gradient is None:
+                raise ValueError("delta='jvp' needs the direction g: pass gradient= (a ProxyGradient, a mapping "
+                                 "name -> tensor or a gradient file)" + (
+                                     "; a ProxyPair holds only the perturbed copies theta +- eps g, not g, so "
+                                     "pass the unperturbed proxy model and its gradient" if is_pair else ""))
+            proxy = _midpoint(pair) if is_pair else pair
+            if not hasattr(proxy, "config") or not hasattr(proxy, "named_parameters"):
+                raise ValueError("with delta='jvp' the proxy must be a transformers causal LM (or a ProxyPair), "
+                                 f"got {type(proxy).__name__}")
+            from .exact_delta import resolve_gradient
+
+            gradient = resolve_gradient(proxy, gradient)
         if isinstance(teacher, Decoder) and teacher.num_copies != 1:
             raise ValueError(f"the teacher Decoder must have one copy, got {teacher.num_copies}")
         teacher_vocab = teacher.config.vocab_size
         if pair is not None:
-            proxy_vocab = max(pair.plus.config.vocab_size, pair.minus.config.vocab_size)
+            proxy_vocab = (proxy.config.vocab_size if proxy is not None
+                           else max(pair.plus.config.vocab_size, pair.minus.config.vocab_size))
             if proxy_vocab > teacher_vocab:
                 raise ValueError(f"vocab mismatch: the proxy vocabulary ({proxy_vocab}) is larger than the "
                                  f"teacher's ({teacher_vocab}); the proxy may be at most as wide as the teacher")
         if device is None:
-            models = {"teacher": teacher} | ({"plus": pair.plus, "minus": pair.minus} if pair is not None else {})
+            if proxy is not None:
+                models = {"teacher": teacher, "proxy": proxy}
+            else:
+                models = {"teacher": teacher} | ({"plus": pair.plus, "minus": pair.minus} if pair is not None else {})
             devices = {name: _device_of(model) for name, model in models.items()}
             if len(set(devices.values())) > 1:
                 raise ValueError(f"models on different devices: {devices}; move them to one device or pass device=")
@@ -282,9 +354,15 @@ class Engine:
             self.teacher = teacher
         else:
             self.teacher = Decoder.from_hf([teacher], dtype=dtype, device=device)
-        self.proxies = (Decoder.from_hf([pair.plus, pair.minus], dtype=dtype, device=device)
-                        if pair is not None else None)
-        self.eps = float(pair.eps) if pair is not None else None
+        self.delta = delta
+        if proxy is not None:
+            self.proxies = Decoder.from_hf([proxy], dtype=dtype, device=device)
+            self.proxies.set_tangent(gradient)  # setup_cache below then allocates the tangent K/V caches
+            self.eps = None
+        else:
+            self.proxies = (Decoder.from_hf([pair.plus, pair.minus], dtype=dtype, device=device)
+                            if pair is not None else None)
+            self.eps = float(pair.eps) if pair is not None else None
         self.max_batch_size, self.max_seq_len, self.device = max_batch_size, max_seq_len, device
         for model in (self.teacher, self.proxies):
             if model is not None:
@@ -309,7 +387,7 @@ class Engine:
             max_new_tokens: the most tokens generated per prompt (>= 1).
             tau, lam: a float, or one value per prompt (a sequence or a ``[len(prompts)]`` tensor):
                 the temperature (0 is greedy) and the antidistillation strength, as in :func:`adfast.sample`.
-            eps: must be None or the pair's ``eps``.
+            eps: must be None or the pair's ``eps`` (None with ``delta="jvp"``).
             mode: ``"antidistill"``, ``"temperature"`` (no proxy forwards; no pair needed) or ``"permutation"``.
             top_k, top_p: applied to the adjusted distribution (0 and 1.0 disable them).
             seed: the seed of this call's draws (module docstring).
@@ -344,6 +422,9 @@ class Engine:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode != "temperature" and self.proxies is None:
             raise ValueError(f"mode={mode!r} needs a proxy pair; this engine has none (use mode='temperature')")
+        if eps is not None and self.delta == "jvp":
+            raise ValueError(f"eps={eps} is not used with delta='jvp' (D is exact, there is no finite-difference "
+                             "step): leave eps=None")
         if eps is not None and (self.eps is None or float(eps) != self.eps):
             raise ValueError(f"eps={eps} differs from the pair's eps={self.eps}: the proxies were perturbed by "
                              "the pair's eps, and D divides by the same step")
@@ -373,7 +454,8 @@ class Engine:
                 raise ValueError(f"prompt {i} has a token id outside [0, {vocab}) (the vocabulary"
                                  f"{' the teacher and the proxies share' if mode != 'temperature' else ''})")
         stop = frozenset(int(t) for t in stop_token_ids)
-        config = StepConfig(mode, self.eps if self.eps is not None else 1.0, seed, top_k != 0 or top_p != 1.0)
+        config = StepConfig(mode, self.eps if self.eps is not None else 1.0, seed, top_k != 0 or top_p != 1.0,
+                            self.delta)
         self.inputs.top_k.fill_(top_k)
         self.inputs.top_p.fill_(top_p)
         return self._events(prompts, max_new_tokens, taus, lams, stop, config)
@@ -394,9 +476,9 @@ class Engine:
             if admitted:
                 slots = [seq.slot for seq in admitted]
                 heads = [prompts[seq.index][:-1] for seq in admitted]
-                for model in (self.teacher, proxies):
-                    if model is not None:
-                        prefill(model, heads, slots)
+                prefill(self.teacher, heads, slots)
+                if proxies is not None:
+                    prefill(proxies, heads, slots, tangent=config.delta == "jvp")
                 active.extend(admitted)
             bucket = next(size for size in self.buckets if size >= len(active))
             if rows_changed or admitted:

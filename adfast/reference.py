@@ -2,7 +2,8 @@
 
 Each function takes and returns exactly what its kernel launcher in :mod:`adfast.kernels` does,
 with the same Philox noise, the same order of float32 operations and the same tie rule (the
-first maximal index), so that on equal inputs both paths draw the same tokens.
+first maximal index), so that on equal inputs both paths draw the same tokens. As there, ``plus``
+given with ``minus=None`` is the exact-D input: ``plus`` holds ``D`` itself (already normalised).
 """
 from __future__ import annotations
 
@@ -14,15 +15,19 @@ from .philox import gumbel_noise
 def _bad_bits(teacher: torch.Tensor, plus: torch.Tensor | None, minus: torch.Tensor | None) -> torch.Tensor:
     bad = (torch.isnan(teacher) | torch.isposinf(teacher)).any(1).to(torch.int32)
     if plus is not None:
-        proxy_bad = (~torch.isfinite(plus)).any(1) | (~torch.isfinite(minus)).any(1)
+        proxy_bad = (~torch.isfinite(plus)).any(1)
+        if minus is not None:
+            proxy_bad = proxy_bad | (~torch.isfinite(minus)).any(1)
         bad = bad | (2 * proxy_bad.to(torch.int32))
     return bad
 
 
-def _proxy_difference(plus, minus, perm) -> tuple[torch.Tensor, torch.Tensor]:
-    p, m = plus.float(), minus.float()
+def _proxy_difference(plus, minus, perm) -> tuple[torch.Tensor, torch.Tensor | None]:
+    p = plus.float()
+    m = minus.float() if minus is not None else None
     if perm is not None:
-        p, m = p.gather(1, perm), m.gather(1, perm)
+        p = p.gather(1, perm)
+        m = m.gather(1, perm) if m is not None else None
     return p, m
 
 
@@ -30,7 +35,8 @@ def fused_sample(teacher, plus, minus, perm, tau, coef, seed: int, offset, num_s
     """Twin of :func:`adfast.kernels.fused_sample.fused_sample` (``num_splits`` has no effect).
 
     As in the kernel, scores use raw logits; when ``V_P < V_T`` the prefix's best score is
-    shifted by ``coef * (lse(m) - lse(p))`` before it is compared with the tail's best.
+    shifted by ``coef * (lse(m) - lse(p))`` before it is compared with the tail's best. An exact
+    ``D`` (``minus`` None) adds ``coef * D`` to the prefix and needs no shift.
     """
     t = teacher.float()
     batch, vocab_t = t.shape
@@ -38,10 +44,10 @@ def fused_sample(teacher, plus, minus, perm, tau, coef, seed: int, offset, num_s
     if plus is not None:
         vocab_p = plus.shape[1]
         p, m = _proxy_difference(plus, minus, perm)
-        z[:, :vocab_p] = z[:, :vocab_p] + coef[:, None] * (p - m)
+        z[:, :vocab_p] = z[:, :vocab_p] + coef[:, None] * (p if m is None else p - m)
     z = z + torch.where(tau == 0, 0.0, 1.0)[:, None] * gumbel_noise(seed, offset.reshape(()), batch, vocab_t)
     tokens = torch.argmax(z, dim=1)
-    if plus is not None and vocab_p < vocab_t:
+    if plus is not None and minus is not None and vocab_p < vocab_t:
         shift = coef * (torch.logsumexp(minus.float(), 1) - torch.logsumexp(plus.float(), 1))
         best_pre, idx_pre = z[:, :vocab_p].max(1)
         best_tail, idx_tail = z[:, vocab_p:].max(1)
@@ -60,7 +66,10 @@ def adjusted_logits(teacher, plus, minus, perm, tau, coef, num_splits=None):
     t = teacher.float()
     lse_t = torch.logsumexp(t, dim=1)
     out = (t - lse_t[:, None]) * torch.where(tau == 0, 1.0, 1.0 / tau)[:, None]
-    if plus is not None:
+    if plus is not None and minus is None:
+        p, _ = _proxy_difference(plus, None, perm)
+        out[:, :plus.shape[1]] = out[:, :plus.shape[1]] + coef[:, None] * p
+    elif plus is not None:
         vocab_p = plus.shape[1]
         lse_p = torch.logsumexp(plus.float(), dim=1, keepdim=True)
         lse_m = torch.logsumexp(minus.float(), dim=1, keepdim=True)

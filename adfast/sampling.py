@@ -10,10 +10,18 @@ padding of the teacher's head), each row ``b`` is drawn from ``softmax(a_b)`` wi
 ``tau_b == 0`` is greedy: ``argmax(log_softmax(t_b) + lam_b D_b)``. ``tau`` and ``lam`` are
 floats or per-row ``[B]`` tensors; ``eps`` is one float.
 
+Exact ``D``: instead of the pair, pass ``delta [B, V_P]`` (float32/bfloat16/float16,
+``V_P <= V_T``), ``D`` itself, e.g. the exact directional derivative of the proxy's
+log-softmax along ``g`` (:meth:`adfast.decoder.Decoder.delta`). It must already be normalised
+like a log-softmax tangent (``sum_v softmax(proxy logits)_v D_v = 0``): it is used as given,
+``a_b = log_softmax(t_b) / tau_b + lam_b * delta_b`` on ``v < V_P`` and the teacher's term alone
+beyond; ``eps`` is not used, and ``plus_logits`` / ``minus_logits`` must be None. The same
+kernels run, reading one ``[B, V_P]`` row instead of two and skipping the proxy normalisers.
+
 Modes: ``"antidistill"`` (the above), ``"temperature"`` (``lam`` ignored, no proxy logits
-needed) and ``"permutation"`` (the paper's appendix-A control: each row's ``D`` is randomly
-permuted over ``[0, V_P)`` and sign-flipped at every step, keeping its statistics and
-destroying its information).
+needed; ``delta`` is ignored too) and ``"permutation"`` (the paper's appendix-A control: each
+row's ``D`` is randomly permuted over ``[0, V_P)`` and sign-flipped at every step, keeping its
+statistics and destroying its information; an exact ``delta`` is permuted alike).
 
 Randomness is counter based (:mod:`adfast.philox`): a draw is a pure function of
 ``(seed, offset, row)``. Pass ``seed`` (and an ``offset`` that you advance per step, an int or
@@ -83,17 +91,34 @@ def _check_logits(name: str, x: torch.Tensor, batch: int | None = None) -> None:
         raise ValueError(f"batch mismatch: teacher_logits has {batch} rows, {name} has {x.shape[0]}")
 
 
-def _prepare(teacher, plus, minus, tau, lam, eps, mode, check):
-    """Validate inputs; return contiguous logits and float32 ``tau [B]``, ``lam [B]``."""
+def _prepare(teacher, plus, minus, tau, lam, eps, mode, check, delta=None):
+    """Validate inputs; return contiguous logits and float32 ``tau [B]``, ``lam [B]``.
+
+    With ``delta`` (exact ``D``) the returned ``plus`` is ``delta`` and ``minus`` is None, the
+    kernels' exact-D input.
+    """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     _check_logits("teacher_logits", teacher)
     batch, vocab_t = teacher.shape
+    if delta is not None and (plus is not None or minus is not None):
+        raise ValueError("pass either plus_logits and minus_logits (the perturbed proxy pair, D by finite "
+                         "difference) or delta (D itself), not both")
     if mode == "temperature":
         plus = minus = None
+    elif delta is not None:
+        _check_logits("delta", delta, batch)
+        if delta.shape[1] > vocab_t:
+            raise ValueError(
+                f"vocab mismatch: delta's vocabulary ({delta.shape[1]}) is larger than the teacher's ({vocab_t}); "
+                "D is defined on the shared prefix, so the proxy may be at most as wide as the teacher")
+        if delta.device != teacher.device:
+            raise ValueError(f"logits on different devices: {teacher.device}, delta on {delta.device}")
+        plus, minus = delta.contiguous(), None
     else:
         if plus is None or minus is None:
-            raise ValueError(f"mode={mode!r} needs plus_logits and minus_logits (the two perturbed proxies)")
+            raise ValueError(f"mode={mode!r} needs plus_logits and minus_logits (the two perturbed proxies) "
+                             "or delta (D itself)")
         _check_logits("plus_logits", plus, batch)
         _check_logits("minus_logits", minus, batch)
         if plus.shape != minus.shape:
@@ -134,11 +159,12 @@ def _offset_tensor(offset, device) -> torch.Tensor:
     return torch.tensor([int(offset)], dtype=torch.int64, device=device)
 
 
-def _coefficients(lam, eps, mode, seed, offset, batch, vocab_p, device):
-    """``coef = sign * lam / (2 eps)`` per row, and the permutation (None unless permutation mode)."""
+def _coefficients(lam, eps, mode, seed, offset, batch, vocab_p, device, exact=False):
+    """``coef = sign * lam / (2 eps)`` per row (``sign * lam`` for an exact ``D``: multiplies ``D``
+    itself), and the permutation (None unless permutation mode)."""
     if mode == "temperature":
         return lam, None
-    coef = lam / (2.0 * eps)
+    coef = lam if exact else lam / (2.0 * eps)
     if mode == "antidistill":
         return coef, None
     perm, sign = permutation_and_sign(seed, offset.reshape(()), batch, vocab_p, device=device)
@@ -154,26 +180,29 @@ def _raise_on_bad(bad: torch.Tensor) -> None:
     if rows(1):
         problems.append(f"teacher logits contain NaN or +inf (rows {rows(1)})")
     if rows(2):
-        problems.append(f"proxy logits contain NaN or +-inf (rows {rows(2)})")
+        problems.append(f"proxy logits (or delta) contain NaN or +-inf (rows {rows(2)})")
     if rows(4):
         problems.append(f"every token has -inf score (rows {rows(4)})")
     raise ValueError("bad logits: " + "; ".join(problems))
 
 
-def adjusted_logits(teacher_logits, plus_logits=None, minus_logits=None, *, tau: PerRow, lam: PerRow,
-                    eps: float, mode: str = "antidistill", seed: int | None = None, offset=0,
-                    generator: torch.Generator | None = None, check: bool = True,
+def adjusted_logits(teacher_logits, plus_logits=None, minus_logits=None, *, delta=None, tau: PerRow,
+                    lam: PerRow, eps: float | None = None, mode: str = "antidistill", seed: int | None = None,
+                    offset=0, generator: torch.Generator | None = None, check: bool = True,
                     backend: str | None = None) -> torch.Tensor:
     """The adjusted log-probabilities ``a = log_softmax(t)/tau + lam * D`` as float32 ``[B, V_T]``.
 
     ``softmax(a)`` is the distribution :func:`sample` draws from; rows with ``tau == 0`` hold
     the greedy objective ``log_softmax(t) + lam * D``. In permutation mode ``D`` is permuted
     with the noise of ``(seed, offset)``, as :func:`sample` with the same seed and offset does.
+    ``D`` comes from the pair ``plus_logits``, ``minus_logits`` and ``eps`` (needed then), or is
+    ``delta`` itself (exact ``D``, module docstring; no pair, ``eps`` unused).
     """
-    t, p, m, tau_t, lam_t = _prepare(teacher_logits, plus_logits, minus_logits, tau, lam, eps, mode, check)
+    t, p, m, tau_t, lam_t = _prepare(teacher_logits, plus_logits, minus_logits, tau, lam, eps, mode, check, delta)
     seed = _resolve_seed(seed, generator) if mode == "permutation" else 0
     off = _offset_tensor(offset, t.device)
-    coef, perm = _coefficients(lam_t, eps, mode, seed, off, t.shape[0], p.shape[1] if p is not None else 0, t.device)
+    coef, perm = _coefficients(lam_t, eps, mode, seed, off, t.shape[0], p.shape[1] if p is not None else 0, t.device,
+                               exact=p is not None and m is None)
     out, _, bad = _kernels(t, backend).adjusted_logits(t, p, m, perm, tau_t, coef)
     if check:
         _raise_on_bad(bad)
@@ -199,7 +228,7 @@ def top_k_top_p_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
     return logits.masked_fill(~keep_in_place, -math.inf)
 
 
-def sample(teacher_logits, plus_logits=None, minus_logits=None, *, tau: PerRow, lam: PerRow = 0.0,
+def sample(teacher_logits, plus_logits=None, minus_logits=None, *, delta=None, tau: PerRow, lam: PerRow = 0.0,
            eps: float = 1e-4, top_k=0, top_p=1.0, mode: str = "antidistill",
            generator: torch.Generator | None = None, seed: int | None = None, offset=0,
            return_logprobs: bool = False, check: bool = True, backend: str | None = None):
@@ -208,9 +237,10 @@ def sample(teacher_logits, plus_logits=None, minus_logits=None, *, tau: PerRow, 
     Args:
         teacher_logits: ``[B, V_T]`` float32/bfloat16/float16.
         plus_logits, minus_logits: ``[B, V_P]`` logits of ``theta_P +- eps g`` (``V_P <= V_T``);
-            unused in temperature mode.
+            unused in temperature mode; None when ``delta`` is given.
+        delta: ``[B, V_P]`` exact ``D`` (already normalised, module docstring), instead of the pair.
         tau, lam: floats or ``[B]`` tensors; ``tau == 0`` is greedy.
-        eps: the finite-difference step the proxy pair was built with.
+        eps: the finite-difference step the proxy pair was built with (unused with ``delta``).
         top_k, top_p: int / float or ``[B]`` tensors, applied to the adjusted distribution
             (0 and 1.0 disable them; any other value costs an extra pass and a sort).
         generator, seed, offset: randomness (module docstring).
@@ -220,11 +250,12 @@ def sample(teacher_logits, plus_logits=None, minus_logits=None, *, tau: PerRow, 
     Returns:
         tokens int64 ``[B]``, and float32 ``[B]`` log-probabilities with ``return_logprobs``.
     """
-    t, p, m, tau_t, lam_t = _prepare(teacher_logits, plus_logits, minus_logits, tau, lam, eps, mode, check)
+    t, p, m, tau_t, lam_t = _prepare(teacher_logits, plus_logits, minus_logits, tau, lam, eps, mode, check, delta)
     batch, vocab_t = t.shape
     seed = _resolve_seed(seed, generator)
     off = _offset_tensor(offset, t.device)
-    coef, perm = _coefficients(lam_t, eps, mode, seed, off, batch, p.shape[1] if p is not None else 0, t.device)
+    coef, perm = _coefficients(lam_t, eps, mode, seed, off, batch, p.shape[1] if p is not None else 0, t.device,
+                               exact=p is not None and m is None)
     ops = _kernels(t, backend)
     if not isinstance(top_k, torch.Tensor) and not isinstance(top_p, torch.Tensor) and top_k == 0 and top_p == 1.0:
         tokens, logprobs, bad = ops.fused_sample(t, p, m, perm, tau_t, coef, seed, off)

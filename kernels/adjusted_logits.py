@@ -10,6 +10,12 @@ bad-input bits of the row (bits as in :mod:`adfast.kernels.fused_sample`; 4 = ev
 twice, outputs written once. Rows with ``tau == 0`` hold the greedy objective
 ``log_softmax(t) + lam D``. In permutation mode ``D[v]`` is read at ``perm[v]`` and the row's
 sign is folded into ``coef = sign * lam / (2 eps)``.
+
+Exact-D input (``minus`` is None, ``EXACT_D``): ``plus`` holds ``D [B, V_P]`` itself, the exact
+log-softmax tangent, already normalised. Then ``a = (t - lse(t)) / tau + coef * D`` on the
+prefix ``v < V_P`` (``coef = lam``, times the row's sign in permutation mode, ``D`` read at
+``perm[v]``) and ``(t - lse(t)) / tau`` beyond: only the teacher's log-sum-exp is computed, and
+no minus row is read.
 """
 import torch
 import triton
@@ -24,7 +30,7 @@ from .split import plan_splits
 def _adjusted_partials(
     teacher_ptr, plus_ptr, minus_ptr, part_ptr, part_bad_ptr,
     stride_t, stride_p, vocab_t, vocab_p, chunk, num_splits,
-    HAS_PROXY: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_PROXY: tl.constexpr, BLOCK: tl.constexpr, EXACT_D: tl.constexpr,
 ):
     row = tl.program_id(0)
     split = tl.program_id(1)
@@ -43,11 +49,16 @@ def _adjusted_partials(
         if HAS_PROXY:
             pmask = mask & (offs < vocab_p)
             p = tl.load(plus_ptr + row.to(tl.int64) * stride_p + offs, mask=pmask, other=-float("inf")).to(tl.float32)
-            m = tl.load(minus_ptr + row.to(tl.int64) * stride_p + offs, mask=pmask, other=-float("inf")).to(tl.float32)
-            proxy_bad = pmask & ((p != p) | (m != m) | (tl.abs(p) == float("inf")) | (tl.abs(m) == float("inf")))
-            bad = bad | (2 * tl.max(proxy_bad.to(tl.int32), axis=0))
-            p_max, p_sum = lse_update(p_max, p_sum, p)
-            m_max, m_sum = lse_update(m_max, m_sum, m)
+            if EXACT_D:
+                proxy_bad = pmask & ((p != p) | (tl.abs(p) == float("inf")))
+                bad = bad | (2 * tl.max(proxy_bad.to(tl.int32), axis=0))
+            else:
+                m = tl.load(minus_ptr + row.to(tl.int64) * stride_p + offs, mask=pmask,
+                            other=-float("inf")).to(tl.float32)
+                proxy_bad = pmask & ((p != p) | (m != m) | (tl.abs(p) == float("inf")) | (tl.abs(m) == float("inf")))
+                bad = bad | (2 * tl.max(proxy_bad.to(tl.int32), axis=0))
+                p_max, p_sum = lse_update(p_max, p_sum, p)
+                m_max, m_sum = lse_update(m_max, m_sum, m)
     part = part_ptr + (row * num_splits + split) * 6
     tl.store(part + 0, t_max)
     tl.store(part + 1, t_sum)
@@ -63,7 +74,7 @@ def _adjusted_write(
     teacher_ptr, plus_ptr, minus_ptr, perm_ptr, tau_ptr, coef_ptr, part_ptr, part_bad_ptr,
     out_ptr, lse_ptr, bad_ptr, stride_t, stride_p, stride_perm, stride_o, vocab_t, vocab_p,
     chunk, num_splits, HAS_PROXY: tl.constexpr, PERMUTE: tl.constexpr, BLOCK: tl.constexpr,
-    SPLITS: tl.constexpr,
+    SPLITS: tl.constexpr, EXACT_D: tl.constexpr,
 ):
     row = tl.program_id(0)
     split = tl.program_id(1)
@@ -72,8 +83,9 @@ def _adjusted_write(
     part = part_ptr + row * num_splits * 6
     lse_t = lse_merge(part + 0, part + 1, 6, s, smask)
     if HAS_PROXY:
-        lse_p = lse_merge(part + 2, part + 3, 6, s, smask)
-        lse_m = lse_merge(part + 4, part + 5, 6, s, smask)
+        if not EXACT_D:
+            lse_p = lse_merge(part + 2, part + 3, 6, s, smask)
+            lse_m = lse_merge(part + 4, part + 5, 6, s, smask)
     tau = tl.load(tau_ptr + row)
     inv_tau = 1.0 / tl.where(tau == 0.0, 1.0, tau)
     coef = tl.load(coef_ptr + row)
@@ -91,19 +103,26 @@ def _adjusted_write(
         a = (t - lse_t) * inv_tau
         if HAS_PROXY:
             pmask = mask & (offs < vocab_p)
-            p, m = load_proxy_block(plus_ptr, minus_ptr, perm_ptr, row, stride_p, stride_perm, offs, pmask,
-                                    PERMUTE)
-            a = a + tl.where(pmask, coef * ((p - lse_p) - (m - lse_m)), 0.0)
+            if EXACT_D:
+                p, m = load_proxy_block(plus_ptr, minus_ptr, perm_ptr, row, stride_p, stride_perm, offs, pmask,
+                                        PERMUTE, False)
+                a = a + tl.where(pmask, coef * p, 0.0)
+            else:
+                p, m = load_proxy_block(plus_ptr, minus_ptr, perm_ptr, row, stride_p, stride_perm, offs, pmask,
+                                        PERMUTE, True)
+                a = a + tl.where(pmask, coef * ((p - lse_p) - (m - lse_m)), 0.0)
         tl.store(out_ptr + row.to(tl.int64) * stride_o + offs, a, mask=mask)
 
 
 def adjusted_logits(teacher, plus, minus, perm, tau, coef, num_splits=None):
-    """Launch both stages; arguments as :func:`adfast.kernels.fused_sample.fused_sample`.
+    """Launch both stages; arguments as :func:`adfast.kernels.fused_sample.fused_sample` (``plus``
+    with ``minus=None``: the exact-D input, module docstring).
 
     Returns ``(adjusted float32 [B, V_T], teacher_lse float32 [B], bad int32 [B])``.
     """
     batch, vocab_t = teacher.shape
     has_proxy = plus is not None
+    exact = has_proxy and minus is None
     vocab_p = plus.shape[1] if has_proxy else 0
     plan = plan_splits(batch, vocab_t, teacher.device, num_splits)
     dev = teacher.device
@@ -114,16 +133,16 @@ def adjusted_logits(teacher, plus, minus, perm, tau, coef, num_splits=None):
     bad = torch.empty(batch, device=dev, dtype=torch.int32)
     grid = (batch, plan.splits)
     _adjusted_partials[grid](
-        teacher, plus if has_proxy else teacher, minus if has_proxy else teacher, part, part_bad,
+        teacher, plus if has_proxy else teacher, minus if minus is not None else teacher, part, part_bad,
         teacher.stride(0), plus.stride(0) if has_proxy else 0, vocab_t, vocab_p, plan.chunk, plan.splits,
-        HAS_PROXY=has_proxy, BLOCK=plan.block, num_warps=plan.num_warps,
+        HAS_PROXY=has_proxy, BLOCK=plan.block, EXACT_D=exact, num_warps=plan.num_warps,
     )
     _adjusted_write[grid](
-        teacher, plus if has_proxy else teacher, minus if has_proxy else teacher,
+        teacher, plus if has_proxy else teacher, minus if minus is not None else teacher,
         perm if perm is not None else part_bad, tau, coef, part, part_bad, out, lse, bad,
         teacher.stride(0), plus.stride(0) if has_proxy else 0, perm.stride(0) if perm is not None else 0,
         out.stride(0), vocab_t, vocab_p, plan.chunk, plan.splits,
         HAS_PROXY=has_proxy, PERMUTE=perm is not None, BLOCK=plan.block,
-        SPLITS=triton.next_power_of_2(plan.splits), num_warps=plan.num_warps,
+        SPLITS=triton.next_power_of_2(plan.splits), EXACT_D=exact, num_warps=plan.num_warps,
     )
     return out, lse, bad

@@ -10,15 +10,23 @@ by Gumbel-max over the scores ``z_b[v] = t_b[v] / tau_b + coef_b * (p_b[v] - m_b
 Gumbel noise of :mod:`adfast.philox`). ``tau_b == 0`` drops the noise and the ``1/tau``:
 greedy ``argmax(log_softmax(t) + lam D)``.
 
+Exact-D input (``minus`` is None, ``EXACT_D``): ``plus`` holds ``D [B, V_P]`` itself, the exact
+log-softmax tangent (already normalised), and the scores are
+``z_b[v] = t_b[v] / tau_b + coef_b * D_b[v] + G_b[v]`` with ``coef_b = lam_b`` (times the
+row's sign in permutation mode, ``D`` read at ``perm[v]``): no minus row is read and no proxy
+log-sum-exp is computed.
+
 Normalisers. A constant added to a whole row cannot move an argmax, so the draw uses raw
 logits and skips the teacher's ``1/tau * lse(t)`` and, when ``V_P == V_T``, both proxy
 log-sum-exps. When the proxy vocabulary is shorter (the teacher's head is padded further), the
 proxy normalisers shift only the prefix ``v < V_P`` by ``coef * (lse(m) - lse(p))``: the kernel
 then computes both proxy log-sum-exps online in the same pass, keeps the best prefix and the
-best tail score apart and compares them after the shift. The teacher's log-sum-exp is always
-computed (online, same pass) because the kernel also returns ``log_softmax(t_b)[x_b]``, the
-teacher's unadjusted log-probability of the drawn token. The reported ``D`` itself comes from
-:mod:`adfast.kernels.adjusted_logits`, where all normalisers are applied.
+best tail score apart and compares them after the shift (``SHIFT``). An exact ``D`` needs no
+shift (it is normalised already), so ``SHIFT`` is off for it whatever ``V_P``. The teacher's
+log-sum-exp is always computed (online, same pass) because the kernel also returns
+``log_softmax(t_b)[x_b]``, the teacher's unadjusted log-probability of the drawn token. The
+reported ``D`` itself comes from :mod:`adfast.kernels.adjusted_logits`, where all normalisers
+are applied.
 
 Work split. Stage 1 runs a ``[B, S]`` grid, each program streaming one vocabulary chunk and
 writing a partial (online max / sum-exp of t, p, m; best prefix and tail scores and indices;
@@ -26,7 +34,8 @@ bad-input bits); stage 2 runs ``[B]`` programs that merge the S partials. S is c
 grid fills the GPU even at batch 1. Each logit is read once (stage 2 reads one teacher logit
 per row). Ties go to the smallest index.
 
-Bad-input bits per row: 1 = teacher NaN or +inf, 2 = proxy NaN or +-inf, 4 = every score -inf.
+Bad-input bits per row: 1 = teacher NaN or +inf, 2 = proxy (or exact ``D``) NaN or +-inf,
+4 = every score -inf.
 """
 import torch
 import triton
@@ -55,6 +64,7 @@ def _fused_sample_partials(
     teacher_ptr, plus_ptr, minus_ptr, perm_ptr, tau_ptr, coef_ptr, offset_ptr, fpart_ptr, ipart_ptr,
     stride_t, stride_p, stride_perm, vocab_t, vocab_p, chunk, num_splits, seed,
     HAS_PROXY: tl.constexpr, SHIFT: tl.constexpr, PERMUTE: tl.constexpr, BLOCK: tl.constexpr,
+    EXACT_D: tl.constexpr = False,
 ):
     row = tl.program_id(0)
     split = tl.program_id(1)
@@ -83,8 +93,12 @@ def _fused_sample_partials(
         z = t * inv_tau
         if HAS_PROXY:
             pmask = mask & (offs < vocab_p)
-            p, m = load_proxy_block(plus_ptr, minus_ptr, perm_ptr, row, stride_p, stride_perm, offs, pmask,
-                                    PERMUTE)
+            if EXACT_D:
+                p, m = load_proxy_block(plus_ptr, minus_ptr, perm_ptr, row, stride_p, stride_perm, offs, pmask,
+                                        PERMUTE, False)
+            else:
+                p, m = load_proxy_block(plus_ptr, minus_ptr, perm_ptr, row, stride_p, stride_perm, offs, pmask,
+                                        PERMUTE, True)
             proxy_bad = (p != p) | (m != m) | (tl.abs(p) == float("inf")) | (tl.abs(m) == float("inf"))
             bad = bad | (2 * tl.max(proxy_bad.to(tl.int32), axis=0))
             z = z + coef * (p - m)
@@ -154,13 +168,15 @@ def _fused_sample_merge(
 def fused_sample(teacher, plus, minus, perm, tau, coef, seed: int, offset, num_splits=None):
     """Launch the two stages. Shapes: teacher ``[B, V_T]``, plus/minus ``[B, V_P]`` or None,
     perm ``[B, V_P]`` int or None, tau/coef float32 ``[B]``, offset int64 ``[1]`` on the device.
+    ``plus`` given with ``minus=None`` is the exact-D input: ``plus`` holds ``D`` (module docstring).
 
     Returns ``(tokens int64 [B], teacher_logprobs float32 [B], bad int32 [B])``.
     """
     batch, vocab_t = teacher.shape
     has_proxy = plus is not None
+    exact = has_proxy and minus is None
     vocab_p = plus.shape[1] if has_proxy else 0
-    shift = has_proxy and vocab_p < vocab_t
+    shift = has_proxy and not exact and vocab_p < vocab_t
     plan = plan_splits(batch, vocab_t, teacher.device, num_splits)
     dev = teacher.device
     fpart = torch.empty(batch, plan.splits, 8, device=dev, dtype=torch.float32)
@@ -169,11 +185,12 @@ def fused_sample(teacher, plus, minus, perm, tau, coef, seed: int, offset, num_s
     logprobs = torch.empty(batch, device=dev, dtype=torch.float32)
     bad = torch.empty(batch, device=dev, dtype=torch.int32)
     _fused_sample_partials[(batch, plan.splits)](
-        teacher, plus if has_proxy else teacher, minus if has_proxy else teacher,
+        teacher, plus if has_proxy else teacher, minus if minus is not None else teacher,
         perm if perm is not None else tokens, tau, coef, offset, fpart, ipart,
         teacher.stride(0), plus.stride(0) if has_proxy else 0, perm.stride(0) if perm is not None else 0,
         vocab_t, vocab_p, plan.chunk, plan.splits, seed,
-        HAS_PROXY=has_proxy, SHIFT=shift, PERMUTE=perm is not None, BLOCK=plan.block, num_warps=plan.num_warps,
+        HAS_PROXY=has_proxy, SHIFT=shift, PERMUTE=perm is not None, BLOCK=plan.block, EXACT_D=exact,
+        num_warps=plan.num_warps,
     )
     _fused_sample_merge[(batch,)](
         teacher, coef, fpart, ipart, tokens, logprobs, bad, teacher.stride(0), plan.splits,

@@ -1,6 +1,8 @@
 """Engine: continuous batching against transformers' greedy generate, the Hugging Face logits processor,
-single-prompt runs, full teacher forwards, CUDA-graph replay and a two-process torchrun."""
+single-prompt runs, full teacher forwards, CUDA-graph replay, a two-process torchrun, and exact D
+(delta="jvp") against float64 full-forward references."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -274,3 +276,103 @@ def test_generate_distributed_matches_one_process(tmp_path):
         assert out["local"] == local
         assert [r[:2] for r in out["results"]] == [e[:2] for e in expected]
         assert [r[2] for r in out["results"]] == pytest.approx([e[2] for e in expected], abs=1e-5)
+
+
+# ------------------------------------------------------------------------------- exact D (delta="jvp")
+
+def proxy_and_gradient(vocab: int = VOCAB, seed: int = 1):
+    """A float32 tiny Llama proxy and a random gradient (the ones make_pair perturbs)."""
+    proxy = tiny_llama(vocab=vocab, seed=seed)
+    g = torch.Generator().manual_seed(100 + seed)
+    return proxy, {name: torch.randn(p.shape, generator=g) for name, p in proxy.named_parameters()}
+
+
+def exact_greedy(teacher, proxy, grads, prompt, lam, max_new_tokens=MAX_NEW):
+    """Greedy ``argmax(log_softmax(t) + lam * D)`` over full forwards: transformers' teacher logits and
+    the float64 exact D (adfast.exact_delta) at the last position; ids the proxy cannot read are
+    excluded, as the engine does. Also returns the smallest margin between the best two tokens."""
+    from adfast.exact_delta import exact_delta
+
+    ids, out, margin = list(prompt), [], math.inf
+    vocab_p = proxy.config.vocab_size
+    for _ in range(max_new_tokens):
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            t = teacher(x).logits[0, -1].double()
+        d = exact_delta(proxy, grads, x, dtype=torch.float64)[0, -1]
+        objective = torch.log_softmax(t, -1)[:vocab_p] + lam * d
+        top = objective.topk(2).values
+        margin = min(margin, float(top[0] - top[1]))
+        token = int(objective.argmax())
+        out.append(token)
+        ids.append(token)
+    return out, margin
+
+
+@pytest.mark.parametrize("proxy_vocab", [VOCAB, SMALL_VOCAB])
+def test_jvp_greedy_matches_exact_delta_reference(teachers, proxy_vocab):
+    teacher, lam = teachers["qwen2"], 0.05
+    proxy, grads = proxy_and_gradient(vocab=proxy_vocab)
+    engine = Engine(teacher, proxy, max_batch_size=3, max_seq_len=20, delta="jvp", gradient=grads)
+    assert engine.proxies.num_copies == 1 and engine.proxies.cache.dk is not None and engine.eps is None
+    results = engine.generate(PROMPTS, max_new_tokens=MAX_NEW, tau=0.0, lam=lam)
+    expected = [exact_greedy(teacher, proxy, grads, p, lam) for p in PROMPTS]
+    assert min(margin for _, margin in expected) > 1e-3  # no near-tie that float32 round-off could flip
+    assert [r.tokens for r in results] == [tokens for tokens, _ in expected]
+    plain = [exact_greedy(teacher, proxy, grads, p, 0.0)[0] for p in PROMPTS]
+    assert [r.tokens for r in results] != plain  # lam changed something
+    assert [r.tokens for r in engine.generate(PROMPTS, max_new_tokens=MAX_NEW, tau=0.0, lam=0.0)] == plain
+    for prompt, r in zip(PROMPTS, results):  # unadjusted, unmasked teacher log-probabilities
+        assert r.mean_logprob == pytest.approx(teacher_mean_logprob(teacher, prompt, r.tokens), abs=1e-4)
+
+
+def test_jvp_close_to_fd_and_pair_with_gradient(teachers):
+    """A ProxyPair plus its gradient builds the jvp engine from the pair's midpoint; the fd engine
+    with a small eps draws the same greedy tokens here."""
+    teacher, lam = teachers["qwen2"], 0.05
+    proxy, grads = proxy_and_gradient()
+    pair = ProxyPair.from_gradient(proxy, grads, eps=1e-3)
+    kw = dict(max_new_tokens=MAX_NEW, tau=0.0, lam=lam)
+    jvp = Engine(teacher, proxy, max_batch_size=3, max_seq_len=20, delta="jvp", gradient=grads).generate(PROMPTS, **kw)
+    from_pair = Engine(teacher, pair, max_batch_size=3, max_seq_len=20, delta="jvp",
+                       gradient=grads).generate(PROMPTS, **kw)
+    fd = Engine(teacher, pair, max_batch_size=3, max_seq_len=20).generate(PROMPTS, **kw)
+    assert [r.tokens for r in from_pair] == [r.tokens for r in jvp]
+    assert [r.tokens for r in fd] == [r.tokens for r in jvp]
+
+
+@pytest.mark.parametrize("mode, interpreted", [("antidistill", True), ("permutation", False), ("temperature", False)])
+def test_jvp_sampling_is_reproducible(teachers, mode, interpreted, request):
+    if interpreted:
+        request.getfixturevalue("interpreted_kernels")
+    proxy, grads = proxy_and_gradient()
+    engine = Engine(teachers["qwen2"], proxy, max_batch_size=3, max_seq_len=20, delta="jvp", gradient=grads)
+    kw = dict(max_new_tokens=MAX_NEW, tau=1.0, lam=[0.05, 0.1, 0.0, 0.2, 0.1, 0.05], mode=mode)
+    first = engine.generate(PROMPTS, seed=0, **kw)
+    assert [r.tokens for r in engine.generate(PROMPTS, seed=0, **kw)] == [r.tokens for r in first]
+    assert [r.tokens for r in engine.generate(PROMPTS, seed=1, **kw)] != [r.tokens for r in first]
+    for prompt, r in zip(PROMPTS, first):
+        assert r.mean_logprob == pytest.approx(teacher_mean_logprob(teachers["qwen2"], prompt, r.tokens), abs=1e-4)
+
+
+def test_jvp_errors(teachers, pair):
+    teacher = teachers["qwen2"]
+    proxy, grads = proxy_and_gradient()
+    kw = dict(max_batch_size=1, max_seq_len=8)
+    with pytest.raises(ValueError, match="delta='jvp' needs the direction g: pass gradient=.*a ProxyPair holds only"):
+        Engine(teacher, pair, delta="jvp", **kw)
+    with pytest.raises(ValueError, match="delta='jvp' needs the direction g"):
+        Engine(teacher, proxy, delta="jvp", **kw)
+    with pytest.raises(ValueError, match="delta must be 'fd'"):
+        Engine(teacher, pair, delta="exact", **kw)
+    with pytest.raises(ValueError, match="gradient= is only used with delta='jvp'"):
+        Engine(teacher, pair, gradient=grads, **kw)
+    with pytest.raises(ValueError, match="delta='jvp' needs the proxy model"):
+        Engine(teacher, None, delta="jvp", gradient=grads, **kw)
+    with pytest.raises(ValueError, match="gradient does not match"):
+        Engine(teacher, proxy, delta="jvp", gradient={k: v for k, v in list(grads.items())[1:]}, **kw)
+    with pytest.raises(ValueError, match="proxy vocabulary"):
+        Engine(tiny_qwen2(vocab=SMALL_VOCAB), proxy, delta="jvp", gradient=grads, **kw)
+    engine = Engine(teacher, proxy, delta="jvp", gradient=grads, **kw)
+    with pytest.raises(ValueError, match="eps=0.01 is not used with delta='jvp'"):
+        engine.generate([[1]], max_new_tokens=2, eps=EPS)

@@ -303,3 +303,135 @@ def test_cuda_kernels_match_cpu_twin():
         a_cpu = adfast.adjusted_logits(t, p, m, **{k: v for k, v in kw.items()})
         a_gpu = adfast.adjusted_logits(t.cuda(), p.cuda(), m.cuda(), **{**kw, "tau": tau.cuda()})
         torch.testing.assert_close(a_gpu.cpu(), a_cpu, atol=adjusted_tolerance(t, p, 0.2, 1e-2), rtol=0)
+
+
+# ------------------------------------------------------------------------------- exact D (delta=)
+
+def make_delta(batch, vocab_p, dtype, seed=0, scale=3.0):
+    """A normalised D (a log-softmax tangent: zero mean under the proxy's softmax) of a random proxy."""
+    g = torch.Generator().manual_seed(seed)
+    proxy = scale * torch.randn(batch, vocab_p, generator=g)
+    dlogits = torch.randn(batch, vocab_p, generator=g)
+    return (dlogits - (torch.softmax(proxy, 1) * dlogits).sum(1, keepdim=True)).to(dtype)
+
+
+def reference_adjusted_exact(t, delta, tau, lam):
+    """float64 ``log_softmax(t)/tau + lam * delta`` on the prefix, the teacher's term alone beyond."""
+    batch = t.shape[0]
+    tau = torch.as_tensor(tau, dtype=torch.float64).expand(batch)[:, None]
+    lam = torch.as_tensor(lam, dtype=torch.float64).expand(batch)[:, None]
+    out = torch.log_softmax(t.double(), 1) / torch.where(tau == 0, 1.0, tau)
+    out[:, : delta.shape[1]] += lam * delta.double()
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab_t,vocab_p", [(203, 203), (203, 190), (128, 61)])
+def test_adjusted_logits_with_exact_delta_matches_float64(backend, dtype, vocab_t, vocab_p):
+    t = (3.0 * torch.randn(3, vocab_t, generator=torch.Generator().manual_seed(vocab_t))).to(dtype)
+    delta = make_delta(3, vocab_p, dtype, seed=vocab_p)
+    tau = torch.tensor([0.7, 0.0, 1.3])
+    lam = torch.tensor([0.5, -2.0, 1.0])
+    out = adfast.adjusted_logits(t, delta=delta, tau=tau, lam=lam, backend=backend)
+    ref = reference_adjusted_exact(t, delta, tau, lam)
+    assert out.dtype == torch.float32 and out.shape == (3, vocab_t)
+    size = 1.0 + float(t.float().abs().max()) + math.log(vocab_t)
+    torch.testing.assert_close(out.double(), ref, atol=2e-6 * size * (1.0 + 2.0 * float(delta.float().abs().max())),
+                               rtol=0)
+    tail = torch.log_softmax(t.double(), 1)[:, vocab_p:] / torch.tensor([0.7, 1.0, 1.3])[:, None].double()
+    torch.testing.assert_close(out[:, vocab_p:].double(), tail, atol=1e-5, rtol=0)
+    # eps plays no part with an exact D
+    torch.testing.assert_close(adfast.adjusted_logits(t, delta=delta, tau=tau, lam=lam, eps=123.0, backend=backend),
+                               out, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("vocab_t,vocab_p,dtype", [(333, 301, torch.bfloat16), (260, 260, torch.float32),
+                                                   (129, 64, torch.float16)])
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (6, 0.9)])
+def test_backends_draw_identical_tokens_with_exact_delta(vocab_t, vocab_p, dtype, top_k, top_p):
+    t = torch.randn(6, vocab_t, generator=torch.Generator().manual_seed(vocab_t)).to(dtype)
+    delta = make_delta(6, vocab_p, dtype, seed=vocab_p, scale=1.0)
+    tau = torch.tensor([1.0, 0.0, 0.5, 2.0, 1.0, 0.8])
+    lam = torch.tensor([3.0, 1.0, -2.0, 0.5, 10.0, 0.0])
+    differs = 0
+    for mode in adfast.MODES:
+        for offset in (0, 5, 2**40 + 1):
+            kw = dict(delta=delta, tau=tau, lam=lam, mode=mode, seed=1234, offset=offset, top_k=top_k, top_p=top_p,
+                      return_logprobs=True)
+            x_torch, lp_torch = adfast.sample(t, backend="torch", **kw)
+            x_triton, lp_triton = adfast.sample(t, backend="triton", **kw)
+            assert torch.equal(x_torch, x_triton), (mode, offset)
+            torch.testing.assert_close(lp_torch, lp_triton, atol=1e-5, rtol=0)
+            differs += int((x_torch != adfast.sample(t, backend="torch", **{**kw, "offset": offset + 1})[0]).sum())
+    assert differs > 0, "the draws do not depend on the offset"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["antidistill", "permutation"])
+def test_exact_delta_greedy_is_exact_argmax(backend, mode):
+    t = 3.0 * torch.randn(5, 150, generator=torch.Generator().manual_seed(4))
+    delta = make_delta(5, 140, torch.float32, seed=5)
+    lam = torch.tensor([0.0, 0.5, 2.0, -1.0, 5.0])
+    kw = dict(delta=delta, tau=0.0, lam=lam, mode=mode, seed=9, offset=2, backend=backend)
+    objective = adfast.adjusted_logits(t, **kw)
+    assert torch.equal(adfast.sample(t, **kw), objective.argmax(1))
+    if mode == "antidistill":
+        assert torch.equal(objective.argmax(1), reference_adjusted_exact(t, delta, 0.0, lam).argmax(1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("vocab_t,vocab_p", [(203, 203), (128, 61)])
+def test_exact_delta_equals_pair_given_its_difference(backend, vocab_t, vocab_p):
+    """delta = (log_softmax(p) - log_softmax(m)) / (2 eps) gives what the pair p, m gives."""
+    eps = 1e-3
+    t, p, m = make_logits(3, vocab_t, vocab_p, torch.float32, eps, seed=vocab_p)
+    delta = ((torch.log_softmax(p.double(), 1) - torch.log_softmax(m.double(), 1)) / (2 * eps)).float()
+    tau = torch.tensor([0.7, 0.0, 1.3])
+    lam = torch.tensor([0.05, -0.02, 0.1])
+    for mode in ("antidistill", "permutation", "temperature"):
+        kw = dict(tau=tau, lam=lam, mode=mode, seed=3, offset=1, backend=backend)
+        from_pair = adfast.adjusted_logits(t, p, m, eps=eps, **kw)
+        exact = adfast.adjusted_logits(t, delta=delta, **kw)
+        torch.testing.assert_close(exact, from_pair, atol=adjusted_tolerance(t, p, lam, eps), rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exact_delta_temperature_mode_ignores_it(backend):
+    t = torch.randn(4, 80, generator=torch.Generator().manual_seed(1))
+    delta = make_delta(4, 80, torch.float32)
+    kw = dict(tau=torch.tensor([1.0, 0.0, 0.5, 2.0]), lam=5.0, mode="temperature", seed=2, backend=backend)
+    assert torch.equal(adfast.sample(t, delta=delta, **kw), adfast.sample(t, **kw))
+    torch.testing.assert_close(adfast.adjusted_logits(t, delta=delta, **kw), adfast.adjusted_logits(t, **kw))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_delta_is_refused(backend):
+    t = torch.randn(3, 70)
+    for value in (math.nan, math.inf, -math.inf):
+        delta = make_delta(3, 60, torch.float32)
+        delta[1, 33] = value
+        with pytest.raises(ValueError, match="proxy logits \\(or delta\\) contain NaN or \\+-inf \\(rows \\[1\\]\\)"):
+            adfast.sample(t, delta=delta, tau=1.0, lam=0.1, seed=0, backend=backend)
+        with pytest.raises(ValueError, match="proxy logits \\(or delta\\)"):
+            adfast.adjusted_logits(t, delta=delta, tau=1.0, lam=0.1, backend=backend)
+
+
+def test_exact_delta_errors():
+    t, p, m = make_logits(2, 40, 40, torch.float32, 1e-2)
+    delta = make_delta(2, 40, torch.float32)
+    for pair in ((p, m), (p, None), (None, m)):
+        with pytest.raises(ValueError, match="either plus_logits and minus_logits .* or delta .*not both"):
+            adfast.sample(t, *pair, delta=delta, tau=1.0, lam=0.1, eps=1e-2, seed=0)
+        with pytest.raises(ValueError, match="not both"):
+            adfast.adjusted_logits(t, *pair, delta=delta, tau=1.0, lam=0.1, eps=1e-2)
+    with pytest.raises(ValueError, match="vocab mismatch: delta's vocabulary \\(40\\)"):
+        adfast.sample(t[:, :30], delta=delta, tau=1.0, lam=0.1, seed=0)
+    with pytest.raises(ValueError, match="batch mismatch"):
+        adfast.sample(t, delta=delta[:1], tau=1.0, lam=0.1, seed=0)
+    with pytest.raises(ValueError, match="delta must be float32, bfloat16 or float16"):
+        adfast.sample(t, delta=delta.double(), tau=1.0, lam=0.1, seed=0)
+    with pytest.raises(ValueError, match="delta must be a \\[batch, vocab\\] tensor"):
+        adfast.sample(t, delta=delta[0], tau=1.0, lam=0.1, seed=0)
+    with pytest.raises(ValueError, match="eps must be"):  # a pair still needs eps
+        adfast.adjusted_logits(t, p, m, tau=1.0, lam=0.1)
