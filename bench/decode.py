@@ -4,7 +4,9 @@ Variants, each at batch sizes 1, 8, 32, 64 (prompt 128 random tokens, 256 new to
 
 - ``hf_temperature``: transformers ``generate`` with temperature sampling;
 - ``hf_antidistill``: transformers ``generate`` + :class:`adfast.hf.AntidistillationLogitsProcessor`;
-- ``engine_temperature``, ``engine_antidistill``, ``engine_permutation``: :class:`adfast.Engine`.
+- ``engine_temperature``, ``engine_antidistill``, ``engine_permutation``: :class:`adfast.Engine`;
+- ``engine_jvp``: :class:`adfast.Engine` with ``delta="jvp"`` (exact D from one tangent-mode proxy
+  pass carrying the proxy's weights and ``g``: the same bytes as two perturbed copies).
 
 Models have the real architectures with random bf16 weights (throughput does not depend on the
 values): a Qwen2.5-7B-shaped teacher and a Qwen2.5-3B-shaped proxy pair (``--shapes real``, a CUDA
@@ -43,7 +45,8 @@ SHAPES = {
         proxy=dict(vocab_size=500, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
 }
-VARIANTS = ("hf_temperature", "hf_antidistill", "engine_temperature", "engine_antidistill", "engine_permutation")
+VARIANTS = ("hf_temperature", "hf_antidistill", "engine_temperature", "engine_antidistill", "engine_permutation",
+            "engine_jvp")
 EPS, LAM, TAU = 1e-2, 0.5, 1.0
 
 
@@ -118,9 +121,10 @@ def main(argv=None) -> int:
     spec = SHAPES[args.shapes]
     teacher = random_model(spec["teacher"], dtype, device)
     proxy = random_model(spec["proxy"], dtype, device)
-    gradient = {n: torch.randn(p.shape, device=device, dtype=torch.float32) for n, p in proxy.named_parameters()}
+    gradient = {n: torch.randn(p.shape, device=device, dtype=dtype) for n, p in proxy.named_parameters()}
     pair = adfast.ProxyPair.from_gradient(proxy, gradient, eps=EPS)
-    del proxy, gradient
+    if "engine_jvp" not in args.variants:
+        del proxy, gradient
     gc.collect()
     teacher_bytes, proxy_bytes = weight_bytes(teacher), weight_bytes(pair.plus)
     gen = torch.Generator().manual_seed(0)
@@ -147,20 +151,27 @@ def main(argv=None) -> int:
             hf_run(teacher, pair, mode, prompts(batch), 4)()  # warm-up
             record(batch, variant, timed(hf_run(teacher, pair, mode, prompts(batch), args.new_tokens), device))
 
-    engine_variants = [v for v in args.variants if v.startswith("engine_")]
-    if engine_variants:
-        engine = adfast.Engine(teacher, pair, max_batch_size=max(args.batches),
-                               max_seq_len=args.prompt_len + args.new_tokens + 1, device=device, dtype=dtype)
-        del teacher, pair
-        gc.collect()
-        for variant in engine_variants:
-            mode = variant.split("_", 1)[1]
-            for batch in args.batches:
-                kw = dict(tau=TAU, lam=LAM, mode=mode, seed=0)
-                engine.generate(prompts(batch), max_new_tokens=4, **kw)  # warm-up: graph capture
-                batch_prompts = prompts(batch)
-                record(batch, variant, timed(lambda: engine.generate(
-                    batch_prompts, max_new_tokens=args.new_tokens, **kw), device))
+    def run_engine(engine, variant, mode):
+        for batch in args.batches:
+            kw = dict(tau=TAU, lam=LAM, mode=mode, seed=0)
+            engine.generate(prompts(batch), max_new_tokens=4, **kw)  # warm-up: graph capture
+            batch_prompts = prompts(batch)
+            record(batch, variant, timed(lambda: engine.generate(
+                batch_prompts, max_new_tokens=args.new_tokens, **kw), device))
+
+    engine_kw = dict(max_batch_size=max(args.batches), max_seq_len=args.prompt_len + args.new_tokens + 1,
+                     device=device, dtype=dtype)
+    fd_variants = [v for v in args.variants if v.startswith("engine_") and v != "engine_jvp"]
+    if fd_variants:
+        engine = adfast.Engine(teacher, pair, **engine_kw)
+        for variant in fd_variants:
+            run_engine(engine, variant, variant.split("_", 1)[1])
+        del engine
+    del pair
+    gc.collect()
+    if "engine_jvp" in args.variants:
+        run_engine(adfast.Engine(teacher, proxy, delta="jvp", gradient=gradient, **engine_kw), "engine_jvp",
+                   "antidistill")
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
