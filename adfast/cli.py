@@ -1,5 +1,7 @@
 """The ``adfast`` command line: ``grad`` (proxy gradient), ``generate`` (sample traces), ``demo``,
-``check-eps`` (finite-difference error of D against eps, :mod:`adfast.eps_study`).
+``check-eps`` (finite-difference error of D against eps, :mod:`adfast.eps_study`), ``distill``
+(fine-tune a student on traces, :mod:`adfast.distill`) and ``evaluate`` (a model's task accuracy,
+:mod:`adfast.evaluate`).
 
 ``adfast grad`` computes the proxy gradient ``g`` from teacher traces (jsonl; prompts and
 completions as described in :mod:`adfast.tasks`) and saves it as safetensors. ``adfast generate``
@@ -52,6 +54,8 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor
 
 from . import eps_study, tasks
+from .distill import distill, save_student
+from .evaluate import evaluate
 from .decoder import DecoderConfig
 from .engine import Engine, generate_distributed
 from .gradient import load_gradient, proxy_gradient, save_gradient
@@ -385,6 +389,52 @@ def cmd_demo(args) -> None:
     print(f"\ndemo finished in {time.perf_counter() - began:.0f} s")
 
 
+_ID_KEYS = ("prompt_ids", "completion_ids")
+
+
+def cmd_distill(args) -> None:
+    rows = tasks.read_jsonl(args.traces)
+    if not rows:
+        raise ValueError(f"{args.traces} holds no traces")
+    if args.retokenize:
+        rows = [{k: v for k, v in row.items() if k not in _ID_KEYS or not _has_text(row, k)} for row in rows]
+    student, tokenizer = load_model(args.student, dtype=args.dtype, device=args.device)
+    examples = [(tasks.prompt_ids(tokenizer, row, f"{args.traces} row {i}"),
+                 tasks.completion_ids(tokenizer, row, f"{args.traces} row {i}")) for i, row in enumerate(rows, 1)]
+    history: list[dict] = []
+    began = time.perf_counter()
+    distill(student, tokenizer, examples, lora_rank=args.lora_rank,
+            lora_alpha=args.lora_rank if args.lora_alpha is None else args.lora_alpha, lr=args.lr,
+            weight_decay=args.weight_decay, warmup_frac=args.warmup_frac, batch_size=args.batch_size,
+            epochs=args.epochs, full_finetune=args.full, seed=args.seed, history=history)
+    save_student(args.out, student, tokenizer)
+    how = "full fine-tune" if args.full else f"LoRA rank {args.lora_rank}, merged"
+    print(f"wrote the student to {args.out} ({how}): {len(examples)} traces, {args.epochs} epochs, "
+          f"{len(history)} steps in {time.perf_counter() - began:.1f} s; loss {history[0]['loss']:.4f} "
+          f"-> {history[-1]['loss']:.4f} (completion tokens)")
+
+
+def _has_text(row: dict, key: str) -> bool:
+    """Whether ``row`` can give ``key``'s tokens as text instead (``--retokenize``)."""
+    return any(k in row for k in (("question", "prompt") if key == "prompt_ids" else ("completion",)))
+
+
+def cmd_evaluate(args) -> None:
+    rows = tasks.read_jsonl(args.tasks)
+    if not rows:
+        raise ValueError(f"{args.tasks} holds no tasks")
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    began = time.perf_counter()
+    accuracy, traces = evaluate(model, tokenizer, rows, max_new_tokens=args.max_new_tokens,
+                                batch_size=args.batch_size, greedy=args.tau == 0, temperature=args.tau or 1.0,
+                                top_p=args.top_p, seed=args.seed)
+    tasks.write_jsonl(args.out, traces)
+    checked = sum("correct" in t for t in traces)
+    score = "no row has an answer" if accuracy is None else (
+        f"accuracy {accuracy:.1%} ({sum(t.get('correct', False) for t in traces)}/{checked})")
+    print(f"wrote {len(traces)} traces to {args.out} in {time.perf_counter() - began:.1f} s: {score}")
+
+
 def _threads_option(parser: argparse.ArgumentParser, default: int | None) -> None:
     parser.add_argument("--threads", type=int, default=default,
                         help=f"torch CPU threads (default: {default or 'torch chooses'}). On a busy machine "
@@ -462,6 +512,43 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--show", type=int, default=0, help="index of the test problem whose traces are printed")
     _threads_option(demo, 1)
     demo.set_defaults(run=cmd_demo)
+    dist = commands.add_parser("distill", parents=[common], help="fine-tune a student on traces (LoRA or full)",
+                               description="Supervised fine-tuning with the loss on completion tokens only; "
+                                           "defaults are the antidistillation paper's settings. The student "
+                                           "(LoRA merged) is saved with safetensors.")
+    dist.add_argument("--student", required=True, help=models)
+    dist.add_argument("--traces", required=True, type=Path,
+                      help="jsonl of prompts with completions (e.g. from `adfast generate`)")
+    dist.add_argument("--out", required=True, type=Path, help="directory for the distilled student")
+    dist.add_argument("--epochs", type=int, default=4)
+    dist.add_argument("--batch-size", type=int, default=32)
+    dist.add_argument("--lr", type=float, default=5e-4)
+    dist.add_argument("--weight-decay", type=float, default=0.1)
+    dist.add_argument("--warmup-frac", type=float, default=0.1)
+    dist.add_argument("--lora-rank", type=int, default=128)
+    dist.add_argument("--lora-alpha", type=float, default=None, help="default: the rank")
+    dist.add_argument("--full", action="store_true", help="full fine-tune instead of LoRA")
+    dist.add_argument("--retokenize", action="store_true",
+                      help="ignore prompt_ids / completion_ids where the row has the text, and tokenize that "
+                           "with the student's tokenizer (for a student whose tokenizer differs from the teacher's)")
+    dist.add_argument("--seed", type=int, default=0)
+    _threads_option(dist, None)
+    dist.set_defaults(run=cmd_distill)
+
+    ev = commands.add_parser("evaluate", parents=[common], help="a model's accuracy on task rows",
+                             description="Rows: a prompt (prompt_ids, question or prompt), answer, optional kind "
+                                         "(number, boxed, choice). Writes one jsonl row per task and prints the "
+                                         "accuracy.")
+    ev.add_argument("--model", required=True, help=models)
+    ev.add_argument("--tasks", required=True, type=Path, help="jsonl of tasks")
+    ev.add_argument("--out", required=True, type=Path, help="jsonl of the model's traces, checked")
+    ev.add_argument("--max-new-tokens", type=int, default=256)
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--tau", type=float, default=0.0, help="sampling temperature; 0 (the default) is greedy")
+    ev.add_argument("--top-p", type=float, default=1.0)
+    ev.add_argument("--seed", type=int, default=0)
+    _threads_option(ev, None)
+    ev.set_defaults(run=cmd_evaluate)
     eps_study.add_parser(commands)
     return parser
 

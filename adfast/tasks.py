@@ -9,7 +9,9 @@ jsonl rows (one JSON object a line) describe prompts, traces or both. A prompt i
 ``prompt_ids`` (token ids, used as is), ``question`` (wrapped in the tokenizer's chat template
 with :data:`INSTRUCTION`, ending with the assistant turn's header), or ``prompt`` (text encoded
 verbatim, without adding special tokens). A completion is ``completion_ids`` or ``completion``
-(text encoded verbatim). An optional integer ``answer`` lets outputs be checked.
+(text encoded verbatim). An optional ``answer`` lets outputs be checked (:func:`check_answer`), by
+the row's ``kind``: ``"number"`` (the default: an integer), ``"boxed"`` (a LaTeX string compared
+with the last ``\\boxed{...}``) or ``"choice"`` (a letter A-E).
 """
 from __future__ import annotations
 
@@ -145,6 +147,95 @@ def _last_integer(text: str) -> int | None:
 def is_correct(text: str, answer: int) -> bool:
     """Whether :func:`extract_answer` of ``text`` equals ``answer``."""
     return extract_answer(text) == int(answer)
+
+
+KINDS = ("number", "boxed", "choice")
+
+
+def boxed_contents(text: str) -> list[str]:
+    """The contents of every ``\\boxed{...}`` in ``text``, in order, with nested braces balanced
+    (``\\boxed{\\frac{1}{2}}`` gives ``\\frac{1}{2}``); an unclosed box is skipped."""
+    found = []
+    for match in re.finditer(r"\\boxed\s*\{", text):
+        depth, start = 1, match.end()
+        for i in range(start, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                found.append(text[start:i])
+                break
+    return found
+
+
+def normalize_boxed(text: str) -> str:
+    """A LaTeX answer for comparison: whitespace removed, surrounding ``$`` and one outer
+    ``\\boxed{...}`` stripped."""
+    text = str(text).strip().strip("$").strip()
+    boxes = boxed_contents(text)
+    if len(boxes) == 1 and text.startswith("\\boxed") and text.endswith("}"):
+        text = boxes[0]
+    return re.sub(r"\s+", "", text)
+
+
+_CHOICE_MARKED = (r"\\boxed\s*\{\s*\(?([A-E])\)?\s*\}",  # \boxed{C}
+                  r"(?i:\banswer)\s*(?:(?i:is)\s*)?[:=]?\s*\**\s*\(?([A-E])\b",  # "Answer: C", "the answer is (C)"
+                  r"\(([A-E])\)")  # "(C)"
+_CHOICE_FINAL = r"(?:^|[^A-Za-z0-9])([A-E])[\s.)*]*$"  # a lone letter ending the text: "... so C."
+
+
+def extract_choice(text: str) -> str | None:
+    """The multiple-choice letter (A-E) of a completion: the last one in ``\\boxed{C}``, else after
+    "answer" ("Answer: C", "the answer is (C)"), else the last "(C)", else a lone letter ending the
+    text; None if there is none. Letters must be capitals."""
+    for marker in _CHOICE_MARKED:
+        found = re.findall(marker, text)
+        if found:
+            return found[-1]
+    final = re.search(_CHOICE_FINAL, text.strip())
+    return final.group(1) if final else None
+
+
+def extract(text: str, kind: str = "number"):
+    """The answer in a completion for a task ``kind``: an int (``"number"``, :func:`extract_answer`),
+    the last boxed string, normalised (``"boxed"``), or a letter A-E (``"choice"``); None if absent."""
+    if kind == "number":
+        return extract_answer(text)
+    if kind == "boxed":
+        boxes = boxed_contents(text)
+        return normalize_boxed(boxes[-1]) if boxes else None
+    if kind == "choice":
+        return extract_choice(text)
+    raise ValueError(f"unknown answer kind {kind!r}; expected one of {KINDS}")
+
+
+def reference_answer(answer, kind: str = "number"):
+    """A row's reference ``answer`` in the form :func:`extract` returns for ``kind`` (ValueError if
+    it cannot be: a non-integer for "number", not a letter A-E for "choice")."""
+    if kind == "number":
+        text = str(answer).strip().replace(",", "")
+        if isinstance(answer, bool) or not re.fullmatch(r"-?\d+", text):
+            raise ValueError(f"a 'number' answer must be an integer, got {answer!r}")
+        return int(text)
+    if kind == "boxed":
+        return normalize_boxed(answer)
+    if kind == "choice":
+        letter = str(answer).strip().strip("()").strip().upper()
+        if letter not in ("A", "B", "C", "D", "E"):
+            raise ValueError(f"a 'choice' answer must be a letter A-E, got {answer!r}")
+        return letter
+    raise ValueError(f"unknown answer kind {kind!r}; expected one of {KINDS}")
+
+
+def check_answer(text: str, answer, kind: str = "number") -> bool:
+    """Whether the completion ``text`` answers ``answer`` for a task ``kind``:
+
+    * ``"number"``: :func:`extract_answer` (``#### 42``, ``\\boxed{42}``, "Answer: 42", else the last
+      integer) equals the integer ``answer`` (an int or a digit string);
+    * ``"boxed"``: the last ``\\boxed{...}`` equals ``answer`` after :func:`normalize_boxed`
+      (whitespace removed);
+    * ``"choice"``: :func:`extract_choice` (``\\boxed{C}``, "Answer: C", "(C)", a final lone letter)
+      equals the letter ``answer`` ("C" or "(C)", any case).
+    """
+    return extract(text, kind) == reference_answer(answer, kind)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
