@@ -54,15 +54,16 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor
 
 from . import eps_study, tasks
-from .distill import distill, save_student
-from .evaluate import evaluate
 from .decoder import DecoderConfig
+from .distill import distill, save_student
 from .engine import Engine, generate_distributed
+from .evaluate import evaluate
 from .gradient import load_gradient, proxy_gradient, save_gradient
 from .hf import AntidistillationLogitsProcessor, generate
 from .low_rank import low_rank_gradient, save_low_rank_gradient, total_energy
 from .models import DTYPES, load_model
 from .proxy_pair import ProxyPair
+from .sampling import MODES
 
 DEFAULT_EPS = 1e-4
 
@@ -472,7 +473,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--grad", type=Path, help="the proxy gradient from `adfast grad` (not needed in temperature mode)")
     gen.add_argument("--prompts", required=True, type=Path, help="jsonl of prompts")
     gen.add_argument("--out", required=True, type=Path, help="jsonl of traces")
-    gen.add_argument("--mode", choices=("antidistill", "temperature", "permutation"), default="antidistill")
+    gen.add_argument("--mode", choices=MODES, default="antidistill")
     gen.add_argument("--lam", type=float, default=0.0, help="antidistillation strength (multiplies D)")
     gen.add_argument("--tau", type=float, default=1.0, help="temperature; 0 is greedy")
     gen.add_argument("--eps", type=float, default=DEFAULT_EPS, help="finite-difference step of the proxy pair")

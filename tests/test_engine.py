@@ -150,16 +150,21 @@ def test_stop_tokens_and_stream(engine):
         assert sum(lp for _, lp in mine) / len(mine) == pytest.approx(r.mean_logprob, abs=1e-6)
 
 
+def assert_seeded_draws_with_teacher_logprobs(engine, teacher, kw):
+    """The same seed draws the same tokens, another seed others; mean_logprob is the teacher's own."""
+    first = engine.generate(PROMPTS, seed=0, **kw)
+    assert [r.tokens for r in engine.generate(PROMPTS, seed=0, **kw)] == [r.tokens for r in first]
+    assert [r.tokens for r in engine.generate(PROMPTS, seed=1, **kw)] != [r.tokens for r in first]
+    for prompt, r in zip(PROMPTS, first):
+        assert r.mean_logprob == pytest.approx(teacher_mean_logprob(teacher, prompt, r.tokens), abs=1e-4)
+
+
 @pytest.mark.parametrize("mode, interpreted", [("antidistill", True), ("permutation", False), ("temperature", False)])
 def test_sampling_seeds_and_logprobs(engine, teachers, mode, interpreted, request):
     if interpreted:
         request.getfixturevalue("interpreted_kernels")
     kw = dict(max_new_tokens=MAX_NEW, tau=1.0, lam=[0.5, 1.0, 0.0, 2.0, 1.0, 0.5], mode=mode)
-    first = engine.generate(PROMPTS, seed=0, **kw)
-    assert [r.tokens for r in engine.generate(PROMPTS, seed=0, **kw)] == [r.tokens for r in first]
-    assert [r.tokens for r in engine.generate(PROMPTS, seed=1, **kw)] != [r.tokens for r in first]
-    for prompt, r in zip(PROMPTS, first):
-        assert r.mean_logprob == pytest.approx(teacher_mean_logprob(teachers["qwen2"], prompt, r.tokens), abs=1e-4)
+    assert_seeded_draws_with_teacher_logprobs(engine, teachers["qwen2"], kw)
 
 
 def test_top_k_one_is_greedy(engine):
@@ -348,11 +353,7 @@ def test_jvp_sampling_is_reproducible(teachers, mode, interpreted, request):
     proxy, grads = proxy_and_gradient()
     engine = Engine(teachers["qwen2"], proxy, max_batch_size=3, max_seq_len=20, delta="jvp", gradient=grads)
     kw = dict(max_new_tokens=MAX_NEW, tau=1.0, lam=[0.05, 0.1, 0.0, 0.2, 0.1, 0.05], mode=mode)
-    first = engine.generate(PROMPTS, seed=0, **kw)
-    assert [r.tokens for r in engine.generate(PROMPTS, seed=0, **kw)] == [r.tokens for r in first]
-    assert [r.tokens for r in engine.generate(PROMPTS, seed=1, **kw)] != [r.tokens for r in first]
-    for prompt, r in zip(PROMPTS, first):
-        assert r.mean_logprob == pytest.approx(teacher_mean_logprob(teachers["qwen2"], prompt, r.tokens), abs=1e-4)
+    assert_seeded_draws_with_teacher_logprobs(engine, teachers["qwen2"], kw)
 
 
 def test_jvp_errors(teachers, pair):
