@@ -38,8 +38,18 @@ Tangent (JVP) mode: :meth:`Decoder.set_tangent` stores a weight direction ``g`` 
 gradient) in the fused layout, and ``forward(..., tangent=True)`` returns the logits and their
 exact derivative ``d/dh logits(theta + h g)`` from one pass that carries primal and tangent
 together (tangent K/V cached per slot); :func:`log_softmax_tangent` / :meth:`Decoder.delta` turn
-that into ``D = d/dh log_softmax``, the antidistillation term, with no ``eps``. It is a plain-torch
-reference path (explicit softmax attention); a GPU-fast version is later work.
+that into ``D = d/dh log_softmax``, the antidistillation term, with no ``eps``. A linear layer
+``y = x W^T + b`` carries ``dy = dx W^T + x G^T + db`` (:func:`linear_jvp`), the embedding
+``dx = G_embed[tokens]``. The direction is dense (``G`` shaped as its weight, ``m n`` numbers
+per ``[m, n]`` weight) or, from a :class:`adfast.low_rank.LowRankGradient`, factored
+(:class:`FactoredTangent`): with ``G_i = U_i V_i^T`` (``U_i [m_i, r]``, ``V_i [n, r]``) for
+each source block of a fused weight (q/k/v of ``wqkv``, gate/up of ``w_gate_up``), ``x G^T``
+is ``z = x [V_1 | V_2 | ...]`` (one matmul, ``[N, sum r_i]``) then ``z_i U_i^T`` per block,
+concatenated, and the embedding's rows are ``U[tokens] V^T``: ``r (m_i + n)`` numbers per
+factored block instead of ``m_i n``. Blocks too small to factor (``min(m_i, n) <= r``) stay
+dense inside the factored weight (``V_i = G_i^T``, no ``U_i``); a weight with no factored block
+stays dense. It is a plain-torch reference path (explicit softmax attention); a GPU-fast version
+is later work.
 """
 from __future__ import annotations
 
@@ -50,6 +60,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .low_rank import LowRankGradient
 
 try:
     from flash_attn import flash_attn_with_kvcache
@@ -282,18 +294,72 @@ def rms_norm_jvp(x: torch.Tensor, dx: torch.Tensor, weight: torch.Tensor, dweigh
     return weight[:, None] * normed, dweight[:, None] * normed + weight[:, None] * dnormed
 
 
-def linear_jvp(x: torch.Tensor, dx: torch.Tensor, weight: torch.Tensor, dweight: torch.Tensor,
+@dataclass(frozen=True)
+class FactoredTangent:
+    """A weight's tangent ``G [C, m, n]`` kept as factors: row blocks ``G_i = U_i V_i^T`` stacked.
+
+    The blocks are the fused weight's sources (q, k, v for ``wqkv``; gate, up for ``w_gate_up``;
+    one block elsewhere), ``m = sum m_i``. ``v [C, n, R]``: the blocks' ``V_i [n, r_i]`` side by
+    side, ``R = sum r_i``; ``u``: per block ``U_i [C, m_i, r_i]``, or None for a block kept dense,
+    whose ``V_i`` is ``G_i^T`` (``r_i = m_i``, ``U_i = I``); ``ranks``: the ``r_i``. So ``x G^T``
+    is ``z = x V`` (one matmul over every block) followed by ``z_i U_i^T`` per factored block
+    (:meth:`linear`): ``r_i (m_i + n)`` numbers per factored block and ``m_i n`` per dense one
+    are read, instead of ``m n``.
+    """
+
+    v: torch.Tensor
+    u: tuple[torch.Tensor | None, ...]
+    ranks: tuple[int, ...]
+
+    @classmethod
+    def from_blocks(cls, blocks, num_copies: int, dtype: torch.dtype, device) -> "FactoredTangent":
+        """From row blocks, each a tensor ``G_i [m_i, n]`` or factors ``(U_i [m_i, r_i], V_i [n, r_i])``,
+        cast to ``dtype`` / ``device`` and shared by ``num_copies`` copies (expanded, not copied)."""
+        def cast(t):
+            return t.detach().to(device, dtype)
+
+        def copies(t):
+            return t[None].expand(num_copies, *t.shape)
+
+        factored = [isinstance(block, tuple) for block in blocks]
+        v = torch.cat([cast(block[1]) if f else cast(block).T for block, f in zip(blocks, factored)], dim=1)
+        u = tuple(copies(cast(block[0])) if f else None for block, f in zip(blocks, factored))
+        ranks = tuple(block[1].shape[1] if f else block.shape[0] for block, f in zip(blocks, factored))
+        return cls(copies(v), u, ranks)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``x G^T [C, N, m]`` for ``x [C, N, n]``: ``(x V_i) U_i^T`` per block, concatenated."""
+        z = torch.bmm(x, self.v).split(self.ranks, dim=-1)
+        parts = [z_i if u_i is None else torch.bmm(z_i, u_i.transpose(1, 2)) for z_i, u_i in zip(z, self.u)]
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+    def rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Rows ``G[tokens]`` of a one-block factored ``G`` (the embedding): ``U[tokens] V^T``,
+        ``[C, N, n]`` for ``N = tokens.numel()``."""
+        (u,) = self.u
+        return torch.bmm(u[:, tokens.flatten()], self.v.transpose(1, 2))
+
+    def numel(self) -> int:
+        """Numbers held per copy: ``n R`` in ``V`` plus ``m_i r_i`` per factored block."""
+        return self.v[0].numel() + sum(u[0].numel() for u in self.u if u is not None)
+
+
+def linear_jvp(x: torch.Tensor, dx: torch.Tensor, weight: torch.Tensor, dweight: torch.Tensor | FactoredTangent,
                bias: torch.Tensor | None = None, dbias: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`linear` and its tangent ``dx W^T + x G^T + db``.
 
     ``x`` and ``dx`` go through ``W`` as one batched matmul (``W`` read once for both), then
-    ``x G^T`` is added to the tangent.
+    ``x G^T`` is added to the tangent: ``G [C, out, in]`` dense, or a :class:`FactoredTangent`,
+    whose ``x G^T = (x V) U^T`` reads ``r (out + in)`` numbers per block instead of ``out in``.
     """
     n = x.shape[1]
     both = torch.bmm(torch.cat((x, dx), dim=1), weight.transpose(1, 2))
     y, dy = both[:, :n], both[:, n:]
-    dy = torch.baddbmm(dy, x, dweight.transpose(1, 2))
+    if isinstance(dweight, FactoredTangent):
+        dy = dy + dweight.linear(x)
+    else:
+        dy = torch.baddbmm(dy, x, dweight.transpose(1, 2))
     if bias is not None:
         y = y + bias[:, None]
         dy = dy + dbias[:, None]
@@ -343,6 +409,28 @@ def log_softmax_tangent(logits: torch.Tensor, dlogits: torch.Tensor) -> torch.Te
     work = torch.float64 if torch.float64 in (logits.dtype, dlogits.dtype) else torch.float32
     logits, dlogits = logits.to(work), dlogits.to(work)
     return dlogits - (torch.softmax(logits, dim=-1) * dlogits).sum(-1, keepdim=True)
+
+
+def _tangent_sources(gradient) -> dict:
+    """``set_tangent``'s ``gradient`` as a dict name -> tensor ``G`` or factors ``(U, V)`` of ``G = U V^T``."""
+    if isinstance(gradient, LowRankGradient):
+        return {**gradient.dense, **gradient.factors}
+    grads = getattr(gradient, "grads", gradient)
+    if not hasattr(grads, "keys"):
+        raise ValueError("gradient must be a ProxyGradient, a LowRankGradient or a mapping name -> tensor, "
+                         f"got {type(gradient)}")
+    return dict(grads)
+
+
+def _source_shape(value) -> tuple[int, ...] | None:
+    """The shape of ``G`` for a tensor, ``(m, n)`` for factors ``(U [m, r], V [n, r])``; None for anything else."""
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    factors = isinstance(value, tuple) and len(value) == 2 and all(
+        isinstance(t, torch.Tensor) and t.dim() == 2 for t in value)
+    if factors and value[0].shape[1] == value[1].shape[1]:
+        return value[0].shape[0], value[1].shape[0]
+    return None
 
 
 class KVCache(nn.Module):
@@ -417,7 +505,7 @@ class Decoder(nn.Module):
         self.norm = param(config.hidden_size)
         self.lm_head = self.embed if config.tie_word_embeddings else param(config.vocab_size, config.hidden_size)
         self.cache: KVCache | None = None
-        self.tangent_weights: dict[str, torch.Tensor] | None = None
+        self.tangent_weights: dict[str, torch.Tensor | FactoredTangent] | None = None
 
     # ----------------------------------------------------------------------------------- loading
 
@@ -520,21 +608,40 @@ class Decoder(nn.Module):
     def set_tangent(self, gradient) -> None:
         """Store the direction ``g`` of tangent mode (``forward(..., tangent=True)``), or clear it (None).
 
-        ``gradient``: a :class:`adfast.gradient.ProxyGradient` or a mapping from transformers
-        parameter names (``named_parameters()`` of the model this decoder was built from, tied
-        weights once) to tensors. It is stored in this decoder's fused layout, dtype and device,
-        in ``tangent_weights`` (keyed as ``named_parameters()``): q/k/v and gate/up concatenated
-        as the weights are, and one tangent shared by a tied embedding and ``lm_head``. Every
-        copy of a ``num_copies > 1`` decoder gets the same direction. Raises ``ValueError``
-        listing missing names, unexpected names and shape mismatches (a ``lm_head.weight`` of a
-        tied model is accepted only when equal to ``model.embed_tokens.weight``).
+        ``gradient``: a :class:`adfast.gradient.ProxyGradient`, a
+        :class:`adfast.low_rank.LowRankGradient`, or a mapping from transformers parameter names
+        (``named_parameters()`` of the model this decoder was built from, tied weights once) to
+        tensors or to factors ``(U [m, r], V [n, r])`` of ``G = U V^T``. It is stored in this
+        decoder's fused layout, dtype and device, in ``tangent_weights`` (keyed as
+        ``named_parameters()``): q/k/v and gate/up concatenated as the weights are, and one
+        tangent shared by a tied embedding and ``lm_head``. A weight whose sources are all dense
+        tensors gets a dense tangent; one with a factored source gets a :class:`FactoredTangent`
+        (its dense sources become dense blocks of it), which holds ``r (m + n)`` numbers per
+        factored ``m x n`` source instead of ``m n``. Every copy of a ``num_copies > 1`` decoder
+        gets the same direction. Raises ``ValueError`` listing missing names, unexpected names
+        and shape mismatches (a dense ``lm_head.weight`` of a tied model is accepted only when
+        equal to ``model.embed_tokens.weight``).
         """
         if gradient is None:
             self.tangent_weights = None
             return
-        grads = getattr(gradient, "grads", gradient)
-        if not hasattr(grads, "keys"):
-            raise ValueError(f"gradient must be a ProxyGradient or a mapping name -> tensor, got {type(gradient)}")
+        grads = _tangent_sources(gradient)
+        self._check_tangent_sources(grads)
+        dtype, device = self.embed.dtype, self.embed.device
+        tangent = {}
+        for name, keys in self._hf_sources().items():
+            blocks = [grads[key] for key in keys]
+            if all(isinstance(block, torch.Tensor) for block in blocks):
+                value = torch.cat([block.detach().to(device, dtype) for block in blocks])
+                tangent[name] = value[None].expand(self.num_copies, *value.shape)
+            else:
+                tangent[name] = FactoredTangent.from_blocks(blocks, self.num_copies, dtype, device)
+        if self.config.tie_word_embeddings:
+            tangent["lm_head"] = tangent["embed"]
+        self.tangent_weights = tangent
+
+    def _check_tangent_sources(self, grads: dict) -> None:
+        """Raise ``ValueError`` unless ``grads`` (name -> tensor or ``(U, V)``) has this decoder's names and shapes."""
         sources = self._hf_sources()
         params = dict(self.named_parameters())
         used = {key for keys in sources.values() for key in keys}
@@ -559,20 +666,18 @@ class Decoder(nn.Module):
                 rows = (shape[0],)
             for key, row in zip(keys, rows):
                 value, want = grads.get(key), (row, *shape[1:])
-                if value is not None and (not isinstance(value, torch.Tensor) or tuple(value.shape) != want):
-                    got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                if value is not None and _source_shape(value) != want:
+                    got = _source_shape(value) or type(value).__name__
                     bad_shapes.append(f"{key}: {got}, expected {want}")
         if missing or unexpected or bad_shapes:
             raise ValueError(f"the gradient does not fit this decoder ({self.config}): missing {missing}, "
                              f"unexpected {unexpected}, shape mismatches {bad_shapes}")
-        dtype, device = self.embed.dtype, self.embed.device
-        tangent = {}
-        for name, keys in sources.items():
-            value = torch.cat([grads[key].detach().to(device, dtype) for key in keys])
-            tangent[name] = value[None].expand(self.num_copies, *value.shape)
-        if self.config.tie_word_embeddings:
-            tangent["lm_head"] = tangent["embed"]
-        self.tangent_weights = tangent
+
+    def tangent_numel(self) -> int:
+        """Numbers the stored tangent holds per copy (a tied embedding and ``lm_head`` once): ``m n`` per
+        dense weight, :meth:`FactoredTangent.numel` per factored one. 0 without a tangent."""
+        unique = {id(t): t for t in (self.tangent_weights or {}).values()}.values()
+        return sum(t.numel() if isinstance(t, FactoredTangent) else t[0].numel() for t in unique)
 
     # ------------------------------------------------------------------------------------- cache
 
@@ -732,7 +837,8 @@ class Decoder(nn.Module):
         copies, heads, kv_heads, head_dim = self.num_copies, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         eps = cfg.rms_norm_eps
         x = self.embed[:, tokens].view(copies, batch * seq, cfg.hidden_size)
-        dx = g["embed"][:, tokens].reshape(copies, batch * seq, cfg.hidden_size)
+        dx = (g["embed"].rows(tokens) if isinstance(g["embed"], FactoredTangent)
+              else g["embed"][:, tokens]).reshape(copies, batch * seq, cfg.hidden_size)
         for i, layer in enumerate(self.layers):
             prefix = f"layers.{i}."
             d = {name[len(prefix):]: value for name, value in g.items() if name.startswith(prefix)}.get
@@ -788,5 +894,5 @@ class Decoder(nn.Module):
         return f"num_copies={self.num_copies}, {self.config}"
 
 
-__all__ = ["Decoder", "DecoderConfig", "KVCache", "attend", "attend_jvp", "linear_jvp", "log_softmax_tangent",
-           "rms_norm_jvp", "rope_inv_freq"]
+__all__ = ["Decoder", "DecoderConfig", "FactoredTangent", "KVCache", "attend", "attend_jvp", "linear_jvp",
+           "log_softmax_tangent", "rms_norm_jvp", "rope_inv_freq"]

@@ -3,10 +3,11 @@
 The teacher is a :class:`adfast.decoder.Decoder` with one weight set, the proxy pair
 ``theta_P +- eps g`` one ``Decoder`` with two stacked copies (``delta="fd"``, the finite
 difference), or, with ``delta="jvp"``, the unperturbed proxy ``theta_P`` as a one-copy ``Decoder``
-in tangent mode along ``g`` (:meth:`Decoder.set_tangent`), whose one pass gives ``D`` exactly
-(:meth:`Decoder.delta`) and feeds it to :func:`adfast.sample` as ``delta``. Both have a static KV cache of
-``max_batch_size`` slots of ``max_seq_len`` positions, used in lockstep: a sequence occupies the
-same slot in both, and every forward gives both the same tokens, so both hold the same lengths.
+in tangent mode along ``g`` (:meth:`Decoder.set_tangent`; dense, or a low-rank gradient's factors),
+whose one pass gives ``D`` exactly (:meth:`Decoder.delta`) and feeds it to :func:`adfast.sample` as
+``delta``. Both have a static KV cache of ``max_batch_size`` slots of ``max_seq_len`` positions,
+used in lockstep: a sequence occupies the same slot in both, and every forward gives both the same
+tokens, so both hold the same lengths.
 
 Pieces, in the manner of gpt-fast's ``generate.py``:
 
@@ -285,8 +286,12 @@ class Engine:
             tangent pass is the decoder's plain-torch reference path (slower per copy than a primal
             forward).
         gradient: the direction ``g`` for ``delta="jvp"`` (a :class:`adfast.ProxyGradient`, a mapping
-            ``named_parameters()`` name -> tensor, or a gradient file); checked against the proxy as
-            :meth:`ProxyPair.from_gradient` checks it. Not used with ``delta="fd"``.
+            ``named_parameters()`` name -> tensor, a :class:`adfast.low_rank.LowRankGradient`, or a
+            gradient or low-rank gradient file); checked against the proxy as
+            :meth:`ProxyPair.from_gradient` checks it (:func:`adfast.exact_delta.resolve_direction`).
+            A low-rank gradient stays factored in the tangent (:meth:`Decoder.set_tangent`): each
+            step reads ``r (m + n)`` numbers per factored ``m x n`` weight instead of ``m n``.
+            Not used with ``delta="fd"``.
 
     One generation at a time: :meth:`generate` and :meth:`stream` use the engine's caches.
     """
@@ -314,17 +319,17 @@ class Engine:
                                  "alone pass no proxy and delta='fd'")
             is_pair = all(hasattr(pair, name) for name in ("plus", "minus", "eps"))
             if gradient is None:
-                raise ValueError("delta='jvp' needs the direction g: pass gradient= (a ProxyGradient, a mapping "
-                                 "name -> tensor or a gradient file)" + (
+                raise ValueError("delta='jvp' needs the direction g: pass gradient= (a ProxyGradient, a "
+                                 "LowRankGradient, a mapping name -> tensor or a gradient file)" + (
                                      "; a ProxyPair holds only the perturbed copies theta +- eps g, not g, so "
                                      "pass the unperturbed proxy model and its gradient" if is_pair else ""))
             proxy = _midpoint(pair) if is_pair else pair
             if not hasattr(proxy, "config") or not hasattr(proxy, "named_parameters"):
                 raise ValueError("with delta='jvp' the proxy must be a transformers causal LM (or a ProxyPair), "
                                  f"got {type(proxy).__name__}")
-            from .exact_delta import resolve_gradient
+            from .exact_delta import resolve_direction
 
-            gradient = resolve_gradient(proxy, gradient)
+            gradient = resolve_direction(proxy, gradient)
         if isinstance(teacher, Decoder) and teacher.num_copies != 1:
             raise ValueError(f"the teacher Decoder must have one copy, got {teacher.num_copies}")
         teacher_vocab = teacher.config.vocab_size

@@ -43,6 +43,7 @@ of ones followed by zeros (at least one real token per row). Outputs are ``[B, T
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -52,9 +53,16 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .decoder import Decoder, DecoderConfig
 from .gradient import fingerprint_of, model_identity
-from .proxy_pair import _check_gradient, _resolve
+from .low_rank import LowRankGradient, is_low_rank_file, load_low_rank_gradient
+from .proxy_pair import _check_gradient, _listing, _resolve
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_model(proxy: nn.Module, stored_id: str | None) -> None:
+    if stored_id is not None and fingerprint_of(stored_id) != fingerprint_of(model_identity(proxy)):
+        raise ValueError(f"the gradient was computed for another model: it belongs to {stored_id!r}, "
+                         f"the proxy is {model_identity(proxy)!r}")
 
 
 def resolve_gradient(proxy: nn.Module, g) -> dict[str, torch.Tensor]:
@@ -65,11 +73,37 @@ def resolve_gradient(proxy: nn.Module, g) -> dict[str, torch.Tensor]:
     all-zero entries.
     """
     grads, stored_id = _resolve(g)
-    if stored_id is not None and fingerprint_of(stored_id) != fingerprint_of(model_identity(proxy)):
-        raise ValueError(f"the gradient was computed for another model: it belongs to {stored_id!r}, "
-                         f"the proxy is {model_identity(proxy)!r}")
+    _check_model(proxy, stored_id)
     _check_gradient(dict(proxy.named_parameters()), grads)
     return grads
+
+
+def resolve_direction(proxy: nn.Module, g) -> dict[str, torch.Tensor] | LowRankGradient:
+    """The direction of a tangent-mode proxy (``Engine(delta="jvp")``), checked against ``proxy``.
+
+    A :class:`LowRankGradient`, or a file from :func:`adfast.low_rank.save_low_rank_gradient`, stays
+    factored (``G_r = U V^T`` is never formed): refused as :func:`resolve_gradient` refuses (another
+    architecture, names or shapes of ``G_r`` that differ from ``proxy.named_parameters()``,
+    non-finite factors or dense entries, all zero, where a factored entry counts as zero when ``U``
+    or ``V`` is). Anything else is :func:`resolve_gradient`'s dense dict.
+    """
+    if isinstance(g, (str, os.PathLike)) and is_low_rank_file(g):
+        g = load_low_rank_gradient(g)
+    if not isinstance(g, LowRankGradient):
+        return resolve_gradient(proxy, g)
+    _check_model(proxy, g.model_id)
+    params, shapes = {name: tuple(p.shape) for name, p in proxy.named_parameters()}, g.shapes()
+    differ = sorted(name for name in params.keys() | shapes.keys() if params.get(name) != shapes.get(name))
+    if differ:
+        raise ValueError(f"gradient does not match the proxy's parameters: names or shapes differ ({len(differ)}): "
+                         f"{_listing(differ)}")
+    tensors = [*g.dense.values(), *(t for pair in g.factors.values() for t in pair)]
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise ValueError("gradient has NaN or inf entries")
+    if not (any(bool(t.any()) for t in g.dense.values())
+            or any(bool(u.any()) and bool(v.any()) for u, v in g.factors.values())):
+        raise ValueError("gradient is zero everywhere: D would be 0")
+    return g
 
 
 def sequence_lengths(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -229,4 +263,4 @@ def relative_error(approx: torch.Tensor, exact: torch.Tensor, dim: int = -1) -> 
 
 
 __all__ = ["FiniteDifference", "angle_sine", "exact_delta", "finite_difference_delta", "relative_error",
-           "resolve_gradient", "sequence_lengths"]
+           "resolve_direction", "resolve_gradient", "sequence_lengths"]

@@ -207,12 +207,7 @@ def load_gradient(path) -> ProxyGradient:
     (returned as its dense rank-r ``G_r``); anything else raises ``ValueError``."""
     from . import low_rank
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            low_rank_file = (f.metadata() or {}).get("format") == low_rank.FORMAT
-    except (SafetensorError, OSError):
-        low_rank_file = False  # read_tensor_file says what is wrong with it
-    if low_rank_file:
+    if low_rank.is_low_rank_file(path):  # otherwise read_tensor_file says what is wrong with the file
         return low_rank.load_low_rank_gradient(path).to_dense()
     grads, metadata = read_tensor_file(path, FORMAT, FORMAT_VERSION, "proxy gradient", "save_gradient")
     return ProxyGradient(grads=grads, loss=float(metadata["loss"]), num_examples=int(metadata["num_examples"]),

@@ -1,12 +1,17 @@
 """Low-rank proxy gradients: every weight-matrix gradient ``G [m, n]`` kept as its top-``r`` SVD factors.
 
 The exact directional derivative ``D`` (:mod:`adfast.exact_delta`) pushes the tangent ``g`` through
-the proxy: for a linear layer ``y = W x`` the tangent of ``y`` is ``G x``. With the rank-``r``
-truncation ``G_r = U V^T`` (``U [m, r]`` with the singular values folded in, ``V [n, r]``) that
-product is ``U (V^T x)``: the tangent weights cost ``r (m + n)`` numbers per matrix instead of
-``m n`` (memory and bandwidth per step), and the matmul ``r (m + n)`` multiply-adds per token
-instead of ``m n``. ``G_r`` is the best rank-``r`` approximation of ``G`` in Frobenius norm
-(Eckart-Young), with error ``||G - G_r||_F^2 = sum_{i > r} sigma_i^2``.
+the proxy: for a linear layer ``y = W x`` (``W [m, n]``, gradient ``G [m, n]``) the tangent of
+``y`` is ``G x + W dx``. With the rank-``r`` truncation ``G_r = U V^T`` (``U [m, r]`` with the
+singular values folded in, ``V [n, r]``) the term ``G_r x`` is ``U (V^T x)``: the tangent weights
+cost ``r (m + n)`` numbers per matrix instead of ``m n`` (memory and bandwidth per step), and the
+matmul ``r (m + n)`` multiply-adds per token instead of ``m n``. For the embedding
+(``G [vocab, E]``) the tangent of token ``t``'s row is ``U[t] V^T``: ``r`` numbers gathered, then
+``r E`` multiply-adds. :meth:`adfast.decoder.Decoder.set_tangent` takes a :class:`LowRankGradient`
+and keeps it factored this way (:class:`adfast.decoder.FactoredTangent`), and so does
+``Engine(delta="jvp", gradient=...)`` given one or its file. ``G_r`` is the best rank-``r``
+approximation of ``G`` in Frobenius norm (Eckart-Young), with error
+``||G - G_r||_F^2 = sum_{i > r} sigma_i^2``.
 
 Because ``D`` is linear in ``g``, ``D(G_r)`` is exactly the ``D`` of the dense reconstruction
 (:meth:`LowRankGradient.to_dense`), and ``D(G) - D(G_r) = D(G - G_r)``: how much of ``D``'s direction
@@ -25,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .gradient import ProxyGradient, read_tensor_file
@@ -59,17 +65,23 @@ class LowRankGradient:
         ordered = [name for name in self.order if name in known]
         return ordered + sorted(known - set(ordered))
 
-    def to_dense(self) -> ProxyGradient:
-        """The :class:`ProxyGradient` of ``G_r``: each factored matrix reconstructed as ``U @ V.T`` (float32)."""
+    def to_dense(self, dtype: torch.dtype = torch.float32) -> ProxyGradient:
+        """The :class:`ProxyGradient` of ``G_r``: each factored matrix reconstructed as ``U @ V.T``
+        (in float64, then rounded to ``dtype``; float64 keeps ``G_r`` of the float32 factors exact)."""
         grads = {}
         for name in self.names():
             if name in self.factors:
                 u, v = self.factors[name]
-                grads[name] = (u.double() @ v.double().T).float()
+                grads[name] = (u.double() @ v.double().T).to(dtype)
             else:
-                grads[name] = self.dense[name].float().clone()
+                grads[name] = self.dense[name].to(dtype, copy=True)
         return ProxyGradient(grads=grads, loss=self.loss, num_examples=self.num_examples,
                              num_tokens=self.num_tokens, model_id=self.model_id)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """name -> shape of the gradient it stands for: ``(m, n)`` for factors ``(U [m, r], V [n, r])``."""
+        return ({name: (u.shape[0], v.shape[0]) for name, (u, v) in self.factors.items()}
+                | {name: tuple(g.shape) for name, g in self.dense.items()})
 
     def numel(self) -> int:
         """Numbers stored: ``r (m + n)`` per factored matrix plus every dense element."""
@@ -171,6 +183,15 @@ def save_low_rank_gradient(path, lr: LowRankGradient) -> None:
     save_file(tensors, str(path), metadata=metadata)
 
 
+def is_low_rank_file(path) -> bool:
+    """Whether ``path`` is a safetensors file whose metadata names the low-rank format (reads the header only)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except (SafetensorError, OSError):
+        return False
+
+
 def load_low_rank_gradient(path) -> LowRankGradient:
     """Read a file written by :func:`save_low_rank_gradient`; anything else raises ``ValueError``."""
     tensors, metadata = read_tensor_file(path, FORMAT, FORMAT_VERSION, "low-rank gradient",
@@ -193,5 +214,5 @@ def load_low_rank_gradient(path) -> LowRankGradient:
                            num_tokens=int(metadata["num_tokens"]), order=order)
 
 
-__all__ = ["LowRankGradient", "captured_energy", "load_low_rank_gradient", "low_rank_gradient",
-           "save_low_rank_gradient", "total_energy", "truncated_svd"]
+__all__ = ["LowRankGradient", "captured_energy", "is_low_rank_file", "load_low_rank_gradient",
+           "low_rank_gradient", "save_low_rank_gradient", "total_energy", "truncated_svd"]

@@ -6,7 +6,10 @@ Variants, each at batch sizes 1, 8, 32, 64 (prompt 128 random tokens, 256 new to
 - ``hf_antidistill``: transformers ``generate`` + :class:`adfast.hf.AntidistillationLogitsProcessor`;
 - ``engine_temperature``, ``engine_antidistill``, ``engine_permutation``: :class:`adfast.Engine`;
 - ``engine_jvp``: :class:`adfast.Engine` with ``delta="jvp"`` (exact D from one tangent-mode proxy
-  pass carrying the proxy's weights and ``g``: the same bytes as two perturbed copies).
+  pass carrying the proxy's weights and ``g``: the same bytes as two perturbed copies);
+- ``engine_jvp_lowrank``: the same with ``g`` a random :class:`adfast.low_rank.LowRankGradient` of
+  each rank of ``--jvp-ranks`` (rows ``engine_jvp_r<rank>``): the tangent kept factored, ``r (m + n)``
+  numbers per factored ``[m, n]`` weight instead of ``m n``.
 
 Models have the real architectures with random bf16 weights (throughput does not depend on the
 values): a Qwen2.5-7B-shaped teacher and a Qwen2.5-3B-shaped proxy pair (``--shapes real``, a CUDA
@@ -14,11 +17,14 @@ device), or tiny ones (``--shapes tiny``, any device: a smoke test of this scrip
 
 ``limit_ms`` is the weight-read floor of one step: the bytes of every weight a step reads (all
 parameters except an untied input embedding, of which a step reads only B rows; the proxies count
-twice in the antidistillation variants) over the device-to-device copy bandwidth measured in the
-same run. ``limit_frac = limit_ms / ms_step``. Writes ``bench/results/decode-<device>.json`` (rows:
+twice in the antidistillation variants and ``engine_jvp``; ``engine_jvp_r<rank>`` counts the proxy
+once plus every number of its factors and dense entries, all read each step as the proxies tie their
+embeddings) over the device-to-device copy bandwidth measured in the same run.
+``limit_frac = limit_ms / ms_step``. Writes ``bench/results/decode-<device>.json`` (rows:
 ``device, batch, variant, tok_s, ms_step, limit_ms, limit_frac``) and a PNG of tok/s against batch.
 
-Usage: ``python bench/decode.py [--shapes real|tiny] [--batches 1 8 32 64] [--variants ...]``
+Usage: ``python bench/decode.py [--shapes real|tiny] [--batches 1 8 32 64] [--variants ...]
+[--jvp-ranks 8 32 128 512]``
 """
 import argparse
 import gc
@@ -31,22 +37,26 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import adfast
+from adfast.gradient import model_identity
 from adfast.hf import AntidistillationLogitsProcessor
+from adfast.low_rank import LowRankGradient
 
 SHAPES = {
     "real": dict(
         teacher=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                      num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
         proxy=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                   num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True)),
+                   num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True),
+        jvp_ranks=[8, 32, 128, 512]),
     "tiny": dict(
         teacher=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
         proxy=dict(vocab_size=500, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
+                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+        jvp_ranks=[4, 16]),  # hidden 32: rank 16 keeps k_proj, v_proj (16 rows) dense
 }
 VARIANTS = ("hf_temperature", "hf_antidistill", "engine_temperature", "engine_antidistill", "engine_permutation",
-            "engine_jvp")
+            "engine_jvp", "engine_jvp_lowrank")
 EPS, LAM, TAU = 1e-2, 0.5, 1.0
 
 
@@ -55,6 +65,21 @@ def random_model(spec: dict, dtype, device) -> Qwen2ForCausalLM:
     with torch.device(device):
         model = Qwen2ForCausalLM._from_config(config, dtype=dtype)
     return model.eval().requires_grad_(False)
+
+
+def random_low_rank(model, rank: int, dtype, device) -> LowRankGradient:
+    """A random rank-``rank`` gradient of ``model``'s shapes, as :func:`adfast.low_rank.low_rank_gradient`
+    lays it out: factors ``U [m, r] / sqrt(r)``, ``V [n, r]`` (so ``U V^T`` has unit-variance entries,
+    as the dense random ``g``) for each ``[m, n]`` matrix with ``min(m, n) > r``, the rest dense."""
+    factors, dense = {}, {}
+    for name, p in model.named_parameters():
+        if p.dim() == 2 and min(p.shape) > rank:
+            factors[name] = (torch.randn(p.shape[0], rank, device=device, dtype=dtype) / rank ** 0.5,
+                             torch.randn(p.shape[1], rank, device=device, dtype=dtype))
+        else:
+            dense[name] = torch.randn(p.shape, device=device, dtype=dtype)
+    return LowRankGradient(factors=factors, dense=dense, rank=rank, model_id=model_identity(model), loss=0.0,
+                           num_examples=0, num_tokens=0)
 
 
 def weight_bytes(model) -> int:
@@ -91,13 +116,16 @@ def timed(fn, device) -> float:
 
 
 def hf_run(teacher, pair, mode, prompts, new_tokens):
+    """transformers ``generate`` of ``prompts`` (ids >= 1: 0 is the pad id); antidistillation suppresses
+    the teacher's ids beyond the proxies' vocabulary, which they cannot read (the engine masks them too)."""
     ids = torch.tensor(prompts, device=teacher.device)
     kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
               min_new_tokens=new_tokens, pad_token_id=0)
     if mode == "temperature":
         return lambda: teacher.generate(**kw, do_sample=True, temperature=TAU, top_k=0, top_p=1.0)
     proc = AntidistillationLogitsProcessor(pair, lam=LAM, tau=TAU, mode=mode, pad_token_id=0)
-    return lambda: adfast.hf.generate(teacher, proc, **kw)
+    beyond = list(range(pair.plus.config.vocab_size, teacher.config.vocab_size))
+    return lambda: adfast.hf.generate(teacher, proc, **kw, suppress_tokens=beyond or None)
 
 
 def main(argv=None) -> int:
@@ -105,6 +133,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="real")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--jvp-ranks", type=int, nargs="+", default=None,
+                        help="ranks of engine_jvp_lowrank (default: 8 32 128 512 real, 4 16 tiny)")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
@@ -124,7 +154,9 @@ def main(argv=None) -> int:
     gradient = {n: torch.randn(p.shape, device=device, dtype=dtype) for n, p in proxy.named_parameters()}
     pair = adfast.ProxyPair.from_gradient(proxy, gradient, eps=EPS)
     if "engine_jvp" not in args.variants:
-        del proxy, gradient
+        del gradient
+    if not {"engine_jvp", "engine_jvp_lowrank"} & set(args.variants):
+        del proxy
     gc.collect()
     teacher_bytes, proxy_bytes = weight_bytes(teacher), weight_bytes(pair.plus)
     gen = torch.Generator().manual_seed(0)
@@ -132,8 +164,7 @@ def main(argv=None) -> int:
 
     rows = []
 
-    def record(batch, variant, seconds):
-        bytes_per_step = teacher_bytes + (0 if variant.endswith("temperature") else 2 * proxy_bytes)
+    def record(batch, variant, seconds, bytes_per_step):
         ms_step = 1e3 * seconds / args.new_tokens
         limit_ms = 1e3 * bytes_per_step / bandwidth
         rows.append(dict(device=name, batch=batch, variant=variant, tok_s=batch * args.new_tokens / seconds,
@@ -143,35 +174,47 @@ def main(argv=None) -> int:
               f"(limit {limit_ms:6.2f} ms, {r['limit_frac']:6.1%})", flush=True)
 
     def prompts(batch):
-        return torch.randint(0, vocab, (batch, args.prompt_len), generator=gen).tolist()
+        return torch.randint(1, vocab, (batch, args.prompt_len), generator=gen).tolist()
 
     for variant in [v for v in args.variants if v.startswith("hf_")]:
         mode = variant.split("_", 1)[1]
         for batch in args.batches:
             hf_run(teacher, pair, mode, prompts(batch), 4)()  # warm-up
-            record(batch, variant, timed(hf_run(teacher, pair, mode, prompts(batch), args.new_tokens), device))
+            record(batch, variant, timed(hf_run(teacher, pair, mode, prompts(batch), args.new_tokens), device),
+                   teacher_bytes + (0 if mode == "temperature" else 2 * proxy_bytes))
 
-    def run_engine(engine, variant, mode):
+    def run_engine(engine, variant, mode, bytes_per_step):
         for batch in args.batches:
             kw = dict(tau=TAU, lam=LAM, mode=mode, seed=0)
             engine.generate(prompts(batch), max_new_tokens=4, **kw)  # warm-up: graph capture
             batch_prompts = prompts(batch)
             record(batch, variant, timed(lambda: engine.generate(
-                batch_prompts, max_new_tokens=args.new_tokens, **kw), device))
+                batch_prompts, max_new_tokens=args.new_tokens, **kw), device), bytes_per_step)
 
     engine_kw = dict(max_batch_size=max(args.batches), max_seq_len=args.prompt_len + args.new_tokens + 1,
                      device=device, dtype=dtype)
-    fd_variants = [v for v in args.variants if v.startswith("engine_") and v != "engine_jvp"]
+    fd_variants = [v for v in args.variants if v.startswith("engine_") and not v.startswith("engine_jvp")]
     if fd_variants:
         engine = adfast.Engine(teacher, pair, **engine_kw)
         for variant in fd_variants:
-            run_engine(engine, variant, variant.split("_", 1)[1])
+            mode = variant.split("_", 1)[1]
+            run_engine(engine, variant, mode, teacher_bytes + (0 if mode == "temperature" else 2 * proxy_bytes))
         del engine
     del pair
     gc.collect()
     if "engine_jvp" in args.variants:
         run_engine(adfast.Engine(teacher, proxy, delta="jvp", gradient=gradient, **engine_kw), "engine_jvp",
-                   "antidistill")
+                   "antidistill", teacher_bytes + 2 * proxy_bytes)
+        del gradient
+        gc.collect()
+    if "engine_jvp_lowrank" in args.variants:
+        for rank in args.jvp_ranks or spec["jvp_ranks"]:
+            low_rank = random_low_rank(proxy, rank, dtype, device)
+            engine = adfast.Engine(teacher, proxy, delta="jvp", gradient=low_rank, **engine_kw)
+            run_engine(engine, f"engine_jvp_r{rank}", "antidistill",
+                       teacher_bytes + proxy_bytes + low_rank.bytes(dtype))
+            del engine, low_rank
+            gc.collect()
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

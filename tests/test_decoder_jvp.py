@@ -3,9 +3,10 @@ import pytest
 import torch
 from conftest import VOCAB, tiny_llama, tiny_qwen2
 
-from adfast.decoder import Decoder, log_softmax_tangent
+from adfast.decoder import Decoder, DecoderConfig, FactoredTangent, log_softmax_tangent
 from adfast.exact_delta import exact_delta, relative_error
 from adfast.gradient import proxy_gradient
+from adfast.low_rank import low_rank_gradient
 
 # torch's forward AD (exact_delta) loads its JVP decompositions with torch.jit.script, deprecated in torch 2.13
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
@@ -147,3 +148,85 @@ def test_refusals(setup):
     assert decoder(tokens, slots, tangent=True)[1].shape == (1, 1, 1, VOCAB)
     decoder.set_tangent(None)
     assert decoder.setup_cache(1, 4).dk is None
+
+
+# ------------------------------------------------------------------------- low-rank (factored) tangent
+# The tiny configs: hidden 32, 4 heads of 8, 2 KV heads (k, v have 16 rows), MLP 64, vocabulary 96.
+# Rank 4 factors every matrix; rank 16 keeps k_proj and v_proj dense (min(16, 32) <= 16), so each
+# wqkv is a mix of factored q and dense k, v blocks.
+
+
+def low_rank_decoders(model, lr, dtype, copies=1) -> tuple[Decoder, Decoder]:
+    """Tangent decoders along ``lr`` kept factored and along its dense ``G_r`` (in float64, unrounded)."""
+    return (tangent_decoder(model, lr, dtype, copies),
+            tangent_decoder(model, lr.to_dense(torch.float64), dtype, copies))
+
+
+@pytest.mark.parametrize("rank", [4, 16])
+@pytest.mark.parametrize("dtype, rtol, atol", [(torch.float64, 1e-12, 1e-12), (torch.float32, 1e-4, 1e-4)])
+def test_low_rank_tangent_matches_dense_reconstruction(setup, rank, dtype, rtol, atol):
+    """set_tangent(LowRankGradient) gives the logits and D of set_tangent(G_r): a prefill at every
+    position, then decode steps through the tangent K/V cache."""
+    model, gradient = setup
+    lr = low_rank_gradient(gradient, rank)
+    factored, dense = low_rank_decoders(model, lr, dtype)
+    qkv = factored.tangent_weights["layers.0.wqkv"]
+    assert isinstance(qkv, FactoredTangent) and isinstance(factored.tangent_weights["embed"], FactoredTangent)
+    assert [u is None for u in qkv.u] == ([False] * 3 if rank == 4 else [False, True, True])
+    head, embed = factored.tangent_weights["lm_head"], factored.tangent_weights["embed"]
+    assert isinstance(head, FactoredTangent) and (head is embed) == model.config.tie_word_embeddings
+    assert not any(isinstance(t, FactoredTangent) for t in dense.tangent_weights.values())
+    rows = [random_tokens(7, 60), random_tokens(4, 61)]
+    ids, lengths = right_padded(rows)
+    slots = torch.tensor([1, 0])
+    outputs = []
+    for decoder in (factored, dense):
+        decoder.setup_cache(2, 10)
+        steps = [decoder.delta(ids, slots, lengths, last_only=False)]
+        for step in range(2):
+            steps.append(decoder.delta(torch.tensor(random_tokens(2, 70 + step))[:, None], slots))
+        outputs.append(steps)
+    real = mask_of(lengths, ids.shape[1]).bool()
+    for step, ((logits, delta), (logits_ref, delta_ref)) in enumerate(zip(*outputs)):
+        assert delta.dtype == delta_ref.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        if step == 0:  # padding positions of the prefill are unspecified
+            logits, delta, logits_ref, delta_ref = (t[0][real] for t in (logits, delta, logits_ref, delta_ref))
+        torch.testing.assert_close(logits, logits_ref, rtol=rtol, atol=atol)
+        torch.testing.assert_close(delta, delta_ref, rtol=rtol, atol=atol * float(delta_ref.abs().max()))
+
+
+def test_low_rank_tangent_is_shared_by_copies(setup):
+    model, gradient = setup
+    factored, dense = low_rank_decoders(model, low_rank_gradient(gradient, 4), torch.float64, copies=2)
+    ids, lengths = right_padded([random_tokens(5, 80), random_tokens(3, 81)])
+    results = []
+    for decoder in (factored, dense):
+        decoder.setup_cache(2, 6)
+        results.append(decoder(ids, torch.arange(2), lengths, last_only=False, tangent=True)[1])
+    torch.testing.assert_close(results[0][0], results[0][1], rtol=0, atol=0)
+    torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-12 * float(results[1].abs().max()))
+
+
+def tangent_numel_from_config(cfg: DecoderConfig, rank: int | None) -> int:
+    """The numbers a tangent holds for this config: ``r (m + n)`` per ``[m, n]`` matrix with
+    ``min(m, n) > r`` (every matrix dense when ``rank`` is None), ``m n`` per other matrix, every
+    1-D entry in full; a tied head once."""
+    e, i = cfg.hidden_size, cfg.intermediate_size
+    hd, kvd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    matrices = [(cfg.vocab_size, e)] * (1 if cfg.tie_word_embeddings else 2)
+    matrices += [(hd, e), (kvd, e), (kvd, e), (e, hd), (i, e), (i, e), (e, i)] * cfg.num_layers
+    vectors = e + cfg.num_layers * (2 * e + (hd + 2 * kvd if cfg.qkv_bias else 0))
+    return vectors + sum(rank * (m + n) if rank is not None and min(m, n) > rank else m * n for m, n in matrices)
+
+
+@pytest.mark.parametrize("rank", [4, 16, 32])
+def test_low_rank_tangent_numel(setup, rank):
+    """The stored factored tangent holds the r (m + n) numbers the config predicts, fewer than dense
+    (rank 32 >= every min(m, n) of the tiny configs: nothing is factored)."""
+    model, gradient = setup
+    lr = low_rank_gradient(gradient, rank)
+    factored, dense = low_rank_decoders(model, lr, torch.float32)
+    expected, full = tangent_numel_from_config(factored.config, rank), tangent_numel_from_config(factored.config, None)
+    assert factored.tangent_numel() == expected == lr.numel()
+    assert dense.tangent_numel() == full
+    assert (expected < full) == (rank < 32)

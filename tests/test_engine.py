@@ -377,3 +377,37 @@ def test_jvp_errors(teachers, pair):
     engine = Engine(teacher, proxy, delta="jvp", gradient=grads, **kw)
     with pytest.raises(ValueError, match="eps=0.01 is not used with delta='jvp'"):
         engine.generate([[1]], max_new_tokens=2, eps=EPS)
+
+
+def low_rank_of(proxy, grads, rank: int):
+    from adfast.gradient import ProxyGradient, model_identity
+    from adfast.low_rank import low_rank_gradient
+
+    gradient = ProxyGradient(grads=grads, loss=1.0, num_examples=1, num_tokens=1, model_id=model_identity(proxy))
+    return low_rank_gradient(gradient, rank)
+
+
+@pytest.mark.parametrize("rank", [4, 16])
+def test_jvp_low_rank_gradient_draws_as_its_dense_reconstruction(teachers, rank, tmp_path):
+    """gradient=LowRankGradient (or its file) keeps the tangent factored and draws the tokens of
+    gradient=G_r: greedy with lam > 0, and sampled under a fixed seed."""
+    from adfast.decoder import FactoredTangent
+    from adfast.low_rank import save_low_rank_gradient
+
+    teacher, lam = teachers["qwen2"], 0.05
+    proxy, grads = proxy_and_gradient()
+    lr = low_rank_of(proxy, grads, rank)
+    path = tmp_path / "g.safetensors"
+    save_low_rank_gradient(path, lr)
+    kw = dict(max_batch_size=3, max_seq_len=20, delta="jvp")
+    engines = [Engine(teacher, proxy, gradient=g, **kw) for g in (lr, path, lr.to_dense())]
+    for engine in engines[:2]:
+        assert isinstance(engine.proxies.tangent_weights["layers.0.wqkv"], FactoredTangent)
+        assert engine.proxies.tangent_numel() == lr.numel() < engines[2].proxies.tangent_numel()
+    greedy = [[r.tokens for r in e.generate(PROMPTS, max_new_tokens=MAX_NEW, tau=0.0, lam=lam)] for e in engines]
+    assert greedy[0] == greedy[1] == greedy[2]
+    plain = [r.tokens for r in engines[2].generate(PROMPTS, max_new_tokens=MAX_NEW, tau=0.0, lam=0.0)]
+    assert greedy[0] != plain  # lam changed something
+    sampled = [[r.tokens for r in e.generate(PROMPTS, max_new_tokens=MAX_NEW, tau=1.0, lam=lam, seed=7)]
+               for e in (engines[0], engines[2])]
+    assert sampled[0] == sampled[1]

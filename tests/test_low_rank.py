@@ -1,14 +1,15 @@
 """Low-rank proxy gradients (adfast.low_rank): truncated SVD factors, storage and the fidelity of D."""
+import math
 import pickle
 
 import pytest
 import torch
 from conftest import VOCAB, tiny_llama, tiny_qwen2
 
-from adfast.exact_delta import angle_sine, exact_delta
+from adfast.exact_delta import angle_sine, exact_delta, resolve_direction
 from adfast.gradient import ProxyGradient, proxy_gradient, save_gradient
-from adfast.low_rank import (LowRankGradient, captured_energy, load_low_rank_gradient, low_rank_gradient,
-                             save_low_rank_gradient, total_energy)
+from adfast.low_rank import (LowRankGradient, captured_energy, is_low_rank_file, load_low_rank_gradient,
+                             low_rank_gradient, save_low_rank_gradient, total_energy)
 
 
 def _gradient(grads: dict[str, torch.Tensor]) -> ProxyGradient:
@@ -127,3 +128,39 @@ def test_delta_linear_in_gradient_and_converges_with_rank(make, tmp_path):
     assert sines[-1] < 1e-6  # rank 32: nothing truncated
     assert all(later <= earlier + 1e-9 for earlier, later in zip(sines, sines[1:])), sines
     assert sines[0] > 1e-3
+
+
+def test_resolve_direction_keeps_factors_and_refuses(tmp_path):
+    """resolve_direction returns a LowRankGradient (or a low-rank file) checked but factored, a dense
+    gradient as resolve_gradient's dict; it refuses another model, other shapes, NaN and zero."""
+    import dataclasses
+
+    model = tiny_qwen2()
+    gradient = proxy_gradient(model, traces(2), progress=False)
+    lr = low_rank_gradient(gradient, 4)
+    assert resolve_direction(model, lr) is lr
+    path = tmp_path / "g.safetensors"
+    save_low_rank_gradient(path, lr)
+    assert is_low_rank_file(path) and not is_low_rank_file(tmp_path / "missing.safetensors")
+    loaded = resolve_direction(model, path)
+    assert isinstance(loaded, LowRankGradient) and set(loaded.factors) == set(lr.factors)
+    dense_path = tmp_path / "dense.safetensors"
+    save_gradient(dense_path, gradient)
+    assert not is_low_rank_file(dense_path)
+    assert set(resolve_direction(model, dense_path)) == set(gradient.grads)
+    assert lr.shapes() == {name: tuple(g.shape) for name, g in gradient.grads.items()}
+
+    other = tiny_qwen2(num_hidden_layers=1)
+    with pytest.raises(ValueError, match="another model"):
+        resolve_direction(other, lr)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    u, v = lr.factors[name]
+    cases = {"names or shapes differ": {**lr.factors, name: (u[:-1], v)},
+             "NaN or inf": {**lr.factors, name: (u, v.clone().fill_(math.nan))}}
+    for message, factors in cases.items():
+        with pytest.raises(ValueError, match=message):
+            resolve_direction(model, dataclasses.replace(lr, factors=factors))
+    zero = dataclasses.replace(lr, factors={n: (u, torch.zeros_like(v)) for n, (u, v) in lr.factors.items()},
+                               dense={n: torch.zeros_like(g) for n, g in lr.dense.items()})
+    with pytest.raises(ValueError, match="zero everywhere"):
+        resolve_direction(model, zero)

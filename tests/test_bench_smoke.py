@@ -1,0 +1,27 @@
+"""Smoke test of bench/decode.py on tiny shapes (CPU): every variant runs and writes its rows.
+No timing is asserted here; performance claims live in bench/results/."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_decode_benchmark_runs_every_variant_on_tiny_shapes(tmp_path):
+    spec = importlib.util.spec_from_file_location("decode_bench", ROOT / "bench" / "decode.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.MonkeyPatch.context() as patch:  # the sampler's PyTorch twin: the interpreter would take minutes
+        patch.delenv("TRITON_INTERPRET", raising=False)
+        assert bench.main(["--shapes", "tiny", "--batches", "1", "2", "--prompt-len", "6", "--new-tokens", "3",
+                           "--jvp-ranks", "4", "--out", str(tmp_path)]) == 0
+    (result,) = tmp_path.glob("decode-*.json")
+    rows = json.loads(result.read_text())
+    variants = [v for v in bench.VARIANTS if v != "engine_jvp_lowrank"] + ["engine_jvp_r4"]
+    assert sorted((r["variant"], r["batch"]) for r in rows) == sorted((v, b) for v in variants for b in (1, 2))
+    for row in rows:
+        assert set(row) == {"device", "batch", "variant", "tok_s", "ms_step", "limit_ms", "limit_frac"}
+        assert row["tok_s"] > 0 and row["limit_ms"] > 0 and 0 < row["limit_frac"]
+    assert result.with_suffix(".png").stat().st_size > 0
