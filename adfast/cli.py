@@ -1,7 +1,8 @@
 """The ``adfast`` command line: ``grad`` (proxy gradient), ``generate`` (sample traces), ``demo``,
 ``check-eps`` (finite-difference error of D against eps, :mod:`adfast.eps_study`), ``distill``
-(fine-tune a student on traces, :mod:`adfast.distill`) and ``evaluate`` (a model's task accuracy,
-:mod:`adfast.evaluate`).
+(fine-tune a student on traces, :mod:`adfast.distill`), ``evaluate`` (a model's task accuracy,
+:mod:`adfast.evaluate`) and ``sweep`` (the whole distillation experiment from one config,
+:mod:`adfast.sweep`).
 
 ``adfast grad`` computes the proxy gradient ``g`` from teacher traces (jsonl; prompts and
 completions as described in :mod:`adfast.tasks`) and saves it as safetensors. ``adfast generate``
@@ -47,137 +48,22 @@ import os
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
-from tqdm.auto import tqdm
-from transformers import LogitsProcessor
 
 from . import eps_study, tasks
-from .decoder import DecoderConfig
 from .distill import distill, save_student
-from .engine import Engine, generate_distributed
 from .evaluate import evaluate
 from .gradient import load_gradient, proxy_gradient, save_gradient
-from .hf import AntidistillationLogitsProcessor, generate
 from .low_rank import low_rank_gradient, save_low_rank_gradient, total_energy
 from .models import DTYPES, load_model
 from .proxy_pair import ProxyPair
 from .sampling import MODES
+from .sweep import run_sweep
+from .traces import (check_answers, check_engine_support, check_traces, engine_traces, generate_traces, no_proxy,
+                     processor_factory, summarize)
 
 DEFAULT_EPS = 1e-4
-
-
-class _StepRecorder(LogitsProcessor):
-    """Runs before the sampling processor: records the teacher's log-probabilities of the chosen
-    tokens (one step late, when the next call shows the token) and ticks a progress bar. Returns
-    the scores unchanged."""
-
-    def __init__(self, bar):
-        self.bar = bar
-        self.logprobs: list[torch.Tensor] = []  # [B] per step
-        self._pending = None  # [B, V] log-probabilities of the step whose token is not known yet
-
-    def __call__(self, input_ids, scores):
-        if self._pending is not None:
-            self.logprobs.append(self._pending.gather(1, input_ids[:, -1:])[:, 0])
-        self._pending = torch.log_softmax(scores.float(), dim=-1)
-        self.bar.update(1)
-        return scores
-
-    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
-        """``[B, steps]`` log-probabilities of the generated tokens, given the final ``sequences``."""
-        self.logprobs.append(self._pending.gather(1, sequences[:, -1:].to(self._pending.device))[:, 0])
-        return torch.stack(self.logprobs, dim=1).cpu()
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    eos = model.generation_config.eos_token_id
-    eos = tokenizer.eos_token_id if eos is None else eos
-    return set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
-
-
-def generate_traces(teacher, tokenizer, prompts: list[list[int]], make_processor, *, max_new_tokens: int,
-                    batch_size: int, seed: int, desc: str = "generate") -> list[dict]:
-    """Generate one completion per prompt (left-padded batches of consecutive prompts).
-
-    ``make_processor(seed)`` returns the :class:`adfast.hf.AntidistillationLogitsProcessor` for one
-    batch (batch ``k`` uses ``seed + k``, also for torch's sampling generator). Returns, per
-    prompt in order, a dict with ``completion``, ``completion_ids``, ``tokens``, ``mean_logprob``
-    and ``seconds`` (module docstring).
-    """
-    if max_new_tokens < 1 or batch_size < 1:
-        raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
-    vocab = teacher.get_input_embeddings().num_embeddings
-    for i, prompt in enumerate(prompts):
-        if max(prompt) >= vocab:
-            raise ValueError(f"prompt {i} has token id {max(prompt)} outside the teacher's vocabulary ({vocab})")
-    pad, eos = tokenizer.pad_token_id, _eos_ids(teacher, tokenizer)
-    if pad is None:
-        raise ValueError("the tokenizer has no pad token (nor an EOS token to pad with)")
-    device = teacher.get_input_embeddings().weight.device
-    starts = range(0, len(prompts), batch_size)
-    traces = []
-    with tqdm(total=len(starts) * max_new_tokens, desc=desc, unit="step", leave=False) as bar:
-        for k, start in enumerate(starts):
-            batch = prompts[start:start + batch_size]
-            width = max(map(len, batch))
-            input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
-            attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-            recorder = _StepRecorder(bar)
-            torch.manual_seed(seed + k)
-            began = time.perf_counter()
-            with torch.no_grad():
-                sequences = generate(teacher, make_processor(seed + k), input_ids=input_ids,
-                                     attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                                     pad_token_id=pad, eos_token_id=sorted(eos) or None,
-                                     logits_processor=[recorder])
-            seconds = time.perf_counter() - began
-            bar.update((k + 1) * max_new_tokens - bar.n)  # the steps skipped when every row stopped early
-            logprobs = recorder.finish(sequences)
-            for row, ids in enumerate(sequences[:, width:].tolist()):
-                ends = [i for i, token in enumerate(ids) if token in eos]
-                ids = ids[:ends[0] + 1] if ends else ids
-                traces.append({"completion": tokenizer.decode(ids, skip_special_tokens=True), "completion_ids": ids,
-                               "tokens": len(ids), "mean_logprob": float(logprobs[row, :len(ids)].mean()),
-                               "seconds": seconds / len(batch)})
-    return traces
-
-
-def engine_traces(teacher, tokenizer, prompts: list[list[int]], pair=None, *, mode: str, lam: float, tau: float,
-                  top_k: int, top_p: float, max_new_tokens: int, batch_size: int, seed: int,
-                  max_seq_len: int | None = None, device=None, cuda_graph: bool = True) -> list[dict]:
-    """:func:`generate_traces`' rows from the lockstep :class:`adfast.engine.Engine` (module docstring).
-
-    ``pair`` is a :class:`adfast.ProxyPair`, or None in temperature mode. The engine holds
-    ``batch_size`` sequences (at most ``len(prompts)``) of ``max_seq_len`` positions (default the
-    longest prompt plus ``max_new_tokens``) on ``device`` (default the teacher's); generation stops
-    at the EOS ids. Under torchrun the prompts are sharded over the ranks and every rank gets all
-    rows, in prompt order (:func:`adfast.engine.generate_distributed`).
-    """
-    if max_new_tokens < 1 or batch_size < 1:
-        raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
-    if max_seq_len is None:
-        max_seq_len = max(map(len, prompts)) + max_new_tokens
-    eos = sorted(_eos_ids(teacher, tokenizer))
-
-    def factory() -> Engine:
-        return Engine(teacher, pair, max_batch_size=min(batch_size, len(prompts)), max_seq_len=max_seq_len,
-                      device=device, cuda_graph=cuda_graph)
-
-    results = generate_distributed(factory, prompts, max_new_tokens=max_new_tokens, tau=tau, lam=lam, mode=mode,
-                                   top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=eos)
-    return [{"completion": tokenizer.decode(r.tokens, skip_special_tokens=True), "completion_ids": list(r.tokens),
-             "tokens": r.num_tokens, "mean_logprob": float(r.mean_logprob), "seconds": float(r.seconds)}
-            for r in results]
-
-
-def _check_engine_support(model, role: str, path: str) -> None:
-    """Raise a ValueError pointing at ``--backend hf`` when the engine cannot run ``model``."""
-    try:
-        DecoderConfig.from_hf(model.config)
-    except ValueError as error:
-        raise ValueError(f"--backend engine cannot run the {role} {path}: {error}; use --backend hf") from None
 
 
 def _torchrun() -> bool:
@@ -190,37 +76,6 @@ def _rank() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
     return int(os.environ.get("RANK", 0))
-
-
-def summarize(traces: list[dict]) -> dict:
-    """Totals over traces: ``tokens``, ``seconds``, ``tokens_per_s``, token-weighted ``mean_logprob``
-    and ``accuracy`` (None when no trace was checked)."""
-    tokens = sum(t["tokens"] for t in traces)
-    seconds = sum(t["seconds"] for t in traces)
-    checked = [t["correct"] for t in traces if "correct" in t]
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds else math.nan,
-            "mean_logprob": sum(t["mean_logprob"] * t["tokens"] for t in traces) / max(tokens, 1),
-            "accuracy": sum(checked) / len(checked) if checked else None}
-
-
-def _no_proxy(eps: float) -> SimpleNamespace:
-    """The pair stand-in for temperature mode, in which the processor never runs the proxies."""
-    return SimpleNamespace(plus=None, minus=None, eps=eps)
-
-
-def _processor_factory(pair, *, mode: str, lam: float, tau: float, top_k: int, top_p: float, pad_token_id: int):
-    def make(seed: int):
-        return AntidistillationLogitsProcessor(pair, lam=lam, tau=tau, mode=mode, top_k=top_k, top_p=top_p,
-                                               pad_token_id=pad_token_id, seed=seed)
-
-    make(0)  # validate the settings before any generation
-    return make
-
-
-def _answers(rows: list[dict], where: str) -> None:
-    for i, row in enumerate(rows, 1):
-        if "answer" in row and not (isinstance(row["answer"], int) or str(row["answer"]).lstrip("-").isdigit()):
-            raise ValueError(f"{where} row {i}: answer must be an integer, got {row['answer']!r}")
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -251,7 +106,7 @@ def cmd_generate(args) -> None:
     rows = tasks.read_jsonl(args.prompts)
     if not rows:
         raise ValueError(f"{args.prompts} holds no prompts")
-    _answers(rows, str(args.prompts))
+    check_answers(rows, str(args.prompts))
     engine = args.backend == "engine"
     if not engine and _torchrun():
         raise ValueError("--backend hf runs in one process and does not shard prompts over torchrun ranks; "
@@ -266,16 +121,16 @@ def cmd_generate(args) -> None:
     load_device = "cpu" if engine else args.device  # the engine copies the weights to args.device
     teacher, tokenizer = load_model(args.teacher, dtype=args.dtype, device=load_device)
     if engine:
-        _check_engine_support(teacher, "teacher", args.teacher)
+        check_engine_support(teacher, "teacher", args.teacher)
     prompts = [tasks.prompt_ids(tokenizer, row, f"{args.prompts} row {i}") for i, row in enumerate(rows, 1)]
     rank = _rank()
     if gradient is None:
-        pair = None if engine else _no_proxy(args.eps)
+        pair = None if engine else no_proxy(args.eps)
     else:
         proxy = teacher if _same_model(args.teacher, args.proxy) else load_model(
             args.proxy, dtype=args.dtype, device=load_device)[0]
         if engine:
-            _check_engine_support(proxy, "proxy", args.proxy)
+            check_engine_support(proxy, "proxy", args.proxy)
         pair = ProxyPair.from_gradient(proxy, gradient, args.eps)
         if rank == 0:
             print(f"proxy pair: eps {pair.eps:g}, perturbation rounded away in {pair.vanished_fraction:.1%} "
@@ -287,19 +142,14 @@ def cmd_generate(args) -> None:
                                batch_size=args.batch_size, seed=args.seed, max_seq_len=args.max_seq_len,
                                device=args.device, cuda_graph=not args.no_cuda_graph)
     else:
-        make = _processor_factory(pair, mode=args.mode, lam=args.lam, tau=args.tau, top_k=args.top_k,
+        make = processor_factory(pair, mode=args.mode, lam=args.lam, tau=args.tau, top_k=args.top_k,
                                   top_p=args.top_p, pad_token_id=tokenizer.pad_token_id)
         traces = generate_traces(teacher, tokenizer, prompts, make, max_new_tokens=args.max_new_tokens,
                                  batch_size=args.batch_size, seed=args.seed, desc=args.mode)
     wall = time.perf_counter() - began
     if rank != 0:
         return  # rank 0 writes the one output, holding every rank's rows in prompt order
-    out_rows = []
-    for row, ids, trace in zip(rows, prompts, traces):
-        out = {**row, "prompt_ids": ids, **trace}
-        if "answer" in row:
-            out["correct"] = tasks.is_correct(trace["completion"], int(row["answer"]))
-        out_rows.append(out)
+    out_rows = check_traces([{**row, "prompt_ids": ids} for row, ids in zip(rows, prompts)], traces)
     tasks.write_jsonl(args.out, out_rows)
     stats = summarize(out_rows)
     accuracy = "" if stats["accuracy"] is None else f", accuracy {stats['accuracy']:.1%}"
@@ -345,14 +195,14 @@ def cmd_demo(args) -> None:
     run = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
 
     def sample(prompts, pair, mode, lam, tau, problems, desc):
-        make = _processor_factory(pair, mode=mode, lam=lam, tau=tau, top_k=0, top_p=1.0, pad_token_id=pad)
+        make = processor_factory(pair, mode=mode, lam=lam, tau=tau, top_k=0, top_p=1.0, pad_token_id=pad)
         traces = generate_traces(model, tokenizer, prompts, make, desc=desc, **run)
         for trace, problem in zip(traces, problems):
             trace["correct"] = tasks.is_correct(trace["completion"], problem.answer)
         return traces
 
     holdout_prompts = [tasks.format_prompt(tokenizer, p.question) for p in holdout]
-    greedy = sample(holdout_prompts, _no_proxy(args.eps), "temperature", 0.0, 0.0, holdout, "teacher greedy (holdout)")
+    greedy = sample(holdout_prompts, no_proxy(args.eps), "temperature", 0.0, 0.0, holdout, "teacher greedy (holdout)")
     print(f"teacher's greedy traces on {len(holdout)} held-out problems: accuracy {summarize(greedy)['accuracy']:.0%}")
 
     step = time.perf_counter()
@@ -370,7 +220,7 @@ def cmd_demo(args) -> None:
     settings = [("temperature", 0.0), ("permutation", lams[-1]), *(("antidistill", lam) for lam in lams)]
     results = []
     for mode, lam in settings:
-        pair_or_none = _no_proxy(args.eps) if mode == "temperature" else pair
+        pair_or_none = no_proxy(args.eps) if mode == "temperature" else pair
         traces = sample(test_prompts, pair_or_none, mode, lam, args.tau, test, _label(mode, lam))
         results.append((mode, lam, traces))
 
@@ -434,6 +284,20 @@ def cmd_evaluate(args) -> None:
     score = "no row has an answer" if accuracy is None else (
         f"accuracy {accuracy:.1%} ({sum(t.get('correct', False) for t in traces)}/{checked})")
     print(f"wrote {len(traces)} traces to {args.out} in {time.perf_counter() - began:.1f} s: {score}")
+
+
+def cmd_sweep(args) -> None:
+    report = run_sweep(args.config, progress=args.progress)
+    print(f"{'mode':<12} {'tau':>5} {'lam':>8} {'seeds':>5} {'teacher acc':>16} {'student acc':>16}")
+    for r in report["summary"]:
+        print(f"{r['mode']:<12} {r['tau']:>5g} {r['lam']:>8g} {r['seeds']:>5} "
+              f"{_mean_ci(r, 'teacher_accuracy'):>16} {_mean_ci(r, 'student_accuracy'):>16}")
+    print(f"undistilled student: {report['student_base_accuracy']:.3f}")
+
+
+def _mean_ci(row: dict, key: str) -> str:
+    half = row[f"{key}_ci95"]
+    return f"{row[key]:.3f}" + ("" if half is None or math.isnan(half) else f" +- {half:.3f}")
 
 
 def _threads_option(parser: argparse.ArgumentParser, default: int | None) -> None:
@@ -550,6 +414,14 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     _threads_option(ev, None)
     ev.set_defaults(run=cmd_evaluate)
+    sw = commands.add_parser("sweep", help="the distillation experiment end to end from one config (resumable)",
+                             description="holdout traces -> proxy gradient -> for each (mode, tau, lam) and seed: "
+                                         "training traces, distilled student, teacher and student test accuracy "
+                                         "-> results.json/csv and results.png. Config format: adfast.sweep.")
+    sw.add_argument("config", type=Path, help="a .toml or .json sweep config")
+    sw.add_argument("--progress", action="store_true", help="progress bars for every stage")
+    _threads_option(sw, None)
+    sw.set_defaults(run=cmd_sweep)
     eps_study.add_parser(commands)
     return parser
 

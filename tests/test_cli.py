@@ -194,7 +194,7 @@ def test_engine_under_torchrun(dirs, tmp_path, monkeypatch):
 
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr("adfast.cli.generate_distributed",
+    monkeypatch.setattr("adfast.traces.generate_distributed",
                         lambda factory, prompts, **kw: factory().generate(prompts, **kw))
     main(args + ["--out", str(tmp_path / "rank1.jsonl")])
     assert not (tmp_path / "rank1.jsonl").exists()
@@ -252,6 +252,23 @@ def test_bad_gradient_files_are_refused(dirs, tmp_path):
     with pytest.raises(SystemExit, match="needs --proxy and --grad"):
         main(args)
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_generate_checks_answers_by_kind(dirs, tmp_path):
+    """Rows of every answer kind are accepted, and each trace's ``correct`` is check_answer by its kind."""
+    rows = [{"prompt": "Q1", "answer": "C", "kind": "choice"}, {"prompt": "Q2", "answer": "\\frac{1}{2}", "kind": "boxed"},
+            {"prompt": "Q3", "answer": 7}]
+    out = tmp_path / "o.jsonl"
+    assert main(["generate", "--teacher", dirs["teacher"], "--mode", "temperature", "--tau", "0", "--max-new-tokens",
+                 "5", "--prompts", write_jsonl(tmp_path / "p.jsonl", rows), "--out", str(out)]) == 0
+    traces = tasks.read_jsonl(out)
+    assert [t["kind"] for t in traces[:2]] == ["choice", "boxed"]
+    for row, trace in zip(rows, traces):
+        assert trace["correct"] == tasks.check_answer(trace["completion"], row["answer"], row.get("kind", "number"))
+    with pytest.raises(SystemExit, match="row 1: unknown kind 'essay'"):
+        main(["generate", "--teacher", dirs["teacher"], "--mode", "temperature", "--prompts",
+              write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Q", "answer": "x", "kind": "essay"}]),
+              "--out", str(tmp_path / "x.jsonl")])
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -82,6 +82,29 @@ def test_lora_starts_exact_trains_adapters_only_and_merges(make):
     assert set(model.state_dict()) == set(make().state_dict())  # plain weights again, same names
 
 
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2])
+def test_lora_equals_peft_lora_with_the_same_adapters(make):
+    """Our LoRA against peft's (the reference implementation of LoRA): same adapted modules, and
+    with the same A and B the same logits."""
+    import peft  # a test dependency (pyproject extra "test")
+    ours, theirs = make(), make()
+    wrapped = add_lora(ours, rank=4, alpha=8.0)
+    targets = sorted({name.rpartition(".")[2] for name in wrapped})
+    config = peft.LoraConfig(r=4, lora_alpha=8.0, lora_dropout=0.0, target_modules=targets, bias="none")
+    theirs = peft.get_peft_model(theirs, config)
+    adapted = {name.removeprefix("base_model.model.") for name, module in theirs.named_modules()
+               if isinstance(module, peft.tuners.lora.LoraLayer)}
+    assert adapted == set(wrapped)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name in wrapped:
+            mine, reference = ours.get_submodule(name), theirs.base_model.model.get_submodule(name)
+            mine.lora_B.copy_(torch.randn(mine.lora_B.shape, generator=generator) * 0.05)
+            reference.lora_A["default"].weight.copy_(mine.lora_A)
+            reference.lora_B["default"].weight.copy_(mine.lora_B)
+    torch.testing.assert_close(logits(ours, IDS), logits(theirs, IDS), atol=1e-5, rtol=1e-5)
+
+
 EXAMPLES = [([BOS, 10, 11, 12], [30, 31, 32, 33, EOS]), ([BOS, 20, 21, 22, 23, 24, 25], [40, 41, EOS])]
 
 
