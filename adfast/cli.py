@@ -60,7 +60,7 @@ from .models import DTYPES, load_model
 from .proxy_pair import ProxyPair
 from .sampling import MODES
 from .sweep import run_sweep
-from .traces import (check_answers, check_engine_support, check_traces, engine_traces, generate_traces, no_proxy,
+from .traces import (check_engine_support, check_traces, engine_traces, generate_traces, no_proxy,
                      processor_factory, summarize)
 
 DEFAULT_EPS = 1e-4
@@ -106,7 +106,7 @@ def cmd_generate(args) -> None:
     rows = tasks.read_jsonl(args.prompts)
     if not rows:
         raise ValueError(f"{args.prompts} holds no prompts")
-    check_answers(rows, str(args.prompts))
+    tasks.check_rows(rows, str(args.prompts))
     engine = args.backend == "engine"
     if not engine and _torchrun():
         raise ValueError("--backend hf runs in one process and does not shard prompts over torchrun ranks; "

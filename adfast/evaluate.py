@@ -37,12 +37,8 @@ def evaluate(model, tokenizer, rows: list[dict], *, max_new_tokens: int = 256, b
     if not greedy and temperature <= 0:
         raise ValueError(f"sampling needs temperature > 0, got {temperature}")
     prompts = [tasks.prompt_ids(tokenizer, row, f"row {i}") for i, row in enumerate(rows, 1)]
+    tasks.check_rows(rows)  # a bad kind or reference fails before any generation
     kinds = [row.get("kind", "number") for row in rows]
-    for i, (row, kind) in enumerate(zip(rows, kinds), 1):
-        if kind not in tasks.KINDS:
-            raise ValueError(f"row {i}: unknown kind {kind!r}; expected one of {tasks.KINDS}")
-        if "answer" in row:
-            tasks.reference_answer(row["answer"], kind)  # a bad reference fails before any generation
     vocab = model.get_input_embeddings().num_embeddings
     for i, prompt in enumerate(prompts, 1):
         if max(prompt) >= vocab:

@@ -83,6 +83,7 @@ import os
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,7 +96,7 @@ from .gradient import load_gradient, proxy_gradient, save_gradient
 from .models import load_model
 from .proxy_pair import ProxyPair
 from .sampling import MODES
-from .traces import BACKENDS, check_answers, check_traces, sample_traces, summarize
+from .traces import BACKENDS, check_traces, sample_traces, summarize
 
 DEFAULTS = {
     "seeds": [0],
@@ -245,17 +246,24 @@ def claim_output(config: dict) -> Path:
 # ------------------------------------------------------------------------------------- stages
 
 
-def _write_atomic(path: Path, text: str) -> None:
+@contextmanager
+def _replacing(path: Path):
+    """Yield a temporary path beside ``path`` (same suffix) to write; on success it replaces ``path``
+    in one rename, so a stage's file exists only once complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    yield tmp
     os.replace(tmp, path)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    with _replacing(path) as tmp:
+        tmp.write_text(text)
 
 
 def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tasks.write_jsonl(tmp, rows)
-    os.replace(tmp, path)
+    with _replacing(path) as tmp:
+        tasks.write_jsonl(tmp, rows)
 
 
 def _log(message: str) -> None:
@@ -279,7 +287,7 @@ class Sweep:
         for split, split_rows in rows.items():
             if not split_rows:
                 raise ValueError(f"the {split} task file {config['tasks'][split]} holds no rows")
-            check_answers(split_rows, config["tasks"][split])
+            tasks.check_rows(split_rows, config["tasks"][split])
         if not all("answer" in row for row in rows["test"]):
             raise ValueError(f"every test row needs an answer ({config['tasks']['test']})")
         self.rows = rows
@@ -332,9 +340,8 @@ class Sweep:
                 examples = [(t["prompt_ids"], t["completion_ids"]) for t in traces if t["completion_ids"]]
                 gradient = proxy_gradient(proxy, examples, batch_size=self.config["gradient"]["batch_size"],
                                           pad_token_id=tokenizer.pad_token_id, progress=self.progress)
-                tmp = path.with_name(path.name + ".tmp")
-                save_gradient(tmp, gradient)
-                os.replace(tmp, path)
+                with _replacing(path) as tmp:
+                    save_gradient(tmp, gradient)
                 _log(f"gradient: proxy loss {gradient.loss:.4f} on {gradient.num_tokens} holdout completion tokens")
             self._pair = ProxyPair.from_gradient(proxy, load_gradient(path), self.config["sampling"]["eps"])
         return self._pair
@@ -489,12 +496,10 @@ def summarize_settings(rows: list[dict]) -> list[dict]:
 
 def write_csv(path: Path, rows: list[dict]) -> None:
     """``rows`` (dicts with the same keys) as CSV, atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with _replacing(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def plot_results(report: dict, path: Path) -> bool:
@@ -531,10 +536,9 @@ def plot_results(report: dict, path: Path) -> bool:
         ax.legend(fontsize=8)
     fig.suptitle(f"teacher vs distilled student ({len(report['seeds'])} seeds, 95% intervals)")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with _replacing(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
     return True
 
 

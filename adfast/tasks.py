@@ -238,6 +238,21 @@ def check_answer(text: str, answer, kind: str = "number") -> bool:
     return extract(text, kind) == reference_answer(answer, kind)
 
 
+def check_rows(rows: list[dict], where: str = "") -> None:
+    """Raise a ValueError naming the row (``"<where> row i"``) if a row's ``kind`` is unknown or its
+    ``answer`` is not a valid reference for that kind (:func:`reference_answer`)."""
+    for i, row in enumerate(rows, 1):
+        name = f"{where} row {i}".strip()
+        kind = row.get("kind", "number")
+        if kind not in KINDS:
+            raise ValueError(f"{name}: unknown kind {kind!r}; expected one of {KINDS}")
+        if "answer" in row:
+            try:
+                reference_answer(row["answer"], kind)
+            except ValueError as error:
+                raise ValueError(f"{name}: {error}") from None
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """The JSON objects of a jsonl file (blank lines skipped); ValueError names the bad line."""
     path = Path(path)

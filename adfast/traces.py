@@ -164,10 +164,10 @@ def processor_factory(pair, *, mode: str, lam: float, tau: float, top_k: int, to
 
 
 def engine_can_run(*models) -> bool:
-    """Whether the engine's decoder supports every given transformers model (Llama / Qwen2)."""
+    """Whether the engine's decoder supports every given transformers model (:func:`check_engine_support`)."""
     try:
         for model in models:
-            DecoderConfig.from_hf(model.config)
+            check_engine_support(model, "model", type(model).__name__)
     except ValueError:
         return False
     return True
@@ -188,9 +188,10 @@ def sample_traces(teacher, tokenizer, prompts: list[list[int]], pair=None, *, mo
     models = [teacher] + ([] if pair is None else [pair.plus])
     if backend == "auto":
         backend = "engine" if engine_can_run(*models) else "hf"
-    if backend == "engine":
+    elif backend == "engine":
         for model, role in zip(models, ("teacher", "proxy")):
             check_engine_support(model, role, type(model).__name__)
+    if backend == "engine":
         return engine_traces(teacher, tokenizer, prompts, pair, mode=mode, lam=lam, tau=tau, top_k=top_k,
                              top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
                              device=device)
@@ -198,19 +199,6 @@ def sample_traces(teacher, tokenizer, prompts: list[list[int]], pair=None, *, mo
                              top_p=top_p, pad_token_id=tokenizer.pad_token_id)
     return generate_traces(teacher, tokenizer, prompts, make, max_new_tokens=max_new_tokens,
                            batch_size=batch_size, seed=seed, desc=desc)
-
-
-def check_answers(rows: list[dict], where: str) -> None:
-    """Raise a ValueError naming the row if a row's ``kind`` is unknown or its ``answer`` unusable."""
-    for i, row in enumerate(rows, 1):
-        kind = row.get("kind", "number")
-        if kind not in tasks.KINDS:
-            raise ValueError(f"{where} row {i}: unknown kind {kind!r}; expected one of {tasks.KINDS}")
-        if "answer" in row:
-            try:
-                tasks.reference_answer(row["answer"], kind)
-            except ValueError as error:
-                raise ValueError(f"{where} row {i}: {error}") from None
 
 
 def check_traces(rows: list[dict], traces: list[dict]) -> list[dict]:

@@ -33,10 +33,15 @@ from adfast.gradient import _batch
 from adfast.models import load_model
 
 
+def prompt_numbers(tokenizer, prompt_ids: list[int]) -> list[int]:
+    """The digits of a prompt ``"7+3+4+7="``, in order."""
+    return [int(x) for x in tokenizer.decode(prompt_ids).rstrip("=").split("+")]
+
+
 def choice_mask(tokenizer, prompt_ids: list[int], completion_ids: list[int]) -> list[bool]:
     """Per completion token: whether it is an operand digit the trace chose while more than one
     distinct number of the prompt was still unused (module docstring); the last number is forced."""
-    remaining = [int(x) for x in tokenizer.decode(prompt_ids).rstrip("=").split("+")]
+    remaining = prompt_numbers(tokenizer, prompt_ids)
     mask, step, operand = [], 0, 0  # operand: 0 = first, 1 = second, 2 = past "=" or "#"
     for token in tokenizer.convert_ids_to_tokens(completion_ids):
         if token == ";":
@@ -55,7 +60,7 @@ def choice_mask(tokenizer, prompt_ids: list[int], completion_ids: list[int]) -> 
 def picked_order(tokenizer, prompt_ids: list[int], completion_ids: list[int]) -> list[int] | None:
     """The prompt's numbers in the order the trace adds them, or None when the trace is not a
     well-formed order of exactly those numbers."""
-    numbers = [int(x) for x in tokenizer.decode(prompt_ids).rstrip("=").split("+")]
+    numbers = prompt_numbers(tokenizer, prompt_ids)
     steps = tokenizer.decode(completion_ids, skip_special_tokens=True).split("#")[0].split(";")
     try:
         operands = [int(steps[0].split("+")[0])] + [int(step.split("+")[1].split("=")[0]) for step in steps]
@@ -70,7 +75,7 @@ def order_statistics(tokenizer, traces: list[dict]) -> dict[str, float]:
     either), and the entropy (nats) of the prompt position of the first number added (None when
     no trace is well formed)."""
     orders = [(picked_order(tokenizer, t["prompt_ids"], t["completion_ids"]),
-               [int(x) for x in tokenizer.decode(t["prompt_ids"]).rstrip("=").split("+")]) for t in traces]
+               prompt_numbers(tokenizer, t["prompt_ids"])) for t in traces]
     valid = [(order, numbers) for order, numbers in orders if order is not None]
     if not valid:
         return {"well_formed": 0.0, "prompt_order": None, "ascending": None, "descending": None,
