@@ -48,8 +48,9 @@ is ``z = x [V_1 | V_2 | ...]`` (one matmul, ``[N, sum r_i]``) then ``z_i U_i^T``
 concatenated, and the embedding's rows are ``U[tokens] V^T``: ``r (m_i + n)`` numbers per
 factored block instead of ``m_i n``. Blocks too small to factor (``min(m_i, n) <= r``) stay
 dense inside the factored weight (``V_i = G_i^T``, no ``U_i``); a weight with no factored block
-stays dense. It is a plain-torch reference path (explicit softmax attention); a GPU-fast version
-is later work.
+stays dense. Norms, rotary and the MLP's activation are plain torch ops; CUDA decode attention
+runs the split-K tangent kernel over live positions (:func:`attend_jvp`); a decode step is
+captured in a CUDA graph like the finite-difference one.
 """
 from __future__ import annotations
 
@@ -279,7 +280,8 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots:
 #
 # Forward-mode derivatives along a weight direction ``g``: every function below maps a primal and
 # its tangent (d/dh at h = 0 of the value at weights ``theta + h g``) to the output and its tangent.
-# Plain torch ops: the CPU / reference path; a fused GPU version is later work.
+# Plain torch ops (each a kernel of its own on the GPU; fusing them is open work), except CUDA decode
+# attention, which runs a Triton kernel (attend_jvp).
 
 
 def rms_norm_jvp(x: torch.Tensor, dx: torch.Tensor, weight: torch.Tensor, dweight: torch.Tensor,
@@ -374,9 +376,19 @@ def attend_jvp(q: torch.Tensor, dq: torch.Tensor, k_cache: torch.Tensor, v_cache
     With ``S = Q K^T / sqrt(D)`` (keys past ``query_pos`` masked), ``P = softmax(S)``, ``O = P V``:
     ``dS = (dQ K^T + Q dK^T) / sqrt(D)``, ``dP = P (dS - sum(P dS))``, ``dO = dP V + P dV``.
     ``dk_cache``, ``dv_cache`` hold the cached keys' and values' tangents, laid out as the caches.
-    Scores and softmax in float32 (float64 for float64); reads all ``max_seq_len`` positions of
-    every slot (the reference path, not a fast one). Returns ``(out, dout)``, ``[C, B, T, H, D]``.
+    Returns ``(out, dout)``, ``[C, B, T, H, D]``.
+
+    CUDA decode (``T == 1``) runs the split-K Triton kernel
+    :func:`adfast.kernels.decode_attention_jvp.decode_attention_jvp`, which reads only each slot's
+    live positions of the four caches (tested against this function's float64 path and
+    ``torch.func.jvp`` under the Triton interpreter). Everything else (CPU, prefill) is the
+    reference path below: scores and softmax in float32 (float64 for float64) over all
+    ``max_seq_len`` positions of every slot, masked.
     """
+    if q.is_cuda and q.shape[2] == 1:
+        from .kernels.decode_attention_jvp import decode_attention_jvp
+
+        return decode_attention_jvp(q, dq, k_cache, v_cache, dk_cache, dv_cache, slots, query_pos[:, 0] + 1)
     heads, head_dim = q.shape[3:]
     max_seq_len, kv_heads = k_cache.shape[2] - 1, k_cache.shape[3]
     dtype = q.dtype
@@ -780,9 +792,9 @@ class Decoder(nn.Module):
         embedding, RMSNorms (with their weights' tangents), rotary, attention (softmax tangent,
         the keys' and values' tangents cached per slot as keys and values are) and the SiLU-gated
         MLP propagate it. :func:`log_softmax_tangent` (or :meth:`delta`) turns it into ``D``.
-        This is the plain-torch reference path (explicit softmax attention over all
-        ``max_seq_len`` positions, no SDPA / flash-attn / Triton, no CUDA-graph tuning); a
-        GPU-fast version is later work. Its logits equal ``tangent=False``'s up to round-off.
+        Attention is :func:`attend_jvp` (a Triton kernel over live positions in CUDA decode, an
+        explicit masked softmax over all ``max_seq_len`` positions elsewhere); the rest is plain
+        torch ops. Its logits equal ``tangent=False``'s up to round-off.
         Calls with ``tangent=False`` on a tangent cache leave the tangent K/V of the positions
         they write stale: keep one mode per slot.
         """

@@ -202,7 +202,7 @@ def decode_one_token(teacher: Decoder, proxies: Decoder | None, rows: StepInputs
     full_lse = None
     if plus is not None and plus.shape[1] < teacher_logits.shape[1]:
         full_lse = torch.logsumexp(teacher_logits, dim=1)
-        teacher_logits[:, plus.shape[1]:] = -math.inf
+        teacher_logits[:, plus.shape[1]:].fill_(-math.inf)
     filters = dict(top_k=rows.top_k, top_p=rows.top_p) if config.filtered else {}
     drawn, logprobs = sample(teacher_logits, **proxy_inputs, tau=rows.tau, lam=rows.lam, eps=config.eps,
                              mode=config.mode, seed=config.seed, offset=rows.offset, return_logprobs=True,

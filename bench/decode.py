@@ -21,10 +21,12 @@ twice in the antidistillation variants and ``engine_jvp``; ``engine_jvp_r<rank>`
 once plus every number of its factors and dense entries, all read each step as the proxies tie their
 embeddings) over the device-to-device copy bandwidth measured in the same run.
 ``limit_frac = limit_ms / ms_step``. Writes ``bench/results/decode-<device>.json`` (rows:
-``device, batch, variant, tok_s, ms_step, limit_ms, limit_frac``) and a PNG of tok/s against batch.
+``device, batch, variant, tok_s, ms_step, limit_ms, limit_frac``; rewritten after every row, so a
+run cut short keeps what it measured; ``--append`` merges into the rows already there) and a PNG
+of tok/s against batch.
 
 Usage: ``python bench/decode.py [--shapes real|tiny] [--batches 1 8 32 64] [--variants ...]
-[--jvp-ranks 8 32 128 512]``
+[--jvp-ranks 8 32 128 512] [--append]``
 """
 import argparse
 import gc
@@ -37,6 +39,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import adfast
+from adfast.decoder import Decoder
 from adfast.gradient import model_identity
 from adfast.hf import AntidistillationLogitsProcessor
 from adfast.low_rank import LowRankGradient
@@ -138,6 +141,9 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows already in the results file (a row of the same batch and variant "
+                             "is replaced): one table from several runs")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.shapes == "real" and device.type != "cuda":
@@ -159,19 +165,31 @@ def main(argv=None) -> int:
         del proxy
     gc.collect()
     teacher_bytes, proxy_bytes = weight_bytes(teacher), weight_bytes(pair.plus)
+    # One teacher Decoder shared by every engine (each engine would otherwise copy the 15 GB teacher).
+    teacher_decoder = Decoder.from_hf([teacher], dtype=dtype, device=device)
+    if not any(v.startswith("hf_") for v in args.variants):
+        del teacher
+        gc.collect()
     gen = torch.Generator().manual_seed(0)
     vocab = spec["proxy"]["vocab_size"]
 
-    rows = []
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"decode-{name.replace(' ', '_')}{'' if args.shapes == 'real' else '-' + args.shapes}"
+    rows = json.loads(stem.with_suffix(".json").read_text()) if args.append and stem.with_suffix(".json").exists() \
+        else []
 
     def record(batch, variant, seconds, bytes_per_step):
+        """Add a row (replacing an earlier one of the same batch and variant) and rewrite the JSON now,
+        so that a run cut short keeps every row it finished."""
         ms_step = 1e3 * seconds / args.new_tokens
         limit_ms = 1e3 * bytes_per_step / bandwidth
-        rows.append(dict(device=name, batch=batch, variant=variant, tok_s=batch * args.new_tokens / seconds,
-                         ms_step=ms_step, limit_ms=limit_ms, limit_frac=limit_ms / ms_step))
-        r = rows[-1]
-        print(f"B={batch:3d} {variant:20s} {r['tok_s']:9.1f} tok/s {ms_step:8.2f} ms/step "
-              f"(limit {limit_ms:6.2f} ms, {r['limit_frac']:6.1%})", flush=True)
+        row = dict(device=name, batch=batch, variant=variant, tok_s=batch * args.new_tokens / seconds,
+                   ms_step=ms_step, limit_ms=limit_ms, limit_frac=limit_ms / ms_step)
+        rows[:] = [r for r in rows if (r["batch"], r["variant"]) != (batch, variant)] + [row]
+        stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+        print(f"B={batch:3d} {variant:20s} {row['tok_s']:9.1f} tok/s {ms_step:8.2f} ms/step "
+              f"(limit {limit_ms:6.2f} ms, {row['limit_frac']:6.1%})", flush=True)
 
     def prompts(batch):
         return torch.randint(1, vocab, (batch, args.prompt_len), generator=gen).tolist()
@@ -195,7 +213,7 @@ def main(argv=None) -> int:
                      device=device, dtype=dtype)
     fd_variants = [v for v in args.variants if v.startswith("engine_") and not v.startswith("engine_jvp")]
     if fd_variants:
-        engine = adfast.Engine(teacher, pair, **engine_kw)
+        engine = adfast.Engine(teacher_decoder, pair, **engine_kw)
         for variant in fd_variants:
             mode = variant.split("_", 1)[1]
             run_engine(engine, variant, mode, teacher_bytes + (0 if mode == "temperature" else 2 * proxy_bytes))
@@ -203,23 +221,20 @@ def main(argv=None) -> int:
     del pair
     gc.collect()
     if "engine_jvp" in args.variants:
-        run_engine(adfast.Engine(teacher, proxy, delta="jvp", gradient=gradient, **engine_kw), "engine_jvp",
-                   "antidistill", teacher_bytes + 2 * proxy_bytes)
+        engine = adfast.Engine(teacher_decoder, proxy, delta="jvp", gradient=gradient, **engine_kw)
+        run_engine(engine, "engine_jvp", "antidistill", teacher_bytes + 2 * proxy_bytes)
+        del engine
         del gradient
         gc.collect()
     if "engine_jvp_lowrank" in args.variants:
         for rank in args.jvp_ranks or spec["jvp_ranks"]:
             low_rank = random_low_rank(proxy, rank, dtype, device)
-            engine = adfast.Engine(teacher, proxy, delta="jvp", gradient=low_rank, **engine_kw)
+            engine = adfast.Engine(teacher_decoder, proxy, delta="jvp", gradient=low_rank, **engine_kw)
             run_engine(engine, f"engine_jvp_r{rank}", "antidistill",
                        teacher_bytes + proxy_bytes + low_rank.bytes(dtype))
             del engine, low_rank
             gc.collect()
 
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"decode-{name.replace(' ', '_')}{'' if args.shapes == 'real' else '-' + args.shapes}"
-    stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     plot(rows, stem.with_suffix(".png"), name)
     print(f"wrote {stem}.json and .png")
     return 0

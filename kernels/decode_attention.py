@@ -16,8 +16,9 @@ Math, for copy ``c``, row ``b``, head ``h`` (kv head ``j = h // GROUP``), ``n < 
 
 Stage 1 (:func:`_decode_partials`, grid ``(C * B * KV, num_splits)``): program ``(p, s)`` with
 ``p = (c * B + b) * KV + j`` takes all GROUP query heads of kv head ``j`` together as one
-``[GROUP_PAD, D]`` tile (``GROUP_PAD = max(16, next_pow2(GROUP))``, padded rows are zero and
-never stored) so that every K/V block is loaded once for the whole group and both products run on
+``[GROUP_PAD, HEAD_PAD]`` tile (``GROUP_PAD = max(16, next_pow2(GROUP))``, ``HEAD_PAD =
+max(16, next_pow2(D))``: any head dim, e.g. 8 or 80; padded rows and columns are zero, masked on
+load, never stored) so that every K/V block is loaded once for the whole group and both products run on
 ``tl.dot`` (which needs M >= 16 on tensor cores; the padding costs idle MMA rows, not bytes; fp32
 caches use ``input_precision="ieee"`` so no TF32 rounding). Under the Triton interpreter
 (CPU tensors) ``tl.dot`` on bf16/fp16 operands returns garbage (triton 3.9), so there the
@@ -50,6 +51,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import split as launch_plan
+
 LOG2E = 1.4426950408889634
 
 
@@ -60,8 +63,8 @@ def _decode_partials(
     sq_c, sq_b, sq_h,
     sk_c, sk_s, sk_n, sk_j,
     sv_c, sv_s, sv_n, sv_j,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -75,21 +78,23 @@ def _decode_partials(
     hi = tl.minimum(lo + chunk, length)
 
     g = tl.arange(0, GROUP_PAD)
-    d = tl.arange(0, HEAD_DIM)
+    d = tl.arange(0, HEAD_PAD)
     gmask = g < GROUP
+    dmask = d < HEAD_DIM
     q_off = c.to(tl.int64) * sq_c + b.to(tl.int64) * sq_b + (j * GROUP + g).to(tl.int64)[:, None] * sq_h
-    q = tl.load(q_ptr + q_off + d[None, :], mask=gmask[:, None], other=0.0)
+    q = tl.load(q_ptr + q_off + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
     k_base = k_ptr + c.to(tl.int64) * sk_c + slot * sk_s + j.to(tl.int64) * sk_j
     v_base = v_ptr + c.to(tl.int64) * sv_c + slot * sv_s + j.to(tl.int64) * sv_j
     q = q.to(k_ptr.dtype.element_ty)
 
     m_i = tl.full([GROUP_PAD], -float("inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
     for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         nmask = n < hi
-        k = tl.load(k_base + n.to(tl.int64)[:, None] * sk_n + d[None, :], mask=nmask[:, None], other=0.0)
+        kv_mask = nmask[:, None] & dmask[None, :]
+        k = tl.load(k_base + n.to(tl.int64)[:, None] * sk_n + d[None, :], mask=kv_mask, other=0.0)
         if IEEE:  # fp32 operands (exact products of the cache-dtype values), no TF32
             s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
@@ -99,7 +104,7 @@ def _decode_partials(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + n.to(tl.int64)[:, None] * sv_n + d[None, :], mask=nmask[:, None], other=0.0)
+        v = tl.load(v_base + n.to(tl.int64)[:, None] * sv_n + d[None, :], mask=kv_mask, other=0.0)
         if IEEE:
             pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
         else:
@@ -111,7 +116,8 @@ def _decode_partials(
     part = pid.to(tl.int64) * num_splits + split
     tl.store(part_m_ptr + part * GROUP + g, m_i, mask=smask)
     tl.store(part_l_ptr + part * GROUP + g, l_i, mask=smask)
-    tl.store(part_acc_ptr + (part * GROUP + g)[:, None] * HEAD_DIM + d[None, :], acc, mask=smask[:, None])
+    tl.store(part_acc_ptr + (part * GROUP + g)[:, None] * HEAD_DIM + d[None, :], acc,
+             mask=smask[:, None] & dmask[None, :])
 
 
 @triton.jit
@@ -119,7 +125,7 @@ def _decode_merge(
     part_m_ptr, part_l_ptr, part_acc_ptr, lengths_ptr, out_ptr,
     batch, heads, chunk, num_splits,
     so_c, so_b, so_h,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h = pid % heads
@@ -133,29 +139,31 @@ def _decode_merge(
     live = (length + chunk - 1) // chunk
     s = tl.arange(0, SPLITS_PAD)
     smask = s < live
-    d = tl.arange(0, HEAD_DIM)
+    d = tl.arange(0, HEAD_PAD)
+    dmask = d < HEAD_DIM
     part = (cb.to(tl.int64) * kv_heads + j) * num_splits + s  # [SPLITS_PAD]
     idx = part * GROUP + g
     m = tl.load(part_m_ptr + idx, mask=smask, other=-float("inf"))
     l = tl.load(part_l_ptr + idx, mask=smask, other=0.0)
-    acc = tl.load(part_acc_ptr + idx[:, None] * HEAD_DIM + d[None, :], mask=smask[:, None], other=0.0)
+    acc = tl.load(part_acc_ptr + idx[:, None] * HEAD_DIM + d[None, :], mask=smask[:, None] & dmask[None, :],
+                  other=0.0)
     m_max = tl.max(m, axis=0)
     w = tl.where(smask, tl.exp2(m - m_max), 0.0)
     num = tl.sum(acc * w[:, None], axis=0)
     den = tl.sum(l * w, axis=0)
     out = num / den
     o_off = c.to(tl.int64) * so_c + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h
-    tl.store(out_ptr + o_off + d, out.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + o_off + d, out.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
 def _plan(num_programs: int, max_seq_len: int, device: torch.device, num_splits: int | None,
           block_n: int | None) -> tuple[int, int, int, int]:
     """``(splits, chunk, block_n, num_warps)``; see the module docstring."""
-    if device.type == "cuda":
+    sms = launch_plan.multiprocessor_count(device)
+    if sms is not None:
         block_n = block_n or 64
         num_warps = 4
         if num_splits is None:
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
             num_splits = max(1, min(-(-4 * sms // num_programs), max_seq_len // 256))
     else:
         block_n = block_n or 16
@@ -182,14 +190,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     assert k_cache.shape[0] == num_copies and k_cache.shape[4] == head_dim
     kv_heads = k_cache.shape[3]
     assert heads % kv_heads == 0
-    assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, "head_dim must be a power of two >= 16"
     assert k_cache.stride(4) == 1 and v_cache.stride(4) == 1 and q.stride(4) == 1
     group = heads // kv_heads
+    head_pad = max(16, triton.next_power_of_2(head_dim))
     max_seq_len = k_cache.shape[2] - 1
     slots = slots.contiguous()
     lengths = lengths.contiguous()
 
     programs = num_copies * batch * kv_heads
+    interpreted = launch_plan.multiprocessor_count(q.device) is None
     splits, chunk, block_n, num_warps = _plan(programs, max_seq_len, q.device, num_splits, block_n)
     part_m = torch.empty(programs * splits * group, device=q.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
@@ -202,13 +211,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q.stride(0), q.stride(1), q.stride(3),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_N=block_n, IEEE=k_cache.dtype == torch.float32 or not q.is_cuda, num_warps=num_warps,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, HEAD_PAD=head_pad,
+        BLOCK_N=block_n, IEEE=k_cache.dtype == torch.float32 or interpreted, num_warps=num_warps,
     )
     _decode_merge[(num_copies * batch * heads,)](
         part_m, part_l, part_acc, lengths, out,
         batch, heads, chunk, splits,
         out.stride(0), out.stride(1), out.stride(3),
-        GROUP=group, HEAD_DIM=head_dim, SPLITS_PAD=max(2, triton.next_power_of_2(splits)), num_warps=4,
+        GROUP=group, HEAD_DIM=head_dim, HEAD_PAD=head_pad, SPLITS_PAD=max(2, triton.next_power_of_2(splits)),
+        num_warps=4,
     )
     return out

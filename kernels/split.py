@@ -1,7 +1,20 @@
-"""How a ``[B, V]`` row-wise reduction is cut into ``[B, S]`` programs."""
+"""How a ``[B, V]`` row-wise reduction is cut into ``[B, S]`` programs, and which machine the plans target."""
 from dataclasses import dataclass
 
 import torch
+
+
+def multiprocessor_count(device: torch.device) -> int | None:
+    """The SM count of a CUDA device; None for CPU tensors (the kernels then run in the Triton interpreter).
+
+    The one place the launch plans of every kernel learn where they run: GPU plans (large blocks,
+    splits sized to the SM count, tensor-core products) when it returns a count, small interpreter
+    plans when it returns None. :mod:`adfast.compile_check` replaces it to compile the GPU plans
+    on a machine without a GPU.
+    """
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @dataclass(frozen=True)
@@ -19,10 +32,10 @@ def plan_splits(batch: int, vocab: int, device: torch.device, splits: int | None
     times over (at least ``4 * block`` logits each), or into ``splits`` chunks when given.
     On CPU tensors (Triton interpreter) a small block keeps test vocabularies split in several chunks.
     """
-    if device.type == "cuda":
+    sms = multiprocessor_count(device)
+    if sms is not None:
         block, num_warps = 1024, 4
         if splits is None:
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
             splits = max(1, min(-(-4 * sms // batch), vocab // (4 * block)))
     else:
         block, num_warps = 64, 4

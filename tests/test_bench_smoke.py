@@ -13,12 +13,20 @@ def test_decode_benchmark_runs_every_variant_on_tiny_shapes(tmp_path):
     spec = importlib.util.spec_from_file_location("decode_bench", ROOT / "bench" / "decode.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    tiny = ["--shapes", "tiny", "--prompt-len", "6", "--new-tokens", "3", "--out", str(tmp_path)]
     with pytest.MonkeyPatch.context() as patch:  # the sampler's PyTorch twin: the interpreter would take minutes
         patch.delenv("TRITON_INTERPRET", raising=False)
-        assert bench.main(["--shapes", "tiny", "--batches", "1", "2", "--prompt-len", "6", "--new-tokens", "3",
-                           "--jvp-ranks", "4", "--out", str(tmp_path)]) == 0
-    (result,) = tmp_path.glob("decode-*.json")
-    rows = json.loads(result.read_text())
+        assert bench.main(tiny + ["--batches", "1", "2", "--jvp-ranks", "4"]) == 0
+        (result,) = tmp_path.glob("decode-*.json")
+        first = json.loads(result.read_text())
+        # --append: a second run replaces its own rows and keeps the others; without it, starts afresh
+        assert bench.main(tiny + ["--batches", "2", "--variants", "engine_temperature", "--append"]) == 0
+        rows = json.loads(result.read_text())
+        assert len(rows) == len(first)
+        assert [r for r in rows if (r["batch"], r["variant"]) == (2, "engine_temperature")] != \
+            [r for r in first if (r["batch"], r["variant"]) == (2, "engine_temperature")]
+        assert bench.main(tiny + ["--batches", "1", "--variants", "engine_temperature"]) == 0
+        assert [(r["batch"], r["variant"]) for r in json.loads(result.read_text())] == [(1, "engine_temperature")]
     variants = [v for v in bench.VARIANTS if v != "engine_jvp_lowrank"] + ["engine_jvp_r4"]
     assert sorted((r["variant"], r["batch"]) for r in rows) == sorted((v, b) for v in variants for b in (1, 2))
     for row in rows:

@@ -10,6 +10,7 @@ from adfast.kernels.decode_attention import decode_attention
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MAX_SEQ = 40
 MAX_BATCH = 5
+SMALL_BLOCK = 8 if DEVICE == "cpu" else 16  # tl.dot needs every dimension >= 16 on a GPU
 
 
 def make_inputs(num_copies, heads, kv_heads, head_dim, dtype, seed=0):
@@ -50,14 +51,14 @@ def reference(q, k, v, slots, lengths):
 def test_matches_float64_reference(num_copies, heads, kv_heads, dtype):
     head_dim = 16
     q, k, v, slots, lengths = make_inputs(num_copies, heads, kv_heads, head_dim, dtype)
-    out = decode_attention(q, k, v, slots, lengths, num_splits=3, block_n=8)
+    out = decode_attention(q, k, v, slots, lengths, num_splits=3, block_n=SMALL_BLOCK)
     assert out.shape == q.shape and out.dtype == dtype
     ref = reference(q, k, v, slots, lengths)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(out.double().cpu(), ref, **tol)
 
 
-@pytest.mark.parametrize("num_splits,block_n", [(None, None), (1, 16), (5, 8)])
+@pytest.mark.parametrize("num_splits,block_n", [(None, None), (1, 16), (5, SMALL_BLOCK)])
 def test_matches_attend_fp32(num_splits, block_n):
     q, k, v, slots, lengths = make_inputs(2, 4, 2, 32, torch.float32, seed=1)
     out = decode_attention(q, k, v, slots, lengths, num_splits=num_splits, block_n=block_n)
@@ -73,3 +74,13 @@ def test_fp16_cache_and_default_plan():
     out = decode_attention(q, k, v, slots, lengths)
     assert out.dtype == torch.float16
     torch.testing.assert_close(out.double().cpu(), reference(q, k, v, slots, lengths), rtol=5e-3, atol=5e-3)
+
+
+@pytest.mark.parametrize("head_dim", [8, 24])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_dims_that_are_not_powers_of_two_or_below_16(head_dim, dtype):
+    """The tile pads D to max(16, next power of two); the padding is masked on load and store."""
+    q, k, v, slots, lengths = make_inputs(2, 6, 2, head_dim, dtype, seed=3)
+    out = decode_attention(q, k, v, slots, lengths, num_splits=2, block_n=16)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out.double().cpu(), reference(q, k, v, slots, lengths), **tol)

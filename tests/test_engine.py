@@ -411,3 +411,64 @@ def test_jvp_low_rank_gradient_draws_as_its_dense_reconstruction(teachers, rank,
     sampled = [[r.tokens for r in e.generate(PROMPTS, max_new_tokens=MAX_NEW, tau=1.0, lam=lam, seed=7)]
                for e in (engines[0], engines[2])]
     assert sampled[0] == sampled[1]
+
+
+# ------------------------------------------------------------------------------- CUDA: graphs and references
+
+needs_cuda = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def apply_marks(test):
+    for mark in reversed(needs_cuda):
+        test = mark(test)
+    return test
+
+
+@apply_marks
+@pytest.mark.parametrize("rank", [0, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_replay_equals_eager_jvp(teachers, rank, dtype):
+    """Exact D (delta="jvp"), dense and factored gradients: the captured step draws what the eager one does."""
+    proxy, grads = proxy_and_gradient(vocab=SMALL_VOCAB)
+    gradient = low_rank_of(proxy, grads, rank) if rank else grads
+    kw = dict(max_new_tokens=MAX_NEW, tau=[1.0, 0.0, 0.7, 1.0, 1.3, 1.0], lam=[0.05, 0.1, 0.0, 0.2, 0.1, 0.05],
+              seed=7)
+    engines = {graph: Engine(teachers["qwen2"], proxy, max_batch_size=4, max_seq_len=16, device="cuda",
+                             dtype=dtype, cuda_graph=graph, delta="jvp", gradient=gradient) for graph in (False, True)}
+    for mode in ("antidistill", "permutation", "temperature"):
+        eager, graphed = (engines[graph].generate(PROMPTS, mode=mode, **kw) for graph in (False, True))
+        assert [r.tokens for r in graphed] == [r.tokens for r in eager], mode
+        for a, b in zip(graphed, eager):
+            assert a.mean_logprob == pytest.approx(b.mean_logprob, abs=1e-5)
+    assert engines[True]._graphs and not engines[False]._graphs
+
+
+@apply_marks
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_cuda_graph_greedy_matches_transformers(teachers, pair, family):
+    """float32 on the GPU, captured: the Triton decode attention and sampler give transformers' greedy tokens."""
+    teacher = teachers[family]
+    engine = Engine(teacher, pair, max_batch_size=3, max_seq_len=16, device="cuda", dtype=torch.float32)
+    results = engine.generate(PROMPTS, max_new_tokens=MAX_NEW, tau=0.0, lam=0.0)
+    assert engine._graphs
+    assert [r.tokens for r in results] == [hf_greedy(teacher, p) for p in PROMPTS]
+    for prompt, r in zip(PROMPTS, results):
+        assert r.mean_logprob == pytest.approx(teacher_mean_logprob(teacher, prompt, r.tokens), abs=1e-4)
+
+
+@apply_marks
+@pytest.mark.parametrize("rank", [0, 4])
+def test_cuda_graph_jvp_greedy_matches_exact_delta_reference(teachers, rank):
+    """float32 on the GPU, captured, exact D: the float64 full-forward reference's greedy tokens."""
+    teacher, lam = teachers["qwen2"], 0.2  # smallest top-two margin of the reference: 5e-3 (rank 0), 4e-2 (rank 4)
+    proxy, grads = proxy_and_gradient(vocab=SMALL_VOCAB)
+    gradient = low_rank_of(proxy, grads, rank) if rank else grads
+    if rank:  # the reference takes the dense reconstruction G_r = U V^T
+        grads = gradient.to_dense()
+    engine = Engine(teacher, proxy, max_batch_size=3, max_seq_len=20, device="cuda", dtype=torch.float32,
+                    delta="jvp", gradient=gradient)
+    results = engine.generate(PROMPTS, max_new_tokens=MAX_NEW, tau=0.0, lam=lam)
+    assert engine._graphs
+    expected = [exact_greedy(teacher, proxy, grads, p, lam) for p in PROMPTS]
+    assert min(margin for _, margin in expected) > 1e-3
+    assert [r.tokens for r in results] == [tokens for tokens, _ in expected]

@@ -1,0 +1,229 @@
+"""Compile every Triton kernel of adfast for a CUDA GPU, on a machine that has none.
+
+The kernels' tests run them in the Triton interpreter, which accepts programs that the real
+compiler rejects (globals that are not ``constexpr``, non-power-of-two ranges, ``tl.dot`` shapes
+below 16, type mismatches) and never exercises the GPU launch plans (large blocks, splits sized to
+the SM count, tensor-core products on bf16). This module runs the real launchers on CPU tensors of
+the real model shapes with the GPU plans (:func:`adfast.kernels.split.multiprocessor_count`
+replaced by a fixed SM count) and the Triton driver replaced by one that reports a CUDA target, so
+each ``kernel[grid](...)`` is compiled down to a cubin (Triton's own LLVM and bundled ``ptxas``)
+instead of launched. Outputs stay uninitialised; nothing runs.
+
+For each compiled specialisation it reports the kernel, the case that produced it, its
+``constexpr`` values, warps, shared memory, and (from the bundled ``cuobjdump``) registers per
+thread and local-memory bytes per thread, which are register spills when non-zero.
+
+Usage: ``python -m adfast.compile_check [--arch 90] [--sms 132] [--json PATH]``; exit status 1 when
+a kernel fails to compile or spills. Needs ``TRITON_INTERPRET`` unset (the interpreter replaces
+``triton.jit`` at import). The cases cover the Qwen2.5 vocabularies (teacher 152064, proxy
+151936) at batch 1 and 64 in every sampling mode and logit dtype, and decode attention (primal
+and tangent) for the 7B teacher (28 heads over 4), the 3B proxy pair (16 over 2, two copies),
+SmolLM2 (9 over 3, head dim 64) and the tests' tiny models (4 over 2, head dim 8, padded to 16)
+with bf16, fp16 and fp32 caches.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+
+import torch
+
+QWEN_TEACHER_VOCAB, QWEN_PROXY_VOCAB = 152064, 151936
+# (label, copies, heads, kv heads, head dim)
+ATTENTION_SHAPES = (("teacher-7b", 1, 28, 4, 128), ("proxy-pair-3b", 2, 16, 2, 128), ("smollm2", 1, 9, 3, 64),
+                    ("tiny-test-models", 2, 4, 2, 8))
+
+
+@dataclass
+class CompiledKernel:
+    """One compiled specialisation of a kernel."""
+
+    kernel: str
+    case: str
+    constexprs: dict
+    num_warps: int
+    shared_bytes: int
+    registers: int | None
+    local_bytes: int | None
+
+
+class _CudaTarget:
+    """A Triton driver stand-in reporting a CUDA target, so that JIT functions compile for it."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
+    """``(registers, local bytes)`` per thread from ``cuobjdump --dump-resource-usage``; Nones without it."""
+    import triton.backends.nvidia as nvidia
+
+    tool = pathlib.Path(nvidia.__file__).parent / "bin" / "cuobjdump"
+    if not tool.exists():
+        return None, None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    regs, local = re.search(r"REG:(\d+)", text), re.search(r"LOCAL:(\d+)", text)
+    return (int(regs.group(1)) if regs else None), (int(local.group(1)) if local else None)
+
+
+@contextlib.contextmanager
+def _compile_instead_of_launch(arch: int, sms: int, compiled: list, case: list):
+    """Within the block, every Triton launch compiles for ``sm_<arch>`` with GPU plans for ``sms`` SMs."""
+    import triton
+    from triton.runtime.jit import JITFunction
+
+    from .kernels import split
+
+    run, count = JITFunction.run, split.multiprocessor_count
+    seen = set()
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        key = (self.fn.__name__, kernel.hash)
+        if key not in seen:
+            seen.add(key)
+            constexprs = {self.arg_names[path[0]]: value for path, value in kernel.src.constants.items()
+                          if len(path) == 1 and self.arg_names[path[0]].isupper()}
+            registers, local = _resource_usage(kernel.asm["cubin"])
+            compiled.append(CompiledKernel(self.fn.__name__, case[0], constexprs, kernel.metadata.num_warps,
+                                           kernel.metadata.shared, registers, local))
+        return kernel
+
+    triton.runtime.driver.set_active(_CudaTarget(arch))
+    JITFunction.run, split.multiprocessor_count = compile_only, lambda device: sms
+    try:
+        yield
+    finally:
+        JITFunction.run, split.multiprocessor_count = run, count
+        triton.runtime.driver.reset_active() if torch.cuda.is_available() else None
+
+
+def _sampling_cases():
+    """``(label, thunk)`` pairs driving :func:`adfast.sample` / :func:`adfast.adjusted_logits` on CPU tensors."""
+    import adfast
+
+    def logits(batch, vocab, dtype):
+        return torch.empty(batch, vocab, dtype=dtype)
+
+    cases = []
+    for batch in (1, 64):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            name = f"B{batch}-{str(dtype).split('.')[1]}"
+            t = logits(batch, QWEN_TEACHER_VOCAB, dtype)
+            p, m = logits(batch, QWEN_PROXY_VOCAB, dtype), logits(batch, QWEN_PROXY_VOCAB, dtype)
+            same_p, same_m = logits(batch, QWEN_TEACHER_VOCAB, dtype), logits(batch, QWEN_TEACHER_VOCAB, dtype)
+            delta = logits(batch, QWEN_PROXY_VOCAB, torch.float32)
+            common = dict(tau=1.0, lam=0.5, eps=1e-2, seed=0, check=False, backend="triton")
+            for fn in (adfast.sample, adfast.adjusted_logits):
+                kind = fn.__name__
+                cases += [
+                    (f"{kind} temperature {name}", lambda fn=fn, t=t: fn(t, mode="temperature", **common)),
+                    (f"{kind} antidistill {name}", lambda fn=fn, t=t, p=p, m=m: fn(t, p, m, **common)),
+                    (f"{kind} antidistill same-vocab {name}",
+                     lambda fn=fn, t=t, p=same_p, m=same_m: fn(t, p, m, **common)),
+                    (f"{kind} permutation {name}",
+                     lambda fn=fn, t=t, p=p, m=m: fn(t, p, m, mode="permutation", **common)),
+                    (f"{kind} exact-delta {name}", lambda fn=fn, t=t, d=delta: fn(t, delta=d, **common)),
+                ]
+    return cases
+
+
+def _attention_cases():
+    """``(label, thunk)`` pairs driving the decode-attention launchers (primal and tangent) on CPU tensors."""
+    from .kernels.decode_attention import decode_attention
+    from .kernels.decode_attention_jvp import decode_attention_jvp
+
+    batch, max_batch, max_seq_len = 32, 32, 4096
+    cases = []
+    for label, copies, heads, kv_heads, head_dim in ATTENTION_SHAPES:
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            q = torch.empty(copies, batch, 1, heads, head_dim, dtype=dtype)
+            k = torch.empty(copies, max_batch, max_seq_len + 1, kv_heads, head_dim, dtype=dtype)
+            v = torch.empty_like(k)
+            slots = torch.arange(batch)
+            lengths = torch.full((batch,), max_seq_len)
+            name = f"{label} {str(dtype).split('.')[1]}"
+            cases.append((f"decode_attention {name}", lambda q=q, k=k, v=v, s=slots, n=lengths:
+                          decode_attention(q, k, v, s, n)))
+            cases.append((f"decode_attention_jvp {name}", lambda q=q, k=k, v=v, s=slots, n=lengths:
+                          decode_attention_jvp(q, q, k, v, k, v, s, n)))
+    return cases
+
+
+def compile_all(arch: int = 90, sms: int = 132, cases=None) -> tuple[list[CompiledKernel], list[tuple[str, str]]]:
+    """Compile every case for ``sm_<arch>`` with GPU plans for ``sms`` SMs (H100 SXM: 132).
+
+    ``cases``: ``(label, thunk)`` pairs, each thunk launching Triton kernels on CPU tensors; by
+    default the sampling and decode-attention cases of the module docstring.
+
+    Returns ``(compiled, failures)``: one :class:`CompiledKernel` per distinct specialisation, and
+    ``(case, error)`` for each case whose compilation raised.
+    """
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("adfast.compile_check needs TRITON_INTERPRET unset: the interpreter replaces triton.jit")
+    compiled, failures, case = [], [], [""]
+    with _compile_instead_of_launch(arch, sms, compiled, case):
+        for label, thunk in (_sampling_cases() + _attention_cases() if cases is None else cases):
+            case[0] = label
+            try:
+                thunk()
+            except Exception as error:  # reported with the case that raised it
+                failures.append((label, f"{type(error).__name__}: {error}"))
+    return compiled, failures
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (H100: 90)")
+    parser.add_argument("--sms", type=int, default=132, help="SM count the launch plans assume (H100 SXM: 132)")
+    parser.add_argument("--json", help="write the report here")
+    args = parser.parse_args(argv)
+    import triton
+
+    compiled, failures = compile_all(args.arch, args.sms)
+    print(f"triton {triton.__version__}, sm_{args.arch}, {args.sms} SMs: {len(compiled)} specialisations compiled, "
+          f"{len(failures)} cases failed")
+    print(f"{'kernel':<24} {'warps':>5} {'regs':>5} {'local':>5} {'smem':>6}  constexprs (first case)")
+    for k in compiled:
+        print(f"{k.kernel:<24} {k.num_warps:>5} {k.registers!s:>5} {k.local_bytes!s:>5} {k.shared_bytes:>6}  "
+              f"{k.constexprs} ({k.case})")
+    spills = [k for k in compiled if k.local_bytes]
+    for k in spills:
+        print(f"SPILL: {k.kernel} uses {k.local_bytes} bytes of local memory per thread ({k.case})")
+    for label, error in failures:
+        print(f"FAILED: {label}: {error}")
+    if args.json:
+        report = dict(triton=triton.__version__, arch=args.arch, sms=args.sms,
+                      compiled=[asdict(k) for k in compiled], failures=failures)
+        pathlib.Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+    return 1 if failures or spills else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

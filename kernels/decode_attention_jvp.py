@@ -1,0 +1,335 @@
+"""Split-K decode attention with its forward-mode tangent (JVP): one new query per row over its
+slot's live cache, and the derivative of that attention along a tangent of q, K and V.
+
+The tangent twin of :mod:`adfast.kernels.decode_attention` (same layout, plan and two stages).
+
+Shapes (one layer; ``C`` weight copies, ``B`` rows, ``H`` query heads, ``KV`` key/value heads,
+``GROUP = H // KV``, ``D`` head dim, ``S = max_seq_len``)::
+
+    q, dq                        [C, B, 1, H, D]              same float dtype (dq: q's tangent)
+    k_cache, v_cache             [C, max_batch, S + 1, KV, D]  fp32 / bf16 / fp16 (any strides, last dim 1)
+    dk_cache, dv_cache           [C, max_batch, S + 1, KV, D]  the caches' tangents, same shape and dtype
+    slots                        [B]  int               cache slot of row b
+    lengths                      [B]  int               live positions of row b (= query_pos[b, 0] + 1, >= 1)
+    out, dout                    [C, B, 1, H, D]        q's dtype
+
+Math, for copy ``c``, row ``b``, head ``h`` (kv head ``j = h // GROUP``), ``n < L = lengths[b]``,
+``K_n = K[c, slots[b], n, j]`` (likewise ``V_n``, ``dK_n``, ``dV_n``), ``q = q[c, b, 0, h]``::
+
+    s_n   = <q, K_n> / sqrt(D)
+    ds_n  = (<dq, K_n> + <q, dK_n>) / sqrt(D)
+    p     = softmax(s)
+    out   = sum_n p_n V_n
+    dout  = sum_n p_n (ds_n - sum_m p_m ds_m) V_n + sum_n p_n dV_n
+          = sum_n p_n (ds_n V_n + dV_n) - (sum_n p_n ds_n) out
+
+Stage 1 (:func:`_decode_jvp_partials`, grid ``(C * B * KV, num_splits)``): program ``(p, s)``
+with ``p = (c * B + b) * KV + j`` takes all GROUP query heads of kv head ``j`` together as
+``[GROUP_PAD, HEAD_PAD]`` tiles of q and dq (``GROUP_PAD = max(16, next_pow2(GROUP))``,
+``HEAD_PAD = max(16, next_pow2(D))``: any head dim, e.g. 8 or 80; padded rows and columns are
+zero, masked on load, never stored), so that every K, dK, V, dV block is loaded once for the
+whole group and all six products (``q K^T``, ``dq K^T + q dK^T``, ``P V``, ``(P ds) V + P dV``)
+run on ``tl.dot`` (M >= 16 on tensor cores; fp32 caches use ``input_precision="ieee"``, no TF32;
+there the products are added rather than chained through ``tl.dot``'s accumulator, which crashed
+LLVM's SLP vectorizer when compiling for sm_90 with triton 3.9). q and dq are cast
+to the cache dtype first, as the primal kernel casts q. Under the Triton interpreter (CPU tensors)
+``tl.dot`` on bf16/fp16 operands returns garbage (triton 3.9), so there the operands (already
+rounded to the cache dtype) are upcast to fp32 and multiplied in IEEE fp32: the same products,
+exact in fp32, matching the GPU's bf16/fp16 MMA with fp32 accumulation up to summation order
+(but the interpreter converts fp32 to bf16 by truncation, not round-to-nearest as the GPU does, so
+its bf16 results are somewhat less accurate than the GPU's).
+It walks positions ``[s * chunk, min((s + 1) * chunk, L))`` in ``BLOCK_N`` blocks (loads masked
+to ``n < L``: a position ``>= L`` is never read, and a split with ``s * chunk >= L`` runs no
+iteration and stores nothing), keeping in float32, with ``e_n = 2^(s_n log2(e) - m)``::
+
+    m       running max of s_n log2(e)            [GROUP_PAD]
+    l       sum_n e_n                             [GROUP_PAD]
+    acc_ds  sum_n e_n ds_n                        [GROUP_PAD]
+    acc_o   sum_n e_n V_n                         [GROUP_PAD, HEAD_PAD]
+    acc_t   sum_n e_n (ds_n V_n + dV_n)           [GROUP_PAD, HEAD_PAD]
+
+(all rescaled by ``2^(m_old - m_new)`` when the max moves) and writes their GROUP live rows to a
+float32 workspace. ``e`` and ``e * ds`` are cast to V's dtype for the products with V and dV (as
+flash-attention casts P), so bf16/fp16 caches see bf16/fp16 rounding of them; ``l`` and
+``acc_ds`` are summed from the float32 values.
+
+Stage 2 (:func:`_decode_jvp_merge`, grid ``(C * B * H,)``) reads the ``ceil(L / chunk)`` live
+splits of its head, weights split ``s`` by ``w_s = 2^(m_s - M)`` (``M = max_s m_s``), and with
+``Z = sum_s w_s l_s`` writes, in q's dtype::
+
+    out   = sum_s w_s acc_o_s / Z
+    dout  = sum_s w_s acc_t_s / Z - (sum_s w_s acc_ds_s / Z) * out     (out unrounded, float32)
+
+Bytes: the live K, V, dK and dV rows, ``4 * C * KV * D * itemsize * sum_b L_b`` (the blocks
+round up to ``BLOCK_N`` only in masked lanes, which load nothing), plus q, dq, out and dout, plus
+the workspace (``C * B * KV * splits * GROUP * (2 D + 3) * 4`` written and read once). Nothing
+scales with ``max_seq_len`` except the number of (empty) programs.
+
+Splits: the plan of :mod:`adfast.kernels.decode_attention` (``chunk`` a multiple of ``BLOCK_N``,
+fixed from ``max_seq_len`` so that ``C * B * KV * splits`` programs cover the GPU about four
+times, at least 256 positions per split), so the launch is free of host syncs and CUDA-graph safe.
+On the GPU ``BLOCK_N`` is 32 rather than the primal's 64 (each block holds four
+``[BLOCK_N, HEAD_PAD]`` tiles, K, dK, V, dV, and two ``[GROUP_PAD, HEAD_PAD]`` accumulators),
+and 16 with 8 warps for fp32 caches, whose IEEE products run on FMA units (compiled for sm_90:
+about 200 registers a thread at D = 128 for fp32, 130 with 4 warps for bf16/fp16, no spills;
+untuned: not yet measured on a GPU). On CPU (Triton interpreter) a small ``BLOCK_N`` and at most
+4 splits keep tests fast while still crossing block and split boundaries.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import split as launch_plan
+from .decode_attention import _plan
+
+LOG2E = 1.4426950408889634
+GPU_BLOCK_N = 32  # bf16 / fp16 caches on a GPU (tensor-core products)
+GPU_BLOCK_N_FP32, GPU_WARPS_FP32 = 16, 8  # fp32 caches on a GPU (IEEE fp32 products: FMA, many registers)
+CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _decode_jvp_partials(
+    q_ptr, dq_ptr, k_ptr, v_ptr, dk_ptr, dv_ptr, slots_ptr, lengths_ptr,
+    part_m_ptr, part_l_ptr, part_ds_ptr, part_o_ptr, part_t_ptr,
+    batch, kv_heads, chunk, num_splits, qk_scale, sm_scale,
+    sq_c, sq_b, sq_h,
+    sdq_c, sdq_b, sdq_h,
+    sk_c, sk_s, sk_n, sk_j,
+    sv_c, sv_s, sv_n, sv_j,
+    sdk_c, sdk_s, sdk_n, sdk_j,
+    sdv_c, sdv_s, sdv_n, sdv_j,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    j = pid % kv_heads
+    cb = pid // kv_heads
+    b = cb % batch
+    c = cb // batch
+    length = tl.load(lengths_ptr + b).to(tl.int32)
+    slot = tl.load(slots_ptr + b).to(tl.int64)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, length)
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_PAD)
+    gmask = g < GROUP
+    dmask = d < HEAD_DIM
+    qmask = gmask[:, None] & dmask[None, :]
+    c64 = c.to(tl.int64)
+    b64 = b.to(tl.int64)
+    j64 = j.to(tl.int64)
+    heads64 = (j * GROUP + g).to(tl.int64)[:, None]
+    q = tl.load(q_ptr + c64 * sq_c + b64 * sq_b + heads64 * sq_h + d[None, :], mask=qmask, other=0.0)
+    dq = tl.load(dq_ptr + c64 * sdq_c + b64 * sdq_b + heads64 * sdq_h + d[None, :], mask=qmask, other=0.0)
+    q = q.to(k_ptr.dtype.element_ty)
+    dq = dq.to(k_ptr.dtype.element_ty)
+    k_base = k_ptr + c64 * sk_c + slot * sk_s + j64 * sk_j
+    v_base = v_ptr + c64 * sv_c + slot * sv_s + j64 * sv_j
+    dk_base = dk_ptr + c64 * sdk_c + slot * sdk_s + j64 * sdk_j
+    dv_base = dv_ptr + c64 * sdv_c + slot * sdv_s + j64 * sdv_j
+
+    m_i = tl.full([GROUP_PAD], -float("inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    ds_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc_o = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
+    acc_t = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        nmask = n < hi
+        kv_mask = nmask[:, None] & dmask[None, :]
+        n64 = n.to(tl.int64)[:, None]
+        k = tl.load(k_base + n64 * sk_n + d[None, :], mask=kv_mask, other=0.0)
+        dk = tl.load(dk_base + n64 * sdk_n + d[None, :], mask=kv_mask, other=0.0)
+        if IEEE:  # fp32 operands (exact products of the cache-dtype values), no TF32
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+            ds = (tl.dot(dq.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+                  + tl.dot(q.to(tl.float32), tl.trans(dk.to(tl.float32)), input_precision="ieee"))
+        else:
+            s = tl.dot(q, tl.trans(k))
+            ds = tl.dot(dq, tl.trans(k))
+            ds = tl.dot(q, tl.trans(dk), ds)
+        s = tl.where(nmask[None, :], s * qk_scale, -float("inf"))  # log2 domain
+        ds = tl.where(nmask[None, :], ds * sm_scale, 0.0)  # natural units (the tangent of s / log2(e))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every block has a live position
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])  # [GROUP_PAD, BLOCK_N], 0 in masked lanes
+        pds = p * ds
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        ds_i = ds_i * alpha + tl.sum(pds, axis=1)
+        v = tl.load(v_base + n64 * sv_n + d[None, :], mask=kv_mask, other=0.0)
+        dv = tl.load(dv_base + n64 * sdv_n + d[None, :], mask=kv_mask, other=0.0)
+        acc_o = acc_o * alpha[:, None]
+        acc_t = acc_t * alpha[:, None]
+        if IEEE:
+            pc = p.to(v.dtype).to(tl.float32)
+            acc_o += tl.dot(pc, v.to(tl.float32), input_precision="ieee")  # as the primal kernel
+            acc_t += (tl.dot(pds.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+                      + tl.dot(pc, dv.to(tl.float32), input_precision="ieee"))
+        else:
+            pc = p.to(v.dtype)
+            acc_o += tl.dot(pc, v)
+            acc_t = tl.dot(pds.to(v.dtype), v, acc_t)
+            acc_t = tl.dot(pc, dv, acc_t)
+        m_i = m_new
+
+    smask = gmask & (lo + g * 0 < length)  # nothing stored by splits past the row's length
+    row = (pid.to(tl.int64) * num_splits + split) * GROUP + g
+    tl.store(part_m_ptr + row, m_i, mask=smask)
+    tl.store(part_l_ptr + row, l_i, mask=smask)
+    tl.store(part_ds_ptr + row, ds_i, mask=smask)
+    wmask = smask[:, None] & dmask[None, :]
+    tl.store(part_o_ptr + row[:, None] * HEAD_DIM + d[None, :], acc_o, mask=wmask)
+    tl.store(part_t_ptr + row[:, None] * HEAD_DIM + d[None, :], acc_t, mask=wmask)
+
+
+@triton.jit
+def _decode_jvp_merge(
+    part_m_ptr, part_l_ptr, part_ds_ptr, part_o_ptr, part_t_ptr, lengths_ptr, out_ptr, dout_ptr,
+    batch, heads, chunk, num_splits,
+    so_c, so_b, so_h,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = pid % heads
+    cb = pid // heads
+    b = cb % batch
+    c = cb // batch
+    kv_heads = heads // GROUP
+    j = h // GROUP
+    g = h % GROUP
+    length = tl.load(lengths_ptr + b).to(tl.int32)
+    live = (length + chunk - 1) // chunk
+    s = tl.arange(0, SPLITS_PAD)
+    smask = s < live
+    d = tl.arange(0, HEAD_PAD)
+    dmask = d < HEAD_DIM
+    rmask = smask[:, None] & dmask[None, :]
+    idx = ((cb.to(tl.int64) * kv_heads + j) * num_splits + s) * GROUP + g  # [SPLITS_PAD]
+    m = tl.load(part_m_ptr + idx, mask=smask, other=-float("inf"))
+    l = tl.load(part_l_ptr + idx, mask=smask, other=0.0)
+    acc_ds = tl.load(part_ds_ptr + idx, mask=smask, other=0.0)
+    acc_o = tl.load(part_o_ptr + idx[:, None] * HEAD_DIM + d[None, :], mask=rmask, other=0.0)
+    acc_t = tl.load(part_t_ptr + idx[:, None] * HEAD_DIM + d[None, :], mask=rmask, other=0.0)
+    m_max = tl.max(m, axis=0)
+    w = tl.where(smask, tl.exp2(m - m_max), 0.0)
+    den = tl.sum(l * w, axis=0)
+    out = tl.sum(acc_o * w[:, None], axis=0) / den  # as the primal kernel
+    mean_ds = tl.sum(acc_ds * w, axis=0) / den
+    dout = tl.sum(acc_t * w[:, None], axis=0) / den - mean_ds * out
+    o_off = c.to(tl.int64) * so_c + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h
+    tl.store(out_ptr + o_off + d, out.to(out_ptr.dtype.element_ty), mask=dmask)
+    tl.store(dout_ptr + o_off + d, dout.to(dout_ptr.dtype.element_ty), mask=dmask)
+
+
+def _check_inputs(q, dq, k_cache, v_cache, dk_cache, dv_cache, slots, lengths) -> None:
+    """Raise ValueError for inputs the kernel cannot take (shapes, dtypes, strides, devices)."""
+    tensors = dict(q=q, dq=dq, k_cache=k_cache, v_cache=v_cache, dk_cache=dk_cache, dv_cache=dv_cache,
+                   slots=slots, lengths=lengths)
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    devices = {t.device for t in tensors.values()}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+    if q.dim() != 5:
+        raise ValueError(f"q must be [C, B, 1, H, D], got shape {tuple(q.shape)}")
+    num_copies, batch, seq, heads, head_dim = q.shape
+    if seq != 1:
+        raise ValueError(f"decode_attention_jvp handles one query per row (T == 1), got T = {seq}")
+    if not q.is_floating_point():
+        raise ValueError(f"q must be a floating tensor, got {q.dtype}")
+    if dq.shape != q.shape or dq.dtype != q.dtype:
+        raise ValueError(f"dq must match q ({tuple(q.shape)}, {q.dtype}), got {tuple(dq.shape)}, {dq.dtype}")
+    if head_dim < 1:
+        raise ValueError(f"head_dim must be >= 1, got {head_dim}")
+    if k_cache.dim() != 5:
+        raise ValueError(f"k_cache must be [C, max_batch, max_seq_len + 1, KV, D], got shape {tuple(k_cache.shape)}")
+    if k_cache.dtype not in CACHE_DTYPES:
+        raise ValueError(f"cache dtype must be one of {CACHE_DTYPES}, got {k_cache.dtype}")
+    for name, t in (("v_cache", v_cache), ("dk_cache", dk_cache), ("dv_cache", dv_cache)):
+        if t.shape != k_cache.shape or t.dtype != k_cache.dtype:
+            raise ValueError(f"{name} must match k_cache ({tuple(k_cache.shape)}, {k_cache.dtype}), "
+                             f"got {tuple(t.shape)}, {t.dtype}")
+    if k_cache.shape[0] != num_copies:
+        raise ValueError(f"caches hold {k_cache.shape[0]} copies, q has {num_copies}")
+    if k_cache.shape[4] != head_dim:
+        raise ValueError(f"caches have head_dim {k_cache.shape[4]}, q has {head_dim}")
+    if k_cache.shape[2] < 2:
+        raise ValueError(f"caches need max_seq_len + 1 >= 2 positions, got {k_cache.shape[2]}")
+    kv_heads = k_cache.shape[3]
+    if kv_heads < 1 or heads % kv_heads:
+        raise ValueError(f"query heads ({heads}) must be a multiple of kv heads ({kv_heads})")
+    for name, t in tensors.items():
+        if name not in ("slots", "lengths") and t.stride(4) != 1:
+            raise ValueError(f"{name} must have a unit stride in its last (head_dim) dimension")
+    for name, t in (("slots", slots), ("lengths", lengths)):
+        if t.shape != (batch,):
+            raise ValueError(f"{name} must be [B] = [{batch}], got shape {tuple(t.shape)}")
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
+
+
+def decode_attention_jvp(q: torch.Tensor, dq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         dk_cache: torch.Tensor, dv_cache: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
+                         num_splits: int | None = None,
+                         block_n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention of ``q [C, B, 1, H, D]`` over positions ``< lengths[b]`` of cache slot
+    ``slots[b]`` (caches ``[C, max_batch, max_seq_len + 1, KV, D]``), grouped-query, scale
+    ``1 / sqrt(D)``, and its tangent along ``(dq, dk_cache, dv_cache)``.
+
+    Returns ``(out, dout)``, each ``[C, B, 1, H, D]`` in q's dtype. ``lengths`` must be in
+    ``[1, max_seq_len]`` (not checked: that would sync with the device). ``num_splits``/``block_n``
+    override the plan (tests, tuning). Same result as :func:`adfast.decoder.attend_jvp` with
+    ``query_pos = (lengths - 1)[:, None]``; ``out`` is :func:`adfast.kernels.decode_attention.
+    decode_attention`'s. Raises ValueError for malformed inputs.
+    """
+    _check_inputs(q, dq, k_cache, v_cache, dk_cache, dv_cache, slots, lengths)
+    num_copies, batch, _, heads, head_dim = q.shape
+    kv_heads = k_cache.shape[3]
+    group = heads // kv_heads
+    head_pad = max(16, triton.next_power_of_2(head_dim))
+    max_seq_len = k_cache.shape[2] - 1
+    slots = slots.contiguous()
+    lengths = lengths.contiguous()
+
+    programs = num_copies * batch * kv_heads
+    interpreted = launch_plan.multiprocessor_count(q.device) is None
+    fp32 = k_cache.dtype == torch.float32
+    if block_n is None and not interpreted:
+        block_n = GPU_BLOCK_N_FP32 if fp32 else GPU_BLOCK_N
+    splits, chunk, block_n, num_warps = _plan(programs, max_seq_len, q.device, num_splits, block_n)
+    if fp32 and not interpreted:
+        num_warps = GPU_WARPS_FP32
+    rows = programs * splits * group
+    part_m = torch.empty(rows, device=q.device, dtype=torch.float32)
+    part_l = torch.empty_like(part_m)
+    part_ds = torch.empty_like(part_m)
+    part_o = torch.empty(rows * head_dim, device=q.device, dtype=torch.float32)
+    part_t = torch.empty_like(part_o)
+    out = torch.empty((num_copies, batch, 1, heads, head_dim), device=q.device, dtype=q.dtype)
+    dout = torch.empty_like(out)
+
+    _decode_jvp_partials[(programs, splits)](
+        q, dq, k_cache, v_cache, dk_cache, dv_cache, slots, lengths,
+        part_m, part_l, part_ds, part_o, part_t,
+        batch, kv_heads, chunk, splits, LOG2E / head_dim ** 0.5, 1.0 / head_dim ** 0.5,
+        q.stride(0), q.stride(1), q.stride(3),
+        dq.stride(0), dq.stride(1), dq.stride(3),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
+        dk_cache.stride(0), dk_cache.stride(1), dk_cache.stride(2), dk_cache.stride(3),
+        dv_cache.stride(0), dv_cache.stride(1), dv_cache.stride(2), dv_cache.stride(3),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, HEAD_PAD=head_pad,
+        BLOCK_N=block_n, IEEE=fp32 or interpreted, num_warps=num_warps,
+    )
+    _decode_jvp_merge[(num_copies * batch * heads,)](
+        part_m, part_l, part_ds, part_o, part_t, lengths, out, dout,
+        batch, heads, chunk, splits,
+        out.stride(0), out.stride(1), out.stride(3),
+        GROUP=group, HEAD_DIM=head_dim, HEAD_PAD=head_pad, SPLITS_PAD=max(2, triton.next_power_of_2(splits)),
+        num_warps=4,
+    )
+    return out, dout

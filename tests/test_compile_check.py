@@ -1,0 +1,102 @@
+"""Every Triton kernel compiles for an H100 (sm_90) with its GPU launch plan, without spilling.
+
+The kernels' other tests run them in the Triton interpreter, which accepts programs the compiler
+rejects and never sees the GPU plans. :mod:`adfast.compile_check` compiles them for real (Triton's
+LLVM and bundled ptxas; no GPU needed). It runs in a subprocess because the interpreter, which
+conftest turns on for this process, replaces ``triton.jit`` at import.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+KERNELS = {"_fused_sample_partials", "_fused_sample_merge", "_adjusted_partials", "_adjusted_write",
+           "_decode_partials", "_decode_merge", "_decode_jvp_partials", "_decode_jvp_merge"}
+
+
+def run_python(code: str, tmp_path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile for real, not from an old cache
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("compile")
+    done = run_python(f"""
+        import sys
+        from adfast.compile_check import main
+        sys.exit(main(["--arch", "90", "--sms", "132", "--json", {str(tmp / "report.json")!r}]))
+    """, tmp)
+    assert (tmp / "report.json").exists(), done.stdout + done.stderr
+    return done, json.loads((tmp / "report.json").read_text())
+
+
+def test_every_kernel_compiles_for_sm90_without_spills(report):
+    done, data = report
+    assert data["failures"] == [], data["failures"]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert {k["kernel"] for k in data["compiled"]} == KERNELS
+    for k in data["compiled"]:
+        if k["registers"] is not None:  # cuobjdump ships with triton's NVIDIA backend
+            assert k["local_bytes"] == 0, k
+            assert 0 < k["registers"] <= 255, k
+        assert k["shared_bytes"] <= 227 * 1024, k  # H100's per-block limit
+
+
+def test_gpu_plans_were_compiled(report):
+    """The GPU plans, not the interpreter's: 1024-wide vocabulary blocks, 64-position attention
+    blocks, and the bf16/fp16 tensor-core products (``IEEE`` off) next to the fp32 ones."""
+    compiled = report[1]["compiled"]
+    blocks = {k["constexprs"]["BLOCK"] for k in compiled if "BLOCK" in k["constexprs"]}
+    assert blocks == {1024}
+    partials = [k["constexprs"] for k in compiled if k["kernel"] == "_decode_partials"]
+    assert {c["BLOCK_N"] for c in partials} == {64}
+    assert {c["IEEE"] for c in partials} == {True, False}
+    assert {(c["GROUP"], c["HEAD_DIM"], c["HEAD_PAD"]) for c in partials} == {
+        (7, 128, 128), (8, 128, 128), (3, 64, 64), (2, 8, 16)}
+    modes = {(c["HAS_PROXY"], c["SHIFT"], c["PERMUTE"], c["EXACT_D"])
+             for c in (k["constexprs"] for k in compiled if k["kernel"] == "_fused_sample_partials")}
+    assert modes == {(False, False, False, False), (True, True, False, False), (True, False, False, False),
+                     (True, True, True, False), (True, False, False, True)}
+
+
+def test_a_kernel_the_interpreter_accepts_but_the_compiler_rejects_is_reported(tmp_path):
+    """A global read inside a kernel without ``constexpr``: fine in the interpreter, a compile error."""
+    (tmp_path / "bad_kernel.py").write_text(textwrap.dedent("""
+        import triton
+        import triton.language as tl
+
+        SCALE = 2.0
+
+        @triton.jit
+        def scale_kernel(x_ptr, n, BLOCK: tl.constexpr):
+            offs = tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + offs, mask=offs < n)
+            tl.store(x_ptr + offs, x * SCALE, mask=offs < n)
+
+        @triton.jit
+        def double_kernel(x_ptr, n, BLOCK: tl.constexpr):
+            offs = tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + offs, mask=offs < n)
+            tl.store(x_ptr + offs, x * 2.0, mask=offs < n)
+    """))
+    done = run_python("""
+        import json, sys, torch
+        sys.path.insert(0, ".")
+        from bad_kernel import double_kernel, scale_kernel
+        from adfast.compile_check import compile_all
+        x = torch.zeros(100)
+        compiled, failures = compile_all(cases=[("bad", lambda: scale_kernel[(1,)](x, 100, BLOCK=128)),
+                                                ("good", lambda: double_kernel[(1,)](x, 100, BLOCK=128))])
+        print(json.dumps(dict(compiled=[k.kernel for k in compiled], failures=failures)))
+    """, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["compiled"] == ["double_kernel"]
+    assert [label for label, _ in result["failures"]] == ["bad"]
+    assert "SCALE" in result["failures"][0][1]
