@@ -19,7 +19,8 @@ a kernel fails to compile or spills. Needs ``TRITON_INTERPRET`` unset (the inter
 151936) at batch 1 and 64 in every sampling mode and logit dtype, and decode attention (primal
 and tangent) for the 7B teacher (28 heads over 4), the 3B proxy pair (16 over 2, two copies),
 SmolLM2 (9 over 3, head dim 64) and the tests' tiny models (4 over 2, head dim 8, padded to 16)
-with bf16, fp16 and fp32 caches.
+with bf16, fp16 and fp32 caches, and the fused layer kernels (norms, rotary with the cache write,
+gated activation, and their tangents) at the same models' widths.
 """
 from __future__ import annotations
 
@@ -176,6 +177,43 @@ def _attention_cases():
     return cases
 
 
+# (label, copies, hidden, MLP width, heads, kv heads, head dim)
+LAYER_SHAPES = (("teacher-7b", 1, 3584, 18944, 28, 4, 128), ("proxy-pair-3b", 2, 2048, 11008, 16, 2, 128),
+                ("smollm2", 1, 576, 1536, 9, 3, 64), ("tiny-test-models", 2, 32, 64, 4, 2, 8))
+
+
+def _layer_cases():
+    """``(label, thunk)`` pairs driving the fused layer kernels (:mod:`adfast.layer_ops`) at decode
+    (64 rows of one token) and prefill (4 rows of 128) shapes, bf16 and fp32."""
+    from .layer_ops import _triton_ops
+
+    ops = _triton_ops()
+    cases = []
+    for label, copies, hidden, inter, heads, kv_heads, head_dim in LAYER_SHAPES:
+        for dtype in (torch.bfloat16, torch.float32):
+            for batch, seq in ((64, 1), (4, 128)):
+                name = f"{label} {str(dtype).split('.')[1]} {batch}x{seq}"
+                x = torch.empty(copies, batch * seq, hidden, dtype=dtype)
+                w = torch.empty(copies, hidden, dtype=dtype)
+                gate_up = torch.empty(copies, batch * seq, 2 * inter, dtype=dtype)
+                qkv = torch.empty(copies, batch * seq, (heads + 2 * kv_heads) * head_dim, dtype=dtype)
+                cos = torch.empty(batch, seq, head_dim)
+                cache = torch.empty(copies, batch, 4097, kv_heads, head_dim, dtype=dtype)
+                slots, pos = torch.arange(batch), torch.zeros(batch, seq, dtype=torch.int64)
+                cases += [
+                    (f"add_rms_norm {name}", lambda x=x, w=w: ops.add_rms_norm(x, w, 1e-6, x)),
+                    (f"add_rms_norm_jvp {name}", lambda x=x, w=w: ops.add_rms_norm_jvp(x, x, w, w, 1e-6, x, x)),
+                    (f"silu_mul {name}", lambda g=gate_up: ops.silu_mul(g)),
+                    (f"silu_mul_jvp {name}", lambda g=gate_up: ops.silu_mul_jvp(g, g)),
+                    (f"rope_and_cache_write {name}", lambda a=(qkv, cos, cos, cache, cache, slots, pos, heads, kv_heads):
+                     ops.rope_and_cache_write(*a)),
+                    (f"rope_and_cache_write_jvp {name}",
+                     lambda a=(qkv, qkv, cos, cos, cache, cache, cache, cache, slots, pos, heads, kv_heads):
+                     ops.rope_and_cache_write_jvp(*a)),
+                ]
+    return cases
+
+
 def compile_all(arch: int = 90, sms: int = 132, cases=None) -> tuple[list[CompiledKernel], list[tuple[str, str]]]:
     """Compile every case for ``sm_<arch>`` with GPU plans for ``sms`` SMs (H100 SXM: 132).
 
@@ -189,7 +227,7 @@ def compile_all(arch: int = 90, sms: int = 132, cases=None) -> tuple[list[Compil
         raise RuntimeError("adfast.compile_check needs TRITON_INTERPRET unset: the interpreter replaces triton.jit")
     compiled, failures, case = [], [], [""]
     with _compile_instead_of_launch(arch, sms, compiled, case):
-        for label, thunk in (_sampling_cases() + _attention_cases() if cases is None else cases):
+        for label, thunk in (_sampling_cases() + _attention_cases() + _layer_cases() if cases is None else cases):
             case[0] = label
             try:
                 thunk()

@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layer_ops import compute_dtype, layer_ops
 from .low_rank import LowRankGradient
 
 try:
@@ -163,11 +164,6 @@ class DecoderConfig:
         )
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 activations, else float32: the dtype of norms, rotary tables and softmax."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def rope_inv_freq(config: DecoderConfig, dtype: torch.dtype) -> torch.Tensor:
     """Inverse frequencies ``[D / 2]`` in ``dtype``, with transformers' formulas (and, in float32, its rounding).
 
@@ -190,27 +186,6 @@ def rope_inv_freq(config: DecoderConfig, dtype: torch.dtype) -> torch.Tensor:
         medium = ~(wavelen < context / high) & ~(wavelen > context / low)
         return torch.where(medium, smoothed, scaled)
     return inv_freq
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``weight * x / sqrt(mean(x^2) + eps)`` for ``x [C, N, E]``, ``weight [C, E]``.
-
-    The statistics are taken in float32 (float64 for float64 ``x``), the product in ``x``'s dtype.
-    """
-    h = x.to(compute_dtype(x.dtype))
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight[:, None] * h.to(x.dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [C, B, T, heads, D]`` by the angles of ``cos, sin [B, T, D]``: ``x cos + rotate_half(x) sin``.
-
-    ``rotate_half(x) = (-x[D/2:], x[:D/2])`` (the half-split convention of transformers'
-    Llama); the tables are cast to ``x``'s dtype first, as transformers does.
-    """
-    cos, sin = cos[None, :, :, None].to(x.dtype), sin[None, :, :, None].to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -282,18 +257,6 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots:
 # its tangent (d/dh at h = 0 of the value at weights ``theta + h g``) to the output and its tangent.
 # Plain torch ops (each a kernel of its own on the GPU; fusing them is open work), except CUDA decode
 # attention, which runs a Triton kernel (attend_jvp).
-
-
-def rms_norm_jvp(x: torch.Tensor, dx: torch.Tensor, weight: torch.Tensor, dweight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`rms_norm` and its tangent: with ``r = rsqrt(mean(x^2) + eps)``, ``y = w x r`` and
-    ``dy = dw x r + w r (dx - x r^2 mean(x dx))``, statistics in float32 (float64 for float64)."""
-    h, dh = x.to(compute_dtype(x.dtype)), dx.to(compute_dtype(x.dtype))
-    r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    normed = h * r
-    dnormed = r * (dh - h * (r * r) * (h * dh).mean(-1, keepdim=True))
-    normed, dnormed = normed.to(x.dtype), dnormed.to(x.dtype)
-    return weight[:, None] * normed, dweight[:, None] * normed + weight[:, None] * dnormed
 
 
 @dataclass(frozen=True)
@@ -518,6 +481,9 @@ class Decoder(nn.Module):
         self.lm_head = self.embed if config.tie_word_embeddings else param(config.vocab_size, config.hidden_size)
         self.cache: KVCache | None = None
         self.tangent_weights: dict[str, torch.Tensor | FactoredTangent] | None = None
+        # The layers' elementwise chains: None runs the Triton kernels on CUDA and PyTorch elsewhere;
+        # True / False force one (adfast.layer_ops.layer_ops).
+        self.fused: bool | None = None
 
     # ----------------------------------------------------------------------------------- loading
 
@@ -818,29 +784,34 @@ class Decoder(nn.Module):
             return self._forward_tangent(tokens, slots, n, start, write_pos, query_pos, cos, sin, last_only)
 
         copies, heads, kv_heads, head_dim = self.num_copies, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        eps = cfg.rms_norm_eps
         x = self.embed[:, tokens].view(copies, batch * seq, cfg.hidden_size)
+        ops = layer_ops(x, self.fused)
+        mlp_out = None  # each layer's MLP output joins the residual stream in the next norm
         for i, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.attention_norm, cfg.rms_norm_eps)
-            q, k, v = linear(h, layer.wqkv, layer.bqkv).split(
-                [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-            q = apply_rope(q.view(copies, batch, seq, heads, head_dim), cos, sin)
-            k = apply_rope(k.view(copies, batch, seq, kv_heads, head_dim), cos, sin)
-            cache.k[i][:, slots[:, None], write_pos] = k.to(cache.k.dtype)
-            cache.v[i][:, slots[:, None], write_pos] = v.view(copies, batch, seq, kv_heads, head_dim).to(cache.v.dtype)
+            x, h = ops.add_rms_norm(x, layer.attention_norm, eps, mlp_out)
+            q = ops.rope_and_cache_write(linear(h, layer.wqkv, layer.bqkv), cos, sin, cache.k[i], cache.v[i], slots,
+                                         write_pos, heads, kv_heads)
             out = attend(q, cache.k[i], cache.v[i], slots, query_pos)
-            x = x + linear(out.reshape(copies, batch * seq, heads * head_dim), layer.wo, layer.bo)
-            h = rms_norm(x, layer.ffn_norm, cfg.rms_norm_eps)
-            gate, up = linear(h, layer.w_gate_up, layer.b_gate_up).chunk(2, dim=-1)
-            x = x + linear(F.silu(gate) * up, layer.w_down, layer.b_down)
+            x, h = ops.add_rms_norm(x, layer.ffn_norm, eps,
+                                    linear(out.reshape(copies, batch * seq, heads * head_dim), layer.wo, layer.bo))
+            mlp_out = linear(ops.silu_mul(linear(h, layer.w_gate_up, layer.b_gate_up)), layer.w_down, layer.b_down)
         cache.lengths[slots] = (start + n).clamp(max=cache.max_seq_len)
 
-        x = x.view(copies, batch, seq, cfg.hidden_size)
-        if last_only:
-            x = x[:, torch.arange(batch, device=x.device), (n - 1).clamp(min=0)][:, :, None]
-        out_seq = x.shape[2]
-        logits = linear(rms_norm(x.reshape(copies, batch * out_seq, -1), self.norm, cfg.rms_norm_eps), self.lm_head)
-        logits = logits.view(copies, batch, out_seq, cfg.vocab_size)
+        x, mlp_out = self._output_rows(x, mlp_out, n=n, last_only=last_only)
+        _, h = ops.add_rms_norm(x, self.norm, eps, mlp_out)
+        logits = linear(h, self.lm_head).view(copies, batch, -1, cfg.vocab_size)
         return logits if logits.dtype == torch.float64 else logits.float()
+
+    @staticmethod
+    def _output_rows(*streams, n: torch.Tensor, last_only: bool):
+        """The rows of each ``[C, B T, E]`` stream (None stays None) whose logits are returned: all of
+        them, or with ``last_only`` each row's last real token (row ``b T + n_b - 1``), ``[C, B, E]``."""
+        batch = n.shape[0]
+        if not last_only:
+            return streams
+        rows = torch.arange(batch, device=n.device) * (streams[0].shape[1] // batch) + (n - 1).clamp(min=0)
+        return tuple(None if s is None else s[:, rows] for s in streams)
 
     def _forward_tangent(self, tokens, slots, n, start, write_pos, query_pos, cos, sin, last_only: bool):
         """The body of ``forward(..., tangent=True)``: the primal pass of :meth:`forward` with tangents."""
@@ -851,45 +822,31 @@ class Decoder(nn.Module):
         x = self.embed[:, tokens].view(copies, batch * seq, cfg.hidden_size)
         dx = (g["embed"].rows(tokens) if isinstance(g["embed"], FactoredTangent)
               else g["embed"][:, tokens]).reshape(copies, batch * seq, cfg.hidden_size)
+        ops = layer_ops(x, self.fused)
+        mlp_out = dmlp_out = None  # each layer's MLP output joins the residual stream in the next norm
         for i, layer in enumerate(self.layers):
             prefix = f"layers.{i}."
             d = {name[len(prefix):]: value for name, value in g.items() if name.startswith(prefix)}.get
-            h, dh = rms_norm_jvp(x, dx, layer.attention_norm, d("attention_norm"), eps)
+            x, dx, h, dh = ops.add_rms_norm_jvp(x, dx, layer.attention_norm, d("attention_norm"), eps, mlp_out,
+                                                dmlp_out)
             qkv, dqkv = linear_jvp(h, dh, layer.wqkv, d("wqkv"), layer.bqkv, d("bqkv"))
-            sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
-            (q, k, v), (dq, dk, dv) = qkv.split(sizes, dim=-1), dqkv.split(sizes, dim=-1)
-            q = apply_rope(q.reshape(copies, batch, seq, heads, head_dim), cos, sin)
-            dq = apply_rope(dq.reshape(copies, batch, seq, heads, head_dim), cos, sin)
-            k = apply_rope(k.reshape(copies, batch, seq, kv_heads, head_dim), cos, sin)
-            dk = apply_rope(dk.reshape(copies, batch, seq, kv_heads, head_dim), cos, sin)
-            for buffer, value in ((cache.k, k), (cache.dk, dk), (cache.v, v), (cache.dv, dv)):
-                buffer[i][:, slots[:, None], write_pos] = value.reshape(
-                    copies, batch, seq, kv_heads, head_dim).to(buffer.dtype)
+            q, dq = ops.rope_and_cache_write_jvp(qkv, dqkv, cos, sin, cache.k[i], cache.v[i], cache.dk[i],
+                                                 cache.dv[i], slots, write_pos, heads, kv_heads)
             out, dout = attend_jvp(q, dq, cache.k[i], cache.v[i], cache.dk[i], cache.dv[i], slots, query_pos)
             o, do = linear_jvp(out.reshape(copies, batch * seq, heads * head_dim),
                                dout.reshape(copies, batch * seq, heads * head_dim), layer.wo, d("wo"),
                                layer.bo, d("bo"))
-            x, dx = x + o, dx + do
-            h, dh = rms_norm_jvp(x, dx, layer.ffn_norm, d("ffn_norm"), eps)
+            x, dx, h, dh = ops.add_rms_norm_jvp(x, dx, layer.ffn_norm, d("ffn_norm"), eps, o, do)
             gate_up, dgate_up = linear_jvp(h, dh, layer.w_gate_up, d("w_gate_up"), layer.b_gate_up, d("b_gate_up"))
-            (gate, up), (dgate, dup) = gate_up.chunk(2, dim=-1), dgate_up.chunk(2, dim=-1)
-            sig = torch.sigmoid(gate)
-            act = F.silu(gate)
-            dact = sig * (1 + gate * (1 - sig)) * dgate  # silu'(a) = s (1 + a (1 - s)), s = sigmoid(a)
-            o, do = linear_jvp(act * up, dact * up + act * dup, layer.w_down, d("w_down"), layer.b_down, d("b_down"))
-            x, dx = x + o, dx + do
+            act, dact = ops.silu_mul_jvp(gate_up, dgate_up)
+            mlp_out, dmlp_out = linear_jvp(act, dact, layer.w_down, d("w_down"), layer.b_down, d("b_down"))
         cache.lengths[slots] = (start + n).clamp(max=cache.max_seq_len)
 
-        x, dx = x.view(copies, batch, seq, cfg.hidden_size), dx.view(copies, batch, seq, cfg.hidden_size)
-        if last_only:
-            rows, last = torch.arange(batch, device=x.device), (n - 1).clamp(min=0)
-            x, dx = x[:, rows, last][:, :, None], dx[:, rows, last][:, :, None]
-        out_seq = x.shape[2]
-        h, dh = rms_norm_jvp(x.reshape(copies, batch * out_seq, -1), dx.reshape(copies, batch * out_seq, -1),
-                             self.norm, g["norm"], eps)
+        x, dx, mlp_out, dmlp_out = self._output_rows(x, dx, mlp_out, dmlp_out, n=n, last_only=last_only)
+        _, _, h, dh = ops.add_rms_norm_jvp(x, dx, self.norm, g["norm"], eps, mlp_out, dmlp_out)
         logits, dlogits = linear_jvp(h, dh, self.lm_head, g["lm_head"])
-        logits = logits.view(copies, batch, out_seq, cfg.vocab_size)
-        dlogits = dlogits.view(copies, batch, out_seq, cfg.vocab_size)
+        logits = logits.view(copies, batch, -1, cfg.vocab_size)
+        dlogits = dlogits.view(copies, batch, -1, cfg.vocab_size)
         if logits.dtype != torch.float64:
             logits, dlogits = logits.float(), dlogits.float()
         return logits, dlogits
@@ -907,4 +864,4 @@ class Decoder(nn.Module):
 
 
 __all__ = ["Decoder", "DecoderConfig", "FactoredTangent", "KVCache", "attend", "attend_jvp", "linear_jvp",
-           "log_softmax_tangent", "rms_norm_jvp", "rope_inv_freq"]
+           "log_softmax_tangent", "rope_inv_freq"]

@@ -14,7 +14,8 @@ import textwrap
 import pytest
 
 KERNELS = {"_fused_sample_partials", "_fused_sample_merge", "_adjusted_partials", "_adjusted_write",
-           "_decode_partials", "_decode_merge", "_decode_jvp_partials", "_decode_jvp_merge"}
+           "_decode_partials", "_decode_merge", "_decode_jvp_partials", "_decode_jvp_merge",
+           "_add_rms_norm", "_add_rms_norm_jvp", "_silu_mul", "_rope_and_cache_write"}
 
 
 def run_python(code: str, tmp_path) -> subprocess.CompletedProcess:
@@ -50,10 +51,17 @@ def test_every_kernel_compiles_for_sm90_without_spills(report):
 
 def test_gpu_plans_were_compiled(report):
     """The GPU plans, not the interpreter's: 1024-wide vocabulary blocks, 64-position attention
-    blocks, and the bf16/fp16 tensor-core products (``IEEE`` off) next to the fp32 ones."""
+    blocks, the bf16/fp16 tensor-core products (``IEEE`` off) next to the fp32 ones, and the layer
+    kernels at every model's widths."""
     compiled = report[1]["compiled"]
-    blocks = {k["constexprs"]["BLOCK"] for k in compiled if "BLOCK" in k["constexprs"]}
-    assert blocks == {1024}
+    sampler = ("_fused_sample_partials", "_adjusted_partials", "_adjusted_write")
+    assert {k["constexprs"]["BLOCK"] for k in compiled if k["kernel"] in sampler} == {1024}
+    norm_blocks = {k["constexprs"]["BLOCK"] for k in compiled if k["kernel"].startswith("_add_rms_norm")}
+    assert norm_blocks == {4096, 2048, 1024, 32}  # whole rows of hidden 3584, 2048, 576 and the tests' 32
+    rope = {(c["HEADS"], c["KV_HEADS"], c["HEAD_DIM"], c["TANGENT"])
+            for c in (k["constexprs"] for k in compiled if k["kernel"] == "_rope_and_cache_write")}
+    assert rope == {(h, kv, d, t) for h, kv, d in ((28, 4, 128), (16, 2, 128), (9, 3, 64), (4, 2, 8))
+                    for t in (False, True)}
     partials = [k["constexprs"] for k in compiled if k["kernel"] == "_decode_partials"]
     assert {c["BLOCK_N"] for c in partials} == {64}
     assert {c["IEEE"] for c in partials} == {True, False}

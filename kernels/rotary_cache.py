@@ -1,0 +1,179 @@
+"""Rotary embeddings of q and k and the KV-cache write of one layer, in one launch (and its tangent).
+
+Shapes (``C`` weight copies, ``B`` rows of ``T`` tokens, ``H`` / ``KV`` query / key-value heads of
+even dim ``D``, ``S = max_seq_len``)::
+
+    qkv, dqkv          [C, B T, (H + 2 KV) D]     the fused projection (q heads, k heads, v heads) and its tangent
+    cos, sin           [B, T, D]  float32          the rotary tables at each token's position
+    k_cache, v_cache   [C, max_batch, S + 1, KV, D]  one layer's cache (dk_cache, dv_cache: their tangents)
+    slots              [B]     int                 cache slot of row b
+    write_pos          [B, T]  int in [0, S]       where token (b, t) goes (S: the scratch position of padding)
+    q, dq (returned)   [C, B, T, H, D]             qkv's dtype
+
+Math, as :func:`adfast.layer_ops.rope_and_cache_write` (transformers' half-split convention),
+with ``x1, x2`` the halves of a head and ``c1, c2`` / ``s1, s2`` the halves of the cos / sin rows::
+
+    rope(x) = (x1 c1 - x2 s1,  x2 c2 + x1 s2)
+    q = rope(q heads);   k_cache[c, slots[b], write_pos[b, t]] = rope(k heads), v_cache[...] = v heads
+
+and in tangent mode (rotary is linear in x) ``dq = rope(dq heads)``, ``dk_cache[...] =
+rope(dk heads)``, ``dv_cache[...] = dv heads``. Rounding: cos and sin are first rounded to qkv's
+dtype (as transformers casts the tables), then each output element is computed in float32 and
+rounded once to its destination's dtype; PyTorch rounds ``x cos``, ``rotate_half(x) sin`` and
+their sum separately, so bf16/fp16 results may differ from it in the last bit.
+
+One program per (copy, token) (grid ``C B T``) handles all heads of the token as
+``[H_PAD, HALF_PAD]`` tiles (next powers of two of ``H``/``KV`` and ``D / 2``, masked), so a
+launch covers what PyTorch does in about twelve (two rotations of five ops each, two indexed
+writes), twenty-four in tangent mode. Padding tokens of several rows may write the same scratch
+position ``S`` at once; nothing ever reads it, so the race is harmless. No host reads: the launch
+is CUDA-graph safe.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotate_heads(src, cos1, sin1, cos2, sin2, h, k, hmask, kmask, HEAD_DIM: tl.constexpr, HALF: tl.constexpr):
+    """Rotated halves ``(x1 c1 - x2 s1, x2 c2 + x1 s2)`` in float32 of heads ``h`` (a ``[H_PAD]``
+    column of head indices) of the row at ``src``; ``k`` the ``[HALF_PAD]`` offsets within a half."""
+    x1 = tl.load(src + h[:, None] * HEAD_DIM + k[None, :], mask=hmask[:, None] & kmask[None, :], other=0.0)
+    x2 = tl.load(src + h[:, None] * HEAD_DIM + HALF + k[None, :], mask=hmask[:, None] & kmask[None, :], other=0.0)
+    x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+    return x1 * cos1[None, :] - x2 * sin1[None, :], x2 * cos2[None, :] + x1 * sin2[None, :]
+
+
+@triton.jit
+def _store_halves(dst, out1, out2, h, k, hmask, kmask, head_stride, HALF: tl.constexpr):
+    mask = hmask[:, None] & kmask[None, :]
+    ptr = dst + h[:, None].to(tl.int64) * head_stride + k[None, :]
+    tl.store(ptr, out1.to(dst.dtype.element_ty), mask=mask)
+    tl.store(ptr + HALF, out2.to(dst.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_and_cache_write(
+    qkv_ptr, dqkv_ptr, cos_ptr, sin_ptr, q_ptr, dq_ptr, k_ptr, v_ptr, dk_ptr, dv_ptr, slots_ptr, pos_ptr,
+    tokens, seq, s_qkv_c, s_qkv_n, s_dqkv_c, s_dqkv_n, s_cos_b, s_cos_t,
+    s_cache_c, s_cache_s, s_cache_n, s_cache_j,
+    HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+    H_PAD: tl.constexpr, KV_PAD: tl.constexpr, HALF_PAD: tl.constexpr, TANGENT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    c = pid // tokens
+    n = pid % tokens  # token row b T + t
+    b = n // seq
+    t = n % seq
+    k = tl.arange(0, HALF_PAD)
+    kmask = k < HALF
+    table = cos_ptr + b.to(tl.int64) * s_cos_b + t.to(tl.int64) * s_cos_t
+    elem = qkv_ptr.dtype.element_ty
+    cos1 = tl.load(table + k, mask=kmask, other=0.0).to(elem).to(tl.float32)
+    cos2 = tl.load(table + HALF + k, mask=kmask, other=0.0).to(elem).to(tl.float32)
+    table = sin_ptr + b.to(tl.int64) * s_cos_b + t.to(tl.int64) * s_cos_t
+    sin1 = tl.load(table + k, mask=kmask, other=0.0).to(elem).to(tl.float32)
+    sin2 = tl.load(table + HALF + k, mask=kmask, other=0.0).to(elem).to(tl.float32)
+
+    h = tl.arange(0, H_PAD)
+    hmask = h < HEADS
+    j = tl.arange(0, KV_PAD)
+    jmask = j < KV_HEADS
+    slot = tl.load(slots_ptr + b).to(tl.int64)
+    pos = tl.load(pos_ptr + n).to(tl.int64)
+    cache_off = c.to(tl.int64) * s_cache_c + slot * s_cache_s + pos * s_cache_n
+    q_off = (c.to(tl.int64) * tokens + n) * HEADS * HEAD_DIM
+    src = qkv_ptr + c.to(tl.int64) * s_qkv_c + n.to(tl.int64) * s_qkv_n
+
+    q1, q2 = _rotate_heads(src, cos1, sin1, cos2, sin2, h, k, hmask, kmask, HEAD_DIM, HALF)
+    _store_halves(q_ptr + q_off, q1, q2, h, k, hmask, kmask, HEAD_DIM, HALF)
+    k1, k2 = _rotate_heads(src + HEADS * HEAD_DIM, cos1, sin1, cos2, sin2, j, k, jmask, kmask, HEAD_DIM, HALF)
+    _store_halves(k_ptr + cache_off, k1, k2, j, k, jmask, kmask, s_cache_j, HALF)
+    v1 = tl.load(src + (HEADS + KV_HEADS) * HEAD_DIM + j[:, None] * HEAD_DIM + k[None, :],
+                 mask=jmask[:, None] & kmask[None, :], other=0.0)
+    v2 = tl.load(src + (HEADS + KV_HEADS) * HEAD_DIM + j[:, None] * HEAD_DIM + HALF + k[None, :],
+                 mask=jmask[:, None] & kmask[None, :], other=0.0)
+    _store_halves(v_ptr + cache_off, v1, v2, j, k, jmask, kmask, s_cache_j, HALF)
+    if TANGENT:
+        src = dqkv_ptr + c.to(tl.int64) * s_dqkv_c + n.to(tl.int64) * s_dqkv_n
+        q1, q2 = _rotate_heads(src, cos1, sin1, cos2, sin2, h, k, hmask, kmask, HEAD_DIM, HALF)
+        _store_halves(dq_ptr + q_off, q1, q2, h, k, hmask, kmask, HEAD_DIM, HALF)
+        k1, k2 = _rotate_heads(src + HEADS * HEAD_DIM, cos1, sin1, cos2, sin2, j, k, jmask, kmask, HEAD_DIM, HALF)
+        _store_halves(dk_ptr + cache_off, k1, k2, j, k, jmask, kmask, s_cache_j, HALF)
+        v1 = tl.load(src + (HEADS + KV_HEADS) * HEAD_DIM + j[:, None] * HEAD_DIM + k[None, :],
+                     mask=jmask[:, None] & kmask[None, :], other=0.0)
+        v2 = tl.load(src + (HEADS + KV_HEADS) * HEAD_DIM + j[:, None] * HEAD_DIM + HALF + k[None, :],
+                     mask=jmask[:, None] & kmask[None, :], other=0.0)
+        _store_halves(dv_ptr + cache_off, v1, v2, j, k, jmask, kmask, s_cache_j, HALF)
+
+
+def _check(qkv, cos, sin, caches, slots, write_pos, heads: int, kv_heads: int, dqkv=None) -> int:
+    """Validate shapes, dtypes and layouts; returns the head dim."""
+    if qkv.dim() != 3 or qkv.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"qkv must be [C, B*T, (H + 2 KV) D] float32/bfloat16/float16, got {tuple(qkv.shape)} "
+                         f"{qkv.dtype}")
+    if heads < 1 or kv_heads < 1 or heads % kv_heads:
+        raise ValueError(f"heads ({heads}) must be a positive multiple of kv_heads ({kv_heads})")
+    width = qkv.shape[2]
+    if width % (heads + 2 * kv_heads) or (width // (heads + 2 * kv_heads)) % 2:
+        raise ValueError(f"qkv width {width} is not (heads + 2 kv_heads) = {heads + 2 * kv_heads} times an even "
+                         f"head dim")
+    head_dim = width // (heads + 2 * kv_heads)
+    if dqkv is not None and (dqkv.shape != qkv.shape or dqkv.dtype != qkv.dtype):
+        raise ValueError(f"dqkv must match qkv: {tuple(dqkv.shape)} {dqkv.dtype} vs {tuple(qkv.shape)} {qkv.dtype}")
+    if cos.shape != sin.shape or cos.dim() != 3 or cos.shape[2] != head_dim or cos.dtype != torch.float32:
+        raise ValueError(f"cos and sin must be float32 [B, T, D={head_dim}], got {tuple(cos.shape)} {cos.dtype} "
+                         f"and {tuple(sin.shape)} {sin.dtype}")
+    batch, seq = cos.shape[:2]
+    if batch * seq != qkv.shape[1]:
+        raise ValueError(f"qkv has {qkv.shape[1]} token rows, cos/sin describe B*T = {batch * seq}")
+    if slots.shape != (batch,) or write_pos.shape != (batch, seq):
+        raise ValueError(f"slots must be [B={batch}] and write_pos [B, T]=[{batch}, {seq}], got "
+                         f"{tuple(slots.shape)} and {tuple(write_pos.shape)}")
+    shape = caches[0].shape
+    if len(shape) != 5 or shape[0] != qkv.shape[0] or shape[3:] != (kv_heads, head_dim):
+        raise ValueError(f"caches must be [C={qkv.shape[0]}, max_batch, S + 1, KV={kv_heads}, D={head_dim}], "
+                         f"got {tuple(shape)}")
+    for cache in caches:
+        if cache.shape != shape or cache.dtype != caches[0].dtype or cache.stride() != caches[0].stride():
+            raise ValueError("the caches must share shape, dtype and layout")
+        if cache.stride(4) != 1:
+            raise ValueError("the caches' last dimension must be contiguous")
+    for tensor in (qkv, cos, sin) + ((dqkv,) if dqkv is not None else ()):
+        if tensor.stride(-1) != 1:
+            raise ValueError("qkv, dqkv, cos and sin need a contiguous last dimension")
+    return head_dim
+
+
+def _launch(qkv, dqkv, cos, sin, k_cache, v_cache, dk_cache, dv_cache, slots, write_pos, heads, kv_heads):
+    caches = (k_cache, v_cache) + ((dk_cache, dv_cache) if dqkv is not None else ())
+    head_dim = _check(qkv, cos, sin, caches, slots, write_pos, heads, kv_heads, dqkv)
+    copies, tokens = qkv.shape[:2]
+    batch, seq = cos.shape[:2]
+    q = torch.empty(copies, batch, seq, heads, head_dim, device=qkv.device, dtype=qkv.dtype)
+    dq = torch.empty_like(q) if dqkv is not None else q
+    tangent = dqkv is not None
+    half = head_dim // 2
+    pad = triton.next_power_of_2
+    _rope_and_cache_write[(copies * tokens,)](
+        qkv, dqkv if tangent else qkv, cos, sin, q, dq, k_cache, v_cache,
+        dk_cache if tangent else k_cache, dv_cache if tangent else v_cache,
+        slots.contiguous(), write_pos.contiguous(),
+        tokens, seq, qkv.stride(0), qkv.stride(1), (dqkv if tangent else qkv).stride(0),
+        (dqkv if tangent else qkv).stride(1), cos.stride(0), cos.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
+        HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, HALF=half, H_PAD=pad(heads), KV_PAD=pad(kv_heads),
+        HALF_PAD=pad(half), TANGENT=tangent, num_warps=4,
+    )
+    return (q, dq) if tangent else q
+
+
+def rope_and_cache_write(qkv, cos, sin, k_cache, v_cache, slots, write_pos, heads: int, kv_heads: int):
+    """Rotate q and k of ``qkv``, write k and v to their cache positions, return ``rope(q) [C, B, T, H, D]``."""
+    return _launch(qkv, None, cos, sin, k_cache, v_cache, None, None, slots, write_pos, heads, kv_heads)
+
+
+def rope_and_cache_write_jvp(qkv, dqkv, cos, sin, k_cache, v_cache, dk_cache, dv_cache, slots, write_pos,
+                             heads: int, kv_heads: int):
+    """:func:`rope_and_cache_write` and its tangent in one launch; returns ``(rope(q), rope(dq))``."""
+    return _launch(qkv, dqkv, cos, sin, k_cache, v_cache, dk_cache, dv_cache, slots, write_pos, heads, kv_heads)

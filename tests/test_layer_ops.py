@@ -1,0 +1,91 @@
+"""The decoder with its fused Triton layer kernels (run by the interpreter) against its PyTorch path.
+
+Each kernel has its own tests against the PyTorch functions of adfast.layer_ops and float64 /
+autograd references; these check the wiring: the same decoder run with ``fused=True`` and
+``fused=False`` (a right-padded prefill of prompts of different lengths, then decode steps) gives
+the same logits, the same tangent logits and the same caches, for one copy (teacher) and two
+stacked copies (proxy pair), Qwen2 (qkv bias, untied) and Llama (tied, llama3 rope).
+"""
+import pytest
+import torch
+from conftest import VOCAB, tiny_llama, tiny_qwen2
+
+from adfast.decoder import Decoder
+from adfast.layer_ops import TORCH, layer_ops
+
+PROMPTS = [[5, 7, 9, 11, 2], [3], [13, 14, 15]]
+SLOTS = torch.tensor([2, 0, 1])
+
+
+def run(decoder: Decoder, fused: bool, tangent: bool, steps: int = 2):
+    """Prefill PROMPTS, then ``steps`` decode steps of fixed tokens: every step's logits (and tangent logits)."""
+    decoder.fused = fused
+    decoder.setup_cache(4, 12)
+    device = decoder.embed.device
+    ids = torch.zeros(len(PROMPTS), max(map(len, PROMPTS)), dtype=torch.int64)
+    for b, p in enumerate(PROMPTS):
+        ids[b, :len(p)] = torch.tensor(p)
+    lengths = torch.tensor([len(p) for p in PROMPTS])
+    slots = SLOTS.to(device)
+    outputs = [decoder(ids.to(device), slots, lengths.to(device), last_only=False, tangent=tangent)]
+    for step in range(steps):
+        tokens = torch.tensor([[4 + step], [8], [VOCAB - 1 - step]], device=device)
+        outputs.append(decoder(tokens, slots, tangent=tangent))
+    cache = decoder.cache
+    caches = [cache.k, cache.v] + ([cache.dk, cache.dv] if tangent else [])
+    return outputs, [c.clone() for c in caches], cache.lengths.clone()
+
+
+def assert_same_runs(a, b, tol):
+    (out_a, caches_a, lengths_a), (out_b, caches_b, lengths_b) = a, b
+    assert torch.equal(lengths_a, lengths_b)
+    for x, y in zip(out_a, out_b):
+        for u, v in zip(x if isinstance(x, tuple) else (x,), y if isinstance(y, tuple) else (y,)):
+            torch.testing.assert_close(u, v, **tol)
+    for x, y in zip(caches_a, caches_b):
+        torch.testing.assert_close(x.float(), y.float(), **tol)
+
+
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=0.05, atol=0.05)}
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+@pytest.mark.parametrize("copies", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_decoder_equals_pytorch_decoder(family, copies, dtype):
+    model = (tiny_qwen2 if family == "qwen2" else tiny_llama)()
+    decoder = Decoder.from_hf([model] * copies, dtype=dtype)
+    assert_same_runs(run(decoder, True, False), run(decoder, False, False), TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_fused_tangent_decoder_equals_pytorch_decoder(family):
+    model = (tiny_qwen2 if family == "qwen2" else tiny_llama)()
+    g = torch.Generator().manual_seed(5)
+    decoder = Decoder.from_hf([model])
+    decoder.set_tangent({name: torch.randn(p.shape, generator=g) for name, p in model.named_parameters()})
+    assert_same_runs(run(decoder, True, True), run(decoder, False, True), TOLERANCE[torch.float32])
+
+
+def test_layer_ops_choice():
+    cpu = torch.zeros(2)
+    assert layer_ops(cpu) is TORCH and layer_ops(cpu, fused=False) is TORCH
+    fused = layer_ops(cpu, fused=True)
+    assert fused is not TORCH and set(vars(fused)) == set(vars(TORCH))
+    assert layer_ops(cpu.double()) is TORCH
+    with pytest.raises(ValueError, match="float64"):
+        layer_ops(cpu.double(), fused=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_fused_decoder_equals_pytorch_decoder(dtype):
+    """On the GPU: the compiled kernels (and CUDA decode attention) against the PyTorch chains."""
+    model = tiny_llama()
+    decoder = Decoder.from_hf([model] * 2, dtype=dtype, device="cuda")
+    assert_same_runs(run(decoder, True, False), run(decoder, False, False), TOLERANCE[dtype])
+    decoder = Decoder.from_hf([model], dtype=torch.float32, device="cuda")
+    g = torch.Generator().manual_seed(5)
+    decoder.set_tangent({name: torch.randn(p.shape, generator=g) for name, p in model.named_parameters()})
+    assert_same_runs(run(decoder, True, True), run(decoder, False, True), TOLERANCE[torch.float32])
