@@ -199,7 +199,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-           query_pos: torch.Tensor) -> torch.Tensor:
+           query_pos: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of new queries over their slots' cached keys and values.
 
     Args:
@@ -208,6 +208,8 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots:
         slots: int64 ``[B]``, the cache slot of each row.
         query_pos: int64 ``[B, T]``; query ``(b, t)`` attends to positions ``0 .. query_pos[b, t]``
             of slot ``slots[b]`` (all of them already written), scaled by ``1 / sqrt(D)``.
+        lengths: ``query_pos[:, 0] + 1`` if the caller has it (a decode step computes it once for
+            all layers rather than once per layer: one kernel launch instead of one per layer).
 
     Returns:
         ``[C, B, T, H, D]``. Head ``h`` reads key/value head ``h // (H / KV)`` (grouped-query).
@@ -230,13 +232,13 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots:
         rows = torch.arange(num_copies, device=q.device)[:, None] * max_batch + slots
         out = flash_attn_with_kvcache(
             q.reshape(num_copies * batch, 1, heads, head_dim), k_cache.flatten(0, 1), v_cache.flatten(0, 1),
-            cache_seqlens=(query_pos[:, 0] + 1).to(torch.int32).repeat(num_copies),
+            cache_seqlens=(query_pos[:, 0] + 1 if lengths is None else lengths).to(torch.int32).repeat(num_copies),
             cache_batch_idx=rows.flatten().to(torch.int32), causal=True)
         return out.view(num_copies, batch, 1, heads, head_dim)
     if q.is_cuda and seq == 1:
         from .kernels.decode_attention import decode_attention
 
-        return decode_attention(q, k_cache, v_cache, slots, query_pos[:, 0] + 1)
+        return decode_attention(q, k_cache, v_cache, slots, query_pos[:, 0] + 1 if lengths is None else lengths)
 
     def gather(cache):  # [C, max_batch, S + 1, KV, D] -> [C B, H, S, D]
         x = cache[:, slots, :max_seq_len].to(q.dtype).permute(0, 1, 3, 2, 4)
@@ -333,13 +335,13 @@ def linear_jvp(x: torch.Tensor, dx: torch.Tensor, weight: torch.Tensor, dweight:
 
 def attend_jvp(q: torch.Tensor, dq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                dk_cache: torch.Tensor, dv_cache: torch.Tensor, slots: torch.Tensor,
-               query_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+               query_pos: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`attend` and its tangent, by an explicit masked softmax (same masking and grouping).
 
     With ``S = Q K^T / sqrt(D)`` (keys past ``query_pos`` masked), ``P = softmax(S)``, ``O = P V``:
     ``dS = (dQ K^T + Q dK^T) / sqrt(D)``, ``dP = P (dS - sum(P dS))``, ``dO = dP V + P dV``.
-    ``dk_cache``, ``dv_cache`` hold the cached keys' and values' tangents, laid out as the caches.
-    Returns ``(out, dout)``, ``[C, B, T, H, D]``.
+    ``dk_cache``, ``dv_cache`` hold the cached keys' and values' tangents, laid out as the caches;
+    ``lengths`` as in :func:`attend`. Returns ``(out, dout)``, ``[C, B, T, H, D]``.
 
     CUDA decode (``T == 1``) runs the split-K Triton kernel
     :func:`adfast.kernels.decode_attention_jvp.decode_attention_jvp`, which reads only each slot's
@@ -351,7 +353,8 @@ def attend_jvp(q: torch.Tensor, dq: torch.Tensor, k_cache: torch.Tensor, v_cache
     if q.is_cuda and q.shape[2] == 1:
         from .kernels.decode_attention_jvp import decode_attention_jvp
 
-        return decode_attention_jvp(q, dq, k_cache, v_cache, dk_cache, dv_cache, slots, query_pos[:, 0] + 1)
+        return decode_attention_jvp(q, dq, k_cache, v_cache, dk_cache, dv_cache, slots,
+                                    query_pos[:, 0] + 1 if lengths is None else lengths)
     heads, head_dim = q.shape[3:]
     max_seq_len, kv_heads = k_cache.shape[2] - 1, k_cache.shape[3]
     dtype = q.dtype
@@ -780,8 +783,9 @@ class Decoder(nn.Module):
         write_pos = torch.where(real, position, cache.max_seq_len)
         query_pos = (start[:, None] + torch.minimum(t, n[:, None] - 1)).clamp(0, cache.max_seq_len - 1)
         cos, sin = self.rope_cos[query_pos], self.rope_sin[query_pos]
+        lengths = query_pos[:, 0] + 1 if seq == 1 else None  # decode attention's live lengths, once for all layers
         if tangent:
-            return self._forward_tangent(tokens, slots, n, start, write_pos, query_pos, cos, sin, last_only)
+            return self._forward_tangent(tokens, slots, n, start, write_pos, query_pos, lengths, cos, sin, last_only)
 
         copies, heads, kv_heads, head_dim = self.num_copies, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         eps = cfg.rms_norm_eps
@@ -792,7 +796,7 @@ class Decoder(nn.Module):
             x, h = ops.add_rms_norm(x, layer.attention_norm, eps, mlp_out)
             q = ops.rope_and_cache_write(linear(h, layer.wqkv, layer.bqkv), cos, sin, cache.k[i], cache.v[i], slots,
                                          write_pos, heads, kv_heads)
-            out = attend(q, cache.k[i], cache.v[i], slots, query_pos)
+            out = attend(q, cache.k[i], cache.v[i], slots, query_pos, lengths)
             x, h = ops.add_rms_norm(x, layer.ffn_norm, eps,
                                     linear(out.reshape(copies, batch * seq, heads * head_dim), layer.wo, layer.bo))
             mlp_out = linear(ops.silu_mul(linear(h, layer.w_gate_up, layer.b_gate_up)), layer.w_down, layer.b_down)
@@ -813,7 +817,7 @@ class Decoder(nn.Module):
         rows = torch.arange(batch, device=n.device) * (streams[0].shape[1] // batch) + (n - 1).clamp(min=0)
         return tuple(None if s is None else s[:, rows] for s in streams)
 
-    def _forward_tangent(self, tokens, slots, n, start, write_pos, query_pos, cos, sin, last_only: bool):
+    def _forward_tangent(self, tokens, slots, n, start, write_pos, query_pos, lengths, cos, sin, last_only: bool):
         """The body of ``forward(..., tangent=True)``: the primal pass of :meth:`forward` with tangents."""
         cfg, cache, g = self.config, self.cache, self.tangent_weights
         batch, seq = tokens.shape
@@ -832,7 +836,8 @@ class Decoder(nn.Module):
             qkv, dqkv = linear_jvp(h, dh, layer.wqkv, d("wqkv"), layer.bqkv, d("bqkv"))
             q, dq = ops.rope_and_cache_write_jvp(qkv, dqkv, cos, sin, cache.k[i], cache.v[i], cache.dk[i],
                                                  cache.dv[i], slots, write_pos, heads, kv_heads)
-            out, dout = attend_jvp(q, dq, cache.k[i], cache.v[i], cache.dk[i], cache.dv[i], slots, query_pos)
+            out, dout = attend_jvp(q, dq, cache.k[i], cache.v[i], cache.dk[i], cache.dv[i], slots, query_pos,
+                                   lengths)
             o, do = linear_jvp(out.reshape(copies, batch * seq, heads * head_dim),
                                dout.reshape(copies, batch * seq, heads * head_dim), layer.wo, d("wo"),
                                layer.bo, d("bo"))

@@ -89,15 +89,15 @@ def cuda_attention():
     """Route T == 1 attention to the Triton kernels, as on CUDA (the CPU path uses SDPA)."""
     attend, attend_jvp = decoder_module.attend, decoder_module.attend_jvp
 
-    def attend_like_cuda(q, k_cache, v_cache, slots, query_pos):
+    def attend_like_cuda(q, k_cache, v_cache, slots, query_pos, lengths=None):
         if q.shape[2] == 1:
-            return decode_attention(q, k_cache, v_cache, slots, query_pos[:, 0] + 1)
-        return attend(q, k_cache, v_cache, slots, query_pos)
+            return decode_attention(q, k_cache, v_cache, slots, lengths)
+        return attend(q, k_cache, v_cache, slots, query_pos, lengths)
 
-    def attend_jvp_like_cuda(q, dq, k_cache, v_cache, dk_cache, dv_cache, slots, query_pos):
+    def attend_jvp_like_cuda(q, dq, k_cache, v_cache, dk_cache, dv_cache, slots, query_pos, lengths=None):
         if q.shape[2] == 1:
-            return decode_attention_jvp(q, dq, k_cache, v_cache, dk_cache, dv_cache, slots, query_pos[:, 0] + 1)
-        return attend_jvp(q, dq, k_cache, v_cache, dk_cache, dv_cache, slots, query_pos)
+            return decode_attention_jvp(q, dq, k_cache, v_cache, dk_cache, dv_cache, slots, lengths)
+        return attend_jvp(q, dq, k_cache, v_cache, dk_cache, dv_cache, slots, query_pos, lengths)
 
     decoder_module.attend, decoder_module.attend_jvp = attend_like_cuda, attend_jvp_like_cuda
 

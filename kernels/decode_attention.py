@@ -57,15 +57,9 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _decode_partials(
-    q_ptr, k_ptr, v_ptr, slots_ptr, lengths_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
-    batch, kv_heads, chunk, num_splits, qk_scale,
-    sq_c, sq_b, sq_h,
-    sk_c, sk_s, sk_n, sk_j,
-    sv_c, sv_s, sv_n, sv_j,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-):
+def _program_rows(lengths_ptr, slots_ptr, batch, kv_heads, chunk):
+    """Stage 1's program ``(p, s)``: ``p``, ``s``, its kv head ``j``, row ``b``, copy ``c``
+    (``p = (c B + b) KV + j``), the row's length and cache slot, and the positions ``[lo, hi)`` of its split."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     j = pid % kv_heads
@@ -75,8 +69,20 @@ def _decode_partials(
     length = tl.load(lengths_ptr + b).to(tl.int32)
     slot = tl.load(slots_ptr + b).to(tl.int64)
     lo = split * chunk
-    hi = tl.minimum(lo + chunk, length)
+    return pid, split, j, b, c, length, slot, lo, tl.minimum(lo + chunk, length)
 
+
+@triton.jit
+def _decode_partials(
+    q_ptr, k_ptr, v_ptr, slots_ptr, lengths_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+    batch, kv_heads, chunk, num_splits, qk_scale,
+    sq_c, sq_b, sq_h,
+    sk_c, sk_s, sk_n, sk_j,
+    sv_c, sv_s, sv_n, sv_j,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid, split, j, b, c, length, slot, lo, hi = _program_rows(lengths_ptr, slots_ptr, batch, kv_heads, chunk)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_PAD)
     gmask = g < GROUP
@@ -121,22 +127,24 @@ def _decode_partials(
 
 
 @triton.jit
+def _merge_head(lengths_ptr, batch, heads, chunk, GROUP: tl.constexpr):
+    """Stage 2's program ``(c B + b) H + h``: ``h``, ``c B + b``, ``b``, ``c``, the kv head count, the kv
+    head ``j`` and member ``g`` of ``h``'s group, and the number of live splits of row ``b``."""
+    pid = tl.program_id(0)
+    h = pid % heads
+    cb = pid // heads
+    length = tl.load(lengths_ptr + cb % batch).to(tl.int32)
+    return h, cb, cb % batch, cb // batch, heads // GROUP, h // GROUP, h % GROUP, (length + chunk - 1) // chunk
+
+
+@triton.jit
 def _decode_merge(
     part_m_ptr, part_l_ptr, part_acc_ptr, lengths_ptr, out_ptr,
     batch, heads, chunk, num_splits,
     so_c, so_b, so_h,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    h = pid % heads
-    cb = pid // heads
-    b = cb % batch
-    c = cb // batch
-    kv_heads = heads // GROUP
-    j = h // GROUP
-    g = h % GROUP
-    length = tl.load(lengths_ptr + b).to(tl.int32)
-    live = (length + chunk - 1) // chunk
+    h, cb, b, c, kv_heads, j, g, live = _merge_head(lengths_ptr, batch, heads, chunk, GROUP)
     s = tl.arange(0, SPLITS_PAD)
     smask = s < live
     d = tl.arange(0, HEAD_PAD)

@@ -80,7 +80,7 @@ import triton
 import triton.language as tl
 
 from . import split as launch_plan
-from .decode_attention import _plan
+from .decode_attention import _merge_head, _plan, _program_rows
 
 LOG2E = 1.4426950408889634
 GPU_BLOCK_N = 32  # bf16 / fp16 caches on a GPU (tensor-core products)
@@ -102,17 +102,7 @@ def _decode_jvp_partials(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    j = pid % kv_heads
-    cb = pid // kv_heads
-    b = cb % batch
-    c = cb // batch
-    length = tl.load(lengths_ptr + b).to(tl.int32)
-    slot = tl.load(slots_ptr + b).to(tl.int64)
-    lo = split * chunk
-    hi = tl.minimum(lo + chunk, length)
-
+    pid, split, j, b, c, length, slot, lo, hi = _program_rows(lengths_ptr, slots_ptr, batch, kv_heads, chunk)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_PAD)
     gmask = g < GROUP
@@ -192,16 +182,7 @@ def _decode_jvp_merge(
     so_c, so_b, so_h,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    h = pid % heads
-    cb = pid // heads
-    b = cb % batch
-    c = cb // batch
-    kv_heads = heads // GROUP
-    j = h // GROUP
-    g = h % GROUP
-    length = tl.load(lengths_ptr + b).to(tl.int32)
-    live = (length + chunk - 1) // chunk
+    h, cb, b, c, kv_heads, j, g, live = _merge_head(lengths_ptr, batch, heads, chunk, GROUP)
     s = tl.arange(0, SPLITS_PAD)
     smask = s < live
     d = tl.arange(0, HEAD_PAD)

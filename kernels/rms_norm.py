@@ -62,6 +62,19 @@ MAX_HIDDEN = 8192
 
 
 @triton.jit
+def _residual_stream(x_ptr, res_ptr, s_ptr, c64, n64, sx_c, sx_n, sr_c, sr_n, e, out, mask, dtype,
+                     HAS_RES: tl.constexpr):
+    """One row of ``s = round(x + residual)`` (stored at ``s_ptr + out``) or of ``x``, in float32."""
+    s = tl.load(x_ptr + c64 * sx_c + n64 * sx_n + e, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        res = tl.load(res_ptr + c64 * sr_c + n64 * sr_n + e, mask=mask, other=0.0)
+        s_low = (s + res.to(tl.float32)).to(dtype)
+        tl.store(s_ptr + out, s_low, mask=mask)
+        s = s_low.to(tl.float32)
+    return s
+
+
+@triton.jit
 def _add_rms_norm(
     x_ptr, res_ptr, w_ptr, s_ptr, y_ptr,
     rows, hidden, hidden_f, eps,
@@ -74,13 +87,9 @@ def _add_rms_norm(
     e = tl.arange(0, BLOCK)
     mask = e < hidden
     dtype = y_ptr.dtype.element_ty
-    s = tl.load(x_ptr + c.to(tl.int64) * sx_c + n.to(tl.int64) * sx_n + e, mask=mask, other=0.0).to(tl.float32)
     out = pid.to(tl.int64) * hidden + e  # outputs are contiguous [C, N, E]
-    if HAS_RES:
-        res = tl.load(res_ptr + c.to(tl.int64) * sr_c + n.to(tl.int64) * sr_n + e, mask=mask, other=0.0)
-        s_low = (s + res.to(tl.float32)).to(dtype)
-        tl.store(s_ptr + out, s_low, mask=mask)
-        s = s_low.to(tl.float32)
+    s = _residual_stream(x_ptr, res_ptr, s_ptr, c.to(tl.int64), n.to(tl.int64), sx_c, sx_n, sr_c, sr_n, e, out,
+                         mask, dtype, HAS_RES)
     w = tl.load(w_ptr + c.to(tl.int64) * sw_c + e, mask=mask, other=0.0).to(tl.float32)
     r = tl.rsqrt(tl.math.div_rn(tl.sum(s * s, axis=0), hidden_f) + eps)  # IEEE division, as torch's mean
     normed = (s * r).to(dtype).to(tl.float32)
@@ -102,18 +111,9 @@ def _add_rms_norm_jvp(
     mask = e < hidden
     dtype = y_ptr.dtype.element_ty
     out = pid.to(tl.int64) * hidden + e  # outputs are contiguous [C, N, E]
-    s = tl.load(x_ptr + c64 * sx_c + n64 * sx_n + e, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RES:
-        res = tl.load(res_ptr + c64 * sr_c + n64 * sr_n + e, mask=mask, other=0.0)
-        s_low = (s + res.to(tl.float32)).to(dtype)
-        tl.store(s_ptr + out, s_low, mask=mask)
-        s = s_low.to(tl.float32)
-    ds = tl.load(dx_ptr + c64 * sdx_c + n64 * sdx_n + e, mask=mask, other=0.0).to(tl.float32)
-    if HAS_DRES:
-        dres = tl.load(dres_ptr + c64 * sdr_c + n64 * sdr_n + e, mask=mask, other=0.0)
-        ds_low = (ds + dres.to(tl.float32)).to(dtype)
-        tl.store(ds_ptr + out, ds_low, mask=mask)
-        ds = ds_low.to(tl.float32)
+    s = _residual_stream(x_ptr, res_ptr, s_ptr, c64, n64, sx_c, sx_n, sr_c, sr_n, e, out, mask, dtype, HAS_RES)
+    ds = _residual_stream(dx_ptr, dres_ptr, ds_ptr, c64, n64, sdx_c, sdx_n, sdr_c, sdr_n, e, out, mask, dtype,
+                          HAS_DRES)
     r = tl.rsqrt(tl.math.div_rn(tl.sum(s * s, axis=0), hidden_f) + eps)
     mean_sds = tl.math.div_rn(tl.sum(s * ds, axis=0), hidden_f)
     normed = (s * r).to(dtype).to(tl.float32)

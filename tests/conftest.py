@@ -35,6 +35,14 @@ def tiny_llama(vocab: int = VOCAB, seed: int = 0, **overrides) -> LlamaForCausal
     return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
 
 
+def assert_within(actual, expected, scale, k, dtype, what):
+    """``|actual - expected| <= k eps(dtype) scale`` elementwise (plus the smallest normal)."""
+    err = (actual.double().cpu() - expected.double().cpu()).abs()
+    bound = k * torch.finfo(dtype).eps * scale.double().cpu() + torch.finfo(dtype).tiny
+    worst = (err / bound).max().item()
+    assert worst <= 1, f"{what}: error up to {worst:.2f}x the bound of {k} eps ({dtype})"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
     """Tiny models gain nothing from intra-op threads, and on a busy machine waiting OpenMP threads

@@ -23,6 +23,7 @@ and summation errors scale with them, not with ``|dy|``.
 """
 import pytest
 import torch
+from conftest import assert_within
 from torch.func import jvp
 
 from adfast import layer_ops
@@ -70,14 +71,6 @@ def tangent64(s, ds, weight, dweight, eps=EPS):
     mean_abs = (s * ds).abs().mean(-1, keepdim=True)  # bounds the summation error of mean(s ds)
     scale = (dweight[:, None] * normed).abs() + weight[:, None].abs() * r * (ds.abs() + s.abs() * r * r * mean_abs)
     return dy, scale
-
-
-def assert_within(actual, expected, scale, k, dtype, what):
-    """``|actual - expected| <= k eps(dtype) scale`` elementwise (plus the smallest normal)."""
-    err = (actual.double().cpu() - expected.double().cpu()).abs()
-    bound = k * torch.finfo(dtype).eps * scale.double().cpu() + torch.finfo(dtype).tiny
-    worst = (err / bound).max().item()
-    assert worst <= 1, f"{what}: error up to {worst:.2f}x the bound of {k} eps ({dtype})"
 
 
 @pytest.mark.parametrize("shape", SHAPES)

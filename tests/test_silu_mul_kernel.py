@@ -26,6 +26,7 @@ rounding errors scale with the terms, not with ``|da|``).
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_within
 from torch.func import jvp
 
 from adfast import layer_ops
@@ -62,14 +63,6 @@ def tangent64(gate_up, dgate_up):
     scale = sig * (1 + (gate * (1 - sig)).abs()) * (dgate * up).abs() + (gate * sig * dup).abs()
     torch_scale = sig * (1 + gate.abs()) * (dgate * up).abs() + (gate * sig * dup).abs()
     return da, scale, torch_scale
-
-
-def assert_within(actual, expected, scale, k, dtype, what):
-    """``|actual - expected| <= k eps(dtype) scale`` elementwise (plus the smallest normal)."""
-    err = (actual.double().cpu() - expected.double().cpu()).abs()
-    bound = k * torch.finfo(dtype).eps * scale.double().cpu() + torch.finfo(dtype).tiny
-    worst = (err / bound).max().item()
-    assert worst <= 1, f"{what}: error up to {worst:.2f}x the bound of {k} eps ({dtype})"
 
 
 @pytest.mark.parametrize("shape", SHAPES)
