@@ -48,9 +48,10 @@ is ``z = x [V_1 | V_2 | ...]`` (one matmul, ``[N, sum r_i]``) then ``z_i U_i^T``
 concatenated, and the embedding's rows are ``U[tokens] V^T``: ``r (m_i + n)`` numbers per
 factored block instead of ``m_i n``. Blocks too small to factor (``min(m_i, n) <= r``) stay
 dense inside the factored weight (``V_i = G_i^T``, no ``U_i``); a weight with no factored block
-stays dense. Norms, rotary and the MLP's activation are plain torch ops; CUDA decode attention
-runs the split-K tangent kernel over live positions (:func:`attend_jvp`); a decode step is
-captured in a CUDA graph like the finite-difference one.
+stays dense. On CUDA the norms, rotary and gated activation with their tangents are fused Triton
+kernels (:mod:`adfast.layer_ops`) and decode attention runs the split-K tangent kernel over live
+positions (:func:`attend_jvp`); a decode step is captured in a CUDA graph like the
+finite-difference one.
 """
 from __future__ import annotations
 
@@ -257,8 +258,9 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots:
 #
 # Forward-mode derivatives along a weight direction ``g``: every function below maps a primal and
 # its tangent (d/dh at h = 0 of the value at weights ``theta + h g``) to the output and its tangent.
-# Plain torch ops (each a kernel of its own on the GPU; fusing them is open work), except CUDA decode
-# attention, which runs a Triton kernel (attend_jvp).
+# The norms', rotary's and activation's tangents are in adfast.layer_ops (PyTorch, or fused Triton
+# kernels on CUDA); here are the linear layers', attention's (a Triton kernel in CUDA decode) and the
+# log-softmax's.
 
 
 @dataclass(frozen=True)

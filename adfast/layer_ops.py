@@ -20,6 +20,7 @@ Shapes: ``C`` weight copies, ``N = B T`` token rows, ``E`` hidden size, ``I`` ML
 """
 from __future__ import annotations
 
+from functools import cache
 from types import SimpleNamespace
 
 import torch
@@ -130,6 +131,7 @@ TORCH = SimpleNamespace(add_rms_norm=add_rms_norm, add_rms_norm_jvp=add_rms_norm
                         silu_mul=silu_mul, silu_mul_jvp=silu_mul_jvp)
 
 
+@cache
 def _triton_ops() -> SimpleNamespace:
     from .kernels.rms_norm import add_rms_norm as k_add_rms_norm, add_rms_norm_jvp as k_add_rms_norm_jvp
     from .kernels.rotary_cache import rope_and_cache_write as k_rope, rope_and_cache_write_jvp as k_rope_jvp
