@@ -5,10 +5,11 @@
 # its time limit still returns the rows it finished: bench/decode.py rewrites its JSON per row).
 #
 # Usage (repo root, on the GPU machine): bash bench/gpu_session.sh STAGE [STAGE ...]
-#   kernels   install; GPU tests (pytest -m gpu, and the decode-attention tests on CUDA);
-#             bench/sampler.py                                                      (~3 min)
+#   kernels   install; GPU tests (pytest -m gpu, and the attention and layer kernel tests, which
+#             run on CUDA tensors where a GPU exists); bench/sampler.py              (~3 min)
 #   decode    bench/decode.py: HF generate and engine temperature/antidistill/permutation (~6 min)
-#   jvp       bench/decode.py --append: engine temperature, exact-D jvp, low-rank jvp r8..r512 (~6 min)
+#   jvp       bench/decode.py --append: engine temperature, exact-D jvp, low-rank jvp r8..r512 (~6 min);
+#             on a fresh machine, first copy the decode stage's returned decode-*.json into bench/results/
 #   all       the three in a row (more than one call's limit: for a machine of your own)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -26,7 +27,8 @@ collect() {
 
 stage_kernels() {
     python3 -m pytest -q -m gpu tests 2>&1 | tee bench/results/gpu-tests.log || status=1
-    python3 -m pytest -q tests/test_decode_attention.py tests/test_decode_attention_jvp.py 2>&1 \
+    python3 -m pytest -q tests/test_decode_attention.py tests/test_decode_attention_jvp.py \
+        tests/test_rms_norm_kernel.py tests/test_silu_mul_kernel.py tests/test_rotary_cache_kernel.py 2>&1 \
         | tee -a bench/results/gpu-tests.log || status=1
     timeout 240 python3 bench/sampler.py 2>&1 | tee bench/results/sampler.log || status=1
 }

@@ -8,7 +8,8 @@ For each batch size, with Qwen2.5 shapes (teacher vocabulary 152064, proxy 15193
 - ``eager``: the same draw written plainly in eager PyTorch (three log-softmaxes, the difference,
   ``softmax`` and ``torch.multinomial``), the baseline a user would otherwise run.
 
-Each kernel is timed as a replayed CUDA graph (median of ``triton.testing.do_bench``). Achieved
+Each kernel is timed as a replayed CUDA graph (median of ``triton.testing.do_bench``; a variant
+that cannot be captured is timed eagerly and its row says ``cuda_graph: false``). Achieved
 bandwidth counts the bytes the op must move (each logit read once, outputs written once) and is
 compared with a device-to-device copy measured in the same run (bytes read + written).
 Writes ``bench/results/sampler-<device>.json``.
@@ -37,8 +38,9 @@ def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / (ms * 1e-3)
 
 
-def graph_time_ms(fn) -> float:
-    """Median time of one replay of ``fn`` captured as a CUDA graph."""
+def graph_time_ms(fn) -> tuple[float, bool]:
+    """Median time of one replay of ``fn`` captured as a CUDA graph, and True; if ``fn`` cannot be
+    captured (the eager baseline's ``torch.multinomial`` on some builds), its eager time and False."""
     import triton.testing
 
     stream = torch.cuda.Stream()
@@ -47,9 +49,14 @@ def graph_time_ms(fn) -> float:
             fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return triton.testing.do_bench(graph.replay, warmup=50, rep=300, return_mode="median")
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as error:
+        print(f"  not capturable ({str(error).splitlines()[0]}): timed eagerly", flush=True)
+        torch.cuda.synchronize()
+        return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median"), False
+    return triton.testing.do_bench(graph.replay, warmup=50, rep=300, return_mode="median"), True
 
 
 def eager_sample(t, p, m, tau, lam, eps):
@@ -85,12 +92,13 @@ def main(argv=None) -> int:
             "adjusted": (lambda: adfast.adjusted_logits(t, p, m, **kw), 2 * in_bytes + batch * VOCAB_T * 4),
             "eager": (lambda: eager_sample(t, p, m, 0.7, 0.5, 1e-4), in_bytes + batch * 8),
         }
-        times = {name: graph_time_ms(fn) for name, (fn, _) in variants.items()}
+        timed = {name: graph_time_ms(fn) for name, (fn, _) in variants.items()}
+        times = {name: ms for name, (ms, _) in timed.items()}
         for name, (_, nbytes) in variants.items():
             achieved = nbytes / (times[name] * 1e-3)
             rows.append(dict(device=device, batch=batch, variant=name, ms=times[name], bytes=nbytes,
                              bytes_per_s=achieved, copy_bandwidth=bandwidth, bandwidth_frac=achieved / bandwidth,
-                             speedup_vs_eager=times["eager"] / times[name]))
+                             speedup_vs_eager=times["eager"] / times[name], cuda_graph=timed[name][1]))
             print(f"B={batch:3d} {name:18s} {times[name] * 1e3:9.1f} us  {achieved / 1e12:5.2f} TB/s "
                   f"({achieved / bandwidth:6.1%} of copy)  {times['eager'] / times[name]:5.1f}x eager")
     out = pathlib.Path(args.out)

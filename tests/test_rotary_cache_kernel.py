@@ -13,6 +13,7 @@ import torch
 from adfast.kernels.rotary_cache import rope_and_cache_write, rope_and_cache_write_jvp
 from adfast.layer_ops import TORCH
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on CPU, the compiled kernel on a GPU
 SENTINEL = 7.5
 MAX_BATCH, MAX_SEQ = 5, 12
 
@@ -30,19 +31,19 @@ def make(copies, batch, seq, heads, kv_heads, head_dim, dtype, seed=0):
     start = torch.randint(0, MAX_SEQ - seq, (batch,), generator=g)
     t = torch.arange(seq)[None]
     write_pos = torch.where(t < lengths[:, None], start[:, None] + t, MAX_SEQ)
-    return qkv, dqkv, cos, sin, slots, write_pos
+    return tuple(x.to(DEVICE) for x in (qkv, dqkv, cos, sin, slots, write_pos))
 
 
 def caches(copies, kv_heads, head_dim, dtype, count):
-    return [torch.full((copies, MAX_BATCH, MAX_SEQ + 1, kv_heads, head_dim), SENTINEL, dtype=dtype)
+    return [torch.full((copies, MAX_BATCH, MAX_SEQ + 1, kv_heads, head_dim), SENTINEL, dtype=dtype, device=DEVICE)
             for _ in range(count)]
 
 
 def rotate64(x, cos, sin, dtype):
     """float64 rope of ``x [C, B, T, heads, D]`` by tables rounded to ``dtype``."""
-    cos = cos.to(dtype).double()[None, :, :, None]
-    sin = sin.to(dtype).double()[None, :, :, None]
-    x = x.double()
+    cos = cos.to(dtype).double().cpu()[None, :, :, None]
+    sin = sin.to(dtype).double().cpu()[None, :, :, None]
+    x = x.double().cpu()
     x1, x2 = x.chunk(2, -1)
     return x * cos + torch.cat((-x2, x1), -1) * sin
 
@@ -68,8 +69,9 @@ def test_matches_float64_rotation_and_writes_only_its_positions(dtype, copies, b
     q = rope_and_cache_write(qkv, cos, sin, k_cache, v_cache, slots, write_pos, heads, kv_heads)
     assert q.shape == (copies, batch, seq, heads, head_dim) and q.dtype == dtype
     q_in, k_in, v_in = split(qkv, batch, heads, kv_heads)
-    torch.testing.assert_close(q.double(), rotate64(q_in, cos, sin, dtype), **TOL[dtype])
-    expect_k, expect_v = rotate64(k_in, cos, sin, dtype), v_in.double()
+    torch.testing.assert_close(q.double().cpu(), rotate64(q_in, cos, sin, dtype), **TOL[dtype])
+    expect_k, expect_v = rotate64(k_in, cos, sin, dtype), v_in.double().cpu()
+    k_cache, v_cache, slots, write_pos = k_cache.cpu(), v_cache.cpu(), slots.cpu(), write_pos.cpu()
     written = torch.zeros(MAX_BATCH, MAX_SEQ + 1, dtype=torch.bool)
     for b in range(batch):
         for t in range(seq):
