@@ -272,7 +272,7 @@ class FactoredTangent:
     side, ``R = sum r_i``; ``u``: per block ``U_i [C, m_i, r_i]``, or None for a block kept dense,
     whose ``V_i`` is ``G_i^T`` (``r_i = m_i``, ``U_i = I``); ``ranks``: the ``r_i``. So ``x G^T``
     is ``z = x V`` (one matmul over every block) followed by ``z_i U_i^T`` per factored block
-    (:meth:`linear`): ``r_i (m_i + n)`` numbers per factored block and ``m_i n`` per dense one
+    (:meth:`add_linear_to`): ``r_i (m_i + n)`` numbers per factored block and ``m_i n`` per dense one
     are read, instead of ``m n``.
     """
 
@@ -296,11 +296,20 @@ class FactoredTangent:
         ranks = tuple(block[1].shape[1] if f else block.shape[0] for block, f in zip(blocks, factored))
         return cls(copies(v), u, ranks)
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
-        """``x G^T [C, N, m]`` for ``x [C, N, n]``: ``(x V_i) U_i^T`` per block, concatenated."""
-        z = torch.bmm(x, self.v).split(self.ranks, dim=-1)
-        parts = [z_i if u_i is None else torch.bmm(z_i, u_i.transpose(1, 2)) for z_i, u_i in zip(z, self.u)]
-        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+    def add_linear_to(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        """``out += x G^T`` in place, for ``x [C, N, n]``, ``out [C, N, m]``: ``z = x V`` (one matmul),
+        then each block's columns of ``out`` get ``z_i U_i^T`` (one ``baddbmm_`` into the column
+        slice) or ``z_i`` (a dense block): ``1 + blocks`` kernel launches, no concatenation."""
+        z = torch.bmm(x, self.v)
+        start = 0
+        for z_i, u_i in zip(z.split(self.ranks, dim=-1), self.u):
+            rows = z_i.shape[-1] if u_i is None else u_i.shape[1]
+            block = out[..., start:start + rows]
+            if u_i is None:
+                block.add_(z_i)
+            else:
+                block.baddbmm_(z_i, u_i.transpose(1, 2))
+            start += rows
 
     def rows(self, tokens: torch.Tensor) -> torch.Tensor:
         """Rows ``G[tokens]`` of a one-block factored ``G`` (the embedding): ``U[tokens] V^T``,
@@ -326,7 +335,7 @@ def linear_jvp(x: torch.Tensor, dx: torch.Tensor, weight: torch.Tensor, dweight:
     both = torch.bmm(torch.cat((x, dx), dim=1), weight.transpose(1, 2))
     y, dy = both[:, :n], both[:, n:]
     if isinstance(dweight, FactoredTangent):
-        dy = dy + dweight.linear(x)
+        dweight.add_linear_to(dy, x)  # dy is a view of ``both``, whose first rows (y) it leaves alone
     else:
         dy = torch.baddbmm(dy, x, dweight.transpose(1, 2))
     if bias is not None:
