@@ -56,7 +56,7 @@ finite-difference one.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -272,13 +272,20 @@ class FactoredTangent:
     side, ``R = sum r_i``; ``u``: per block ``U_i [C, m_i, r_i]``, or None for a block kept dense,
     whose ``V_i`` is ``G_i^T`` (``r_i = m_i``, ``U_i = I``); ``ranks``: the ``r_i``. So ``x G^T``
     is ``z = x V`` (one matmul over every block) followed by ``z_i U_i^T`` per factored block
-    (:meth:`add_linear_to`): ``r_i (m_i + n)`` numbers per factored block and ``m_i n`` per dense one
-    are read, instead of ``m n``.
+    (:meth:`add_products_to`): ``r_i (m_i + n)`` numbers per factored block and ``m_i n`` per dense
+    one are read, instead of ``m n``.
+
+    ``stacked`` (set by :meth:`Decoder.set_tangent` for a linear layer's weight ``W [C, m, n]``):
+    ``[C, m + R, n]``, ``W`` with ``V^T`` appended as rows, the storage of ``W`` itself (the
+    decoder's parameter becomes its first ``m`` rows), so that :func:`linear_jvp` gets ``x W^T``,
+    ``dx W^T`` and ``z = x V`` from one matmul: a factored tangent then costs one kernel launch
+    per block and no extra matmul over ``x``.
     """
 
     v: torch.Tensor
     u: tuple[torch.Tensor | None, ...]
     ranks: tuple[int, ...]
+    stacked: torch.Tensor | None = None
 
     @classmethod
     def from_blocks(cls, blocks, num_copies: int, dtype: torch.dtype, device) -> "FactoredTangent":
@@ -296,11 +303,10 @@ class FactoredTangent:
         ranks = tuple(block[1].shape[1] if f else block.shape[0] for block, f in zip(blocks, factored))
         return cls(copies(v), u, ranks)
 
-    def add_linear_to(self, out: torch.Tensor, x: torch.Tensor) -> None:
-        """``out += x G^T`` in place, for ``x [C, N, n]``, ``out [C, N, m]``: ``z = x V`` (one matmul),
-        then each block's columns of ``out`` get ``z_i U_i^T`` (one ``baddbmm_`` into the column
-        slice) or ``z_i`` (a dense block): ``1 + blocks`` kernel launches, no concatenation."""
-        z = torch.bmm(x, self.v)
+    def add_products_to(self, out: torch.Tensor, z: torch.Tensor) -> None:
+        """``out += x G^T`` in place given ``z = x V [C, N, R]``, ``out [C, N, m]``: each block's
+        columns of ``out`` get ``z_i U_i^T`` (one ``baddbmm_`` into the column slice) or ``z_i``
+        (a dense block): one kernel launch per block, no concatenation."""
         start = 0
         for z_i, u_i in zip(z.split(self.ranks, dim=-1), self.u):
             rows = z_i.shape[-1] if u_i is None else u_i.shape[1]
@@ -329,13 +335,17 @@ def linear_jvp(x: torch.Tensor, dx: torch.Tensor, weight: torch.Tensor, dweight:
 
     ``x`` and ``dx`` go through ``W`` as one batched matmul (``W`` read once for both), then
     ``x G^T`` is added to the tangent: ``G [C, out, in]`` dense, or a :class:`FactoredTangent`,
-    whose ``x G^T = (x V) U^T`` reads ``r (out + in)`` numbers per block instead of ``out in``.
+    whose ``x G^T = (x V) U^T`` reads ``r (out + in)`` numbers per block instead of ``out in``
+    (with its ``stacked`` weight, ``x V`` comes out of the same matmul as ``x W^T``). ``y`` and
+    ``dy`` may be column slices of one buffer (last dimension contiguous).
     """
-    n = x.shape[1]
-    both = torch.bmm(torch.cat((x, dx), dim=1), weight.transpose(1, 2))
-    y, dy = both[:, :n], both[:, n:]
-    if isinstance(dweight, FactoredTangent):
-        dweight.add_linear_to(dy, x)  # dy is a view of ``both``, whose first rows (y) it leaves alone
+    n, out = x.shape[1], weight.shape[1]
+    factored = isinstance(dweight, FactoredTangent)
+    stacked = dweight.stacked if factored and dweight.stacked is not None else weight
+    both = torch.bmm(torch.cat((x, dx), dim=1), stacked.transpose(1, 2))  # [C, 2N, out (+ R)]
+    y, dy = both[:, :n, :out], both[:, n:, :out]
+    if factored:  # dy is a view of ``both``: adding into it leaves y alone
+        dweight.add_products_to(dy, both[:, :n, out:] if dweight.stacked is not None else torch.bmm(x, dweight.v))
     else:
         dy = torch.baddbmm(dy, x, dweight.transpose(1, 2))
     if bias is not None:
@@ -630,7 +640,18 @@ class Decoder(nn.Module):
                 tangent[name] = FactoredTangent.from_blocks(blocks, self.num_copies, dtype, device)
         if self.config.tie_word_embeddings:
             tangent["lm_head"] = tangent["embed"]
+        for name, value in tangent.items():
+            if isinstance(value, FactoredTangent) and name != "embed":
+                tangent[name] = self._stack_with_factors(name, value)
         self.tangent_weights = tangent
+
+    def _stack_with_factors(self, name: str, tangent: FactoredTangent) -> FactoredTangent:
+        """Give the linear weight ``name`` the storage ``[W | V^T]`` (rows) and return ``tangent`` holding it."""
+        weight = self.lm_head if name == "lm_head" else self.get_parameter(name)
+        rows = weight.shape[1]
+        stacked = torch.cat((weight.data, tangent.v.transpose(1, 2).to(weight.dtype)), dim=1)
+        weight.data = stacked[:, :rows]
+        return replace(tangent, stacked=stacked)
 
     def _check_tangent_sources(self, grads: dict) -> None:
         """Raise ``ValueError`` unless ``grads`` (name -> tensor or ``(U, V)``) has this decoder's names and shapes."""
@@ -668,8 +689,9 @@ class Decoder(nn.Module):
     def tangent_numel(self) -> int:
         """Numbers the stored tangent holds per copy (a tied embedding and ``lm_head`` once): ``m n`` per
         dense weight, :meth:`FactoredTangent.numel` per factored one. 0 without a tangent."""
-        unique = {id(t): t for t in (self.tangent_weights or {}).values()}.values()
-        return sum(t.numel() if isinstance(t, FactoredTangent) else t[0].numel() for t in unique)
+        tangents = (self.tangent_weights or {}).values()
+        unique = {id(t.v if isinstance(t, FactoredTangent) else t): t for t in tangents}  # a tied pair shares V
+        return sum(t.numel() if isinstance(t, FactoredTangent) else t[0].numel() for t in unique.values())
 
     # ------------------------------------------------------------------------------------- cache
 
@@ -861,8 +883,8 @@ class Decoder(nn.Module):
         x, dx, mlp_out, dmlp_out = self._output_rows(x, dx, mlp_out, dmlp_out, n=n, last_only=last_only)
         _, _, h, dh = ops.add_rms_norm_jvp(x, dx, self.norm, g["norm"], eps, mlp_out, dmlp_out)
         logits, dlogits = linear_jvp(h, dh, self.lm_head, g["lm_head"])
-        logits = logits.view(copies, batch, -1, cfg.vocab_size)
-        dlogits = dlogits.view(copies, batch, -1, cfg.vocab_size)
+        logits = logits.reshape(copies, batch, -1, cfg.vocab_size)  # column slices with a stacked lm_head
+        dlogits = dlogits.reshape(copies, batch, -1, cfg.vocab_size)
         if logits.dtype != torch.float64:
             logits, dlogits = logits.float(), dlogits.float()
         return logits, dlogits

@@ -174,7 +174,12 @@ def test_low_rank_tangent_matches_dense_reconstruction(setup, rank, dtype, rtol,
     assert isinstance(qkv, FactoredTangent) and isinstance(factored.tangent_weights["embed"], FactoredTangent)
     assert [u is None for u in qkv.u] == ([False] * 3 if rank == 4 else [False, True, True])
     head, embed = factored.tangent_weights["lm_head"], factored.tangent_weights["embed"]
-    assert isinstance(head, FactoredTangent) and (head is embed) == model.config.tie_word_embeddings
+    assert isinstance(head, FactoredTangent) and (head.v is embed.v) == model.config.tie_word_embeddings
+    for name, tangent in factored.tangent_weights.items():  # linear weights live in [W | V^T]
+        if isinstance(tangent, FactoredTangent) and name != "embed":
+            weight = factored.lm_head if name == "lm_head" else factored.get_parameter(name)
+            assert weight.data_ptr() == tangent.stacked.data_ptr()
+            assert torch.equal(tangent.stacked[:, weight.shape[1]:], tangent.v.transpose(1, 2))
     assert not any(isinstance(t, FactoredTangent) for t in dense.tangent_weights.values())
     rows = [random_tokens(7, 60), random_tokens(4, 61)]
     ids, lengths = right_padded(rows)
