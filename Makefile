@@ -19,7 +19,7 @@ demo: $(VENV)/.installed
 	$(BIN)/adfast demo
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/pytest -q tests
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/sampler.py

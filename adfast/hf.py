@@ -31,6 +31,7 @@ are padded with; :func:`generate` checks it against the ``attention_mask`` it re
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 
 import torch
@@ -187,9 +188,15 @@ class AntidistillationLogitsProcessor(LogitsProcessor):
                              "(e.g. generate(suppress_tokens=...)) or use a proxy with the teacher's tokenizer")
         self._seen = input_ids
         return tuple(
-            model(input_ids=new, attention_mask=self._mask, position_ids=position_ids, past_key_values=cache,
-                  use_cache=True, logits_to_keep=1).logits[:, -1]
+            model(input_ids=new, attention_mask=self._mask, position_ids=position_ids,
+                  **{_cache_argument(model): cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
             for model, cache in zip((self.pair.plus, self.pair.minus), self._caches))
+
+
+def _cache_argument(model) -> str:
+    """The name under which ``model.forward`` takes its KV cache: ``cache`` from transformers 5.25
+    on, ``past_key_values`` before (deprecated since, removed in 5.40)."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
 def generate(teacher, processor: AntidistillationLogitsProcessor, **generate_kwargs):

@@ -53,6 +53,23 @@ def _store_halves(dst, out1, out2, h, k, hmask, kmask, head_stride, HALF: tl.con
 
 
 @triton.jit
+def _rope_token(src, q_dst, k_dst, v_dst, tables, h, j, k, hmask, jmask, kmask, s_cache_j,
+                HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr):
+    """One token's row of a fused projection at ``src``: rotated q heads to ``q_dst`` (contiguous
+    heads), rotated k heads and the v heads to one cache position at ``k_dst`` / ``v_dst``."""
+    cos1, sin1, cos2, sin2 = tables
+    q1, q2 = _rotate_heads(src, cos1, sin1, cos2, sin2, h, k, hmask, kmask, HEAD_DIM, HALF)
+    _store_halves(q_dst, q1, q2, h, k, hmask, kmask, HEAD_DIM, HALF)
+    k1, k2 = _rotate_heads(src + HEADS * HEAD_DIM, cos1, sin1, cos2, sin2, j, k, jmask, kmask, HEAD_DIM, HALF)
+    _store_halves(k_dst, k1, k2, j, k, jmask, kmask, s_cache_j, HALF)
+    v = src + (HEADS + KV_HEADS) * HEAD_DIM + j[:, None] * HEAD_DIM + k[None, :]
+    vmask = jmask[:, None] & kmask[None, :]
+    v1 = tl.load(v, mask=vmask, other=0.0)
+    v2 = tl.load(v + HALF, mask=vmask, other=0.0)
+    _store_halves(v_dst, v1, v2, j, k, jmask, kmask, s_cache_j, HALF)
+
+
+@triton.jit
 def _rope_and_cache_write(
     qkv_ptr, dqkv_ptr, cos_ptr, sin_ptr, q_ptr, dq_ptr, k_ptr, v_ptr, dk_ptr, dv_ptr, slots_ptr, pos_ptr,
     tokens, seq, s_qkv_c, s_qkv_n, s_dqkv_c, s_dqkv_n, s_cos_b, s_cos_t,
@@ -85,26 +102,13 @@ def _rope_and_cache_write(
     q_off = (c.to(tl.int64) * tokens + n) * HEADS * HEAD_DIM
     src = qkv_ptr + c.to(tl.int64) * s_qkv_c + n.to(tl.int64) * s_qkv_n
 
-    q1, q2 = _rotate_heads(src, cos1, sin1, cos2, sin2, h, k, hmask, kmask, HEAD_DIM, HALF)
-    _store_halves(q_ptr + q_off, q1, q2, h, k, hmask, kmask, HEAD_DIM, HALF)
-    k1, k2 = _rotate_heads(src + HEADS * HEAD_DIM, cos1, sin1, cos2, sin2, j, k, jmask, kmask, HEAD_DIM, HALF)
-    _store_halves(k_ptr + cache_off, k1, k2, j, k, jmask, kmask, s_cache_j, HALF)
-    v1 = tl.load(src + (HEADS + KV_HEADS) * HEAD_DIM + j[:, None] * HEAD_DIM + k[None, :],
-                 mask=jmask[:, None] & kmask[None, :], other=0.0)
-    v2 = tl.load(src + (HEADS + KV_HEADS) * HEAD_DIM + j[:, None] * HEAD_DIM + HALF + k[None, :],
-                 mask=jmask[:, None] & kmask[None, :], other=0.0)
-    _store_halves(v_ptr + cache_off, v1, v2, j, k, jmask, kmask, s_cache_j, HALF)
+    tables = (cos1, sin1, cos2, sin2)
+    _rope_token(src, q_ptr + q_off, k_ptr + cache_off, v_ptr + cache_off, tables, h, j, k, hmask, jmask, kmask,
+                s_cache_j, HEADS, KV_HEADS, HEAD_DIM, HALF)
     if TANGENT:
         src = dqkv_ptr + c.to(tl.int64) * s_dqkv_c + n.to(tl.int64) * s_dqkv_n
-        q1, q2 = _rotate_heads(src, cos1, sin1, cos2, sin2, h, k, hmask, kmask, HEAD_DIM, HALF)
-        _store_halves(dq_ptr + q_off, q1, q2, h, k, hmask, kmask, HEAD_DIM, HALF)
-        k1, k2 = _rotate_heads(src + HEADS * HEAD_DIM, cos1, sin1, cos2, sin2, j, k, jmask, kmask, HEAD_DIM, HALF)
-        _store_halves(dk_ptr + cache_off, k1, k2, j, k, jmask, kmask, s_cache_j, HALF)
-        v1 = tl.load(src + (HEADS + KV_HEADS) * HEAD_DIM + j[:, None] * HEAD_DIM + k[None, :],
-                     mask=jmask[:, None] & kmask[None, :], other=0.0)
-        v2 = tl.load(src + (HEADS + KV_HEADS) * HEAD_DIM + j[:, None] * HEAD_DIM + HALF + k[None, :],
-                     mask=jmask[:, None] & kmask[None, :], other=0.0)
-        _store_halves(dv_ptr + cache_off, v1, v2, j, k, jmask, kmask, s_cache_j, HALF)
+        _rope_token(src, dq_ptr + q_off, dk_ptr + cache_off, dv_ptr + cache_off, tables, h, j, k, hmask, jmask,
+                    kmask, s_cache_j, HEADS, KV_HEADS, HEAD_DIM, HALF)
 
 
 def _check(qkv, cos, sin, caches, slots, write_pos, heads: int, kv_heads: int, dqkv=None) -> int:

@@ -1,8 +1,15 @@
 """Shared fixtures. Without a CUDA device the Triton kernels run under the interpreter on CPU
 tensors: TRITON_INTERPRET must be set before anything imports adfast.kernels."""
 import os
+import sys
 
-import torch
+# `python -m pytest` run from the repository root puts the root on sys.path, and there kernels/
+# (installed as adfast.kernels) would shadow the Hugging Face `kernels` package that transformers
+# imports. The tests use the installed package, so the root is taken off the path.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

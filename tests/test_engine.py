@@ -212,8 +212,12 @@ def test_errors(teachers, pair, engine):
         Engine(teachers["qwen2"], pair, max_batch_size=0, max_seq_len=8)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def cuda_test(test):
+    """Marked ``gpu`` and skipped where no CUDA device exists."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
+
+
+@cuda_test
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graph_replay_equals_eager(teachers, pair, dtype):
     kw = dict(max_new_tokens=MAX_NEW, tau=[1.0, 0.0, 0.7, 1.0, 1.3, 1.0], lam=[0.5, 1.0, 0.0, 2.0, 1.0, 0.5],
@@ -415,16 +419,9 @@ def test_jvp_low_rank_gradient_draws_as_its_dense_reconstruction(teachers, rank,
 
 # ------------------------------------------------------------------------------- CUDA: graphs and references
 
-needs_cuda = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-def apply_marks(test):
-    for mark in reversed(needs_cuda):
-        test = mark(test)
-    return test
-
-
-@apply_marks
+@cuda_test
 @pytest.mark.parametrize("rank", [0, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graph_replay_equals_eager_jvp(teachers, rank, dtype):
@@ -443,7 +440,7 @@ def test_cuda_graph_replay_equals_eager_jvp(teachers, rank, dtype):
     assert engines[True]._graphs and not engines[False]._graphs
 
 
-@apply_marks
+@cuda_test
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
 def test_cuda_graph_greedy_matches_transformers(teachers, pair, family):
     """float32 on the GPU, captured: the Triton decode attention and sampler give transformers' greedy tokens."""
@@ -456,7 +453,7 @@ def test_cuda_graph_greedy_matches_transformers(teachers, pair, family):
         assert r.mean_logprob == pytest.approx(teacher_mean_logprob(teacher, prompt, r.tokens), abs=1e-4)
 
 
-@apply_marks
+@cuda_test
 @pytest.mark.parametrize("rank", [0, 4])
 def test_cuda_graph_jvp_greedy_matches_exact_delta_reference(teachers, rank):
     """float32 on the GPU, captured, exact D: the float64 full-forward reference's greedy tokens."""

@@ -112,7 +112,7 @@ SETTINGS = {"antidistill": dict(mode="antidistill"), "permutation": dict(mode="p
 def test_decode_step_never_waits_on_the_device(engine_kind, setting, watched_decode):
     engine = ENGINES[engine_kind]()
     kw = {"tau": 0.8, "lam": [0.1, 0.0, 0.2, 0.05], "seed": 3, **SETTINGS[setting]}
-    if engine_kind == "fd" or engine_kind == "fd-narrow-proxy":
+    if engine_kind.startswith("fd"):
         kw["eps"] = 1e-2
     results = engine.generate(PROMPTS, max_new_tokens=4, **kw)
     assert all(r.num_tokens == 4 for r in results)
