@@ -211,6 +211,9 @@ def _layer_cases():
                     (f"rope_and_cache_write_jvp {name}",
                      lambda a=(qkv, qkv, cos, cos, cache, cache, cache, cache, slots, pos, heads, kv_heads):
                      ops.rope_and_cache_write_jvp(*a)),
+                    (f"rope_and_cache_write_jvp +bias {name}",  # Qwen2's qkv bias, added in the tangent pass
+                     lambda a=(qkv, qkv, cos, cos, cache, cache, cache, cache, slots, pos, heads, kv_heads), b=qkv[:, 0]:
+                     ops.rope_and_cache_write_jvp(*a, b, b)),
                 ]
     return cases
 

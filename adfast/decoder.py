@@ -263,6 +263,12 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots:
 # log-softmax's.
 
 
+BLOCK_DIAGONAL_PADDING_BYTES = 4 << 20
+"""Zeros a fused weight's factored tangent may add to merge its blocks' ``U_i`` into one
+block-diagonal matrix, which saves a kernel launch per extra block at each step: 4 MiB is what
+an H100 reads (about 3 TB/s) in the ~1.5 us a launch costs inside a CUDA graph (an estimate)."""
+
+
 @dataclass(frozen=True)
 class FactoredTangent:
     """A weight's tangent ``G [C, m, n]`` kept as factors: row blocks ``G_i = U_i V_i^T`` stacked.
@@ -280,17 +286,28 @@ class FactoredTangent:
     decoder's parameter becomes its first ``m`` rows), so that :func:`linear_jvp` gets ``x W^T``,
     ``dx W^T`` and ``z = x V`` from one matmul: a factored tangent then costs one kernel launch
     per block and no extra matmul over ``x``.
+
+    ``block_diagonal`` (set when every block is factored and the zeros cost few bytes, see
+    :meth:`from_blocks`): ``[C, m, R]``, the ``U_i`` on the diagonal and zeros elsewhere, whose
+    blocks are the storage of ``u``: all blocks' products then take one kernel launch.
     """
 
     v: torch.Tensor
     u: tuple[torch.Tensor | None, ...]
     ranks: tuple[int, ...]
     stacked: torch.Tensor | None = None
+    block_diagonal: torch.Tensor | None = None
 
     @classmethod
-    def from_blocks(cls, blocks, num_copies: int, dtype: torch.dtype, device) -> "FactoredTangent":
+    def from_blocks(cls, blocks, num_copies: int, dtype: torch.dtype, device,
+                    max_padding_bytes: int = 0) -> "FactoredTangent":
         """From row blocks, each a tensor ``G_i [m_i, n]`` or factors ``(U_i [m_i, r_i], V_i [n, r_i])``,
-        cast to ``dtype`` / ``device`` and shared by ``num_copies`` copies (expanded, not copied)."""
+        cast to ``dtype`` / ``device`` and shared by ``num_copies`` copies (expanded, not copied).
+
+        With more than one block, all factored, whose block-diagonal ``U`` would hold at most
+        ``max_padding_bytes`` of zeros (``m R - sum m_i r_i`` numbers), the ``U_i`` are stored as
+        the blocks of ``block_diagonal``.
+        """
         def cast(t):
             return t.detach().to(device, dtype)
 
@@ -299,14 +316,30 @@ class FactoredTangent:
 
         factored = [isinstance(block, tuple) for block in blocks]
         v = torch.cat([cast(block[1]) if f else cast(block).T for block, f in zip(blocks, factored)], dim=1)
-        u = tuple(copies(cast(block[0])) if f else None for block, f in zip(blocks, factored))
         ranks = tuple(block[1].shape[1] if f else block.shape[0] for block, f in zip(blocks, factored))
+        if len(blocks) > 1 and all(factored):
+            heights = [block[0].shape[0] for block in blocks]
+            zeros = sum(heights) * sum(ranks) - sum(m * r for m, r in zip(heights, ranks))
+            if zeros * v.element_size() <= max_padding_bytes:
+                merged = torch.zeros(sum(heights), sum(ranks), device=device, dtype=dtype)
+                row = col = 0
+                blocks_of_merged = []
+                for (u_i, _), m, r in zip(blocks, heights, ranks):
+                    merged[row:row + m, col:col + r] = cast(u_i)
+                    blocks_of_merged.append(merged[row:row + m, col:col + r])
+                    row, col = row + m, col + r
+                return cls(copies(v), tuple(map(copies, blocks_of_merged)), ranks, block_diagonal=copies(merged))
+        u = tuple(copies(cast(block[0])) if f else None for block, f in zip(blocks, factored))
         return cls(copies(v), u, ranks)
 
     def add_products_to(self, out: torch.Tensor, z: torch.Tensor) -> None:
-        """``out += x G^T`` in place given ``z = x V [C, N, R]``, ``out [C, N, m]``: each block's
+        """``out += x G^T`` in place given ``z = x V [C, N, R]``, ``out [C, N, m]``: with a
+        ``block_diagonal`` ``U``, ``out += z U^T`` (one ``baddbmm_``); otherwise each block's
         columns of ``out`` get ``z_i U_i^T`` (one ``baddbmm_`` into the column slice) or ``z_i``
         (a dense block): one kernel launch per block, no concatenation."""
+        if self.block_diagonal is not None:
+            out.baddbmm_(z, self.block_diagonal.transpose(1, 2))
+            return
         start = 0
         for z_i, u_i in zip(z.split(self.ranks, dim=-1), self.u):
             rows = z_i.shape[-1] if u_i is None else u_i.shape[1]
@@ -328,12 +361,29 @@ class FactoredTangent:
         return self.v[0].numel() + sum(u[0].numel() for u in self.u if u is not None)
 
 
+def primal_tangent_rows(x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """``[C, 2N, E]``: each copy's ``N`` rows of ``x [C, N, E]``, then those of ``dx``.
+
+    A view when ``dx`` lies in memory where the rows after ``x``'s would (same strides, offset by
+    ``N`` rows): the fused jvp layer kernels return their primal and tangent as the halves of one
+    ``[2, C, N, E]`` buffer, which qualifies for ``C = 1`` (the jvp engine's one proxy), and so do
+    :func:`linear_jvp`'s own outputs for any ``C``. Otherwise a concatenation (one copy kernel).
+    """
+    rows = x.shape[1]
+    if (dx.shape == x.shape and dx.stride() == x.stride() and dx.dtype == x.dtype and dx.device == x.device
+            and dx.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+            and dx.storage_offset() == x.storage_offset() + rows * x.stride(1)):
+        return x.as_strided((x.shape[0], 2 * rows, x.shape[2]), x.stride(), x.storage_offset())
+    return torch.cat((x, dx), dim=1)
+
+
 def linear_jvp(x: torch.Tensor, dx: torch.Tensor, weight: torch.Tensor, dweight: torch.Tensor | FactoredTangent,
                bias: torch.Tensor | None = None, dbias: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`linear` and its tangent ``dx W^T + x G^T + db``.
 
-    ``x`` and ``dx`` go through ``W`` as one batched matmul (``W`` read once for both), then
+    ``x`` and ``dx`` go through ``W`` as one batched matmul (``W`` read once for both; the rows
+    are :func:`primal_tangent_rows`, a view where they already lie that way), then
     ``x G^T`` is added to the tangent: ``G [C, out, in]`` dense, or a :class:`FactoredTangent`,
     whose ``x G^T = (x V) U^T`` reads ``r (out + in)`` numbers per block instead of ``out in``
     (with its ``stacked`` weight, ``x V`` comes out of the same matmul as ``x W^T``). ``y`` and
@@ -342,7 +392,7 @@ def linear_jvp(x: torch.Tensor, dx: torch.Tensor, weight: torch.Tensor, dweight:
     n, out = x.shape[1], weight.shape[1]
     factored = isinstance(dweight, FactoredTangent)
     stacked = dweight.stacked if factored and dweight.stacked is not None else weight
-    both = torch.bmm(torch.cat((x, dx), dim=1), stacked.transpose(1, 2))  # [C, 2N, out (+ R)]
+    both = torch.bmm(primal_tangent_rows(x, dx), stacked.transpose(1, 2))  # [C, 2N, out (+ R)]
     y, dy = both[:, :n, :out], both[:, n:, :out]
     if factored:  # dy is a view of ``both``: adding into it leaves y alone
         dweight.add_products_to(dy, both[:, :n, out:] if dweight.stacked is not None else torch.bmm(x, dweight.v))
@@ -607,7 +657,7 @@ class Decoder(nn.Module):
 
     # ----------------------------------------------------------------------------------- tangent
 
-    def set_tangent(self, gradient) -> None:
+    def set_tangent(self, gradient, *, max_padding_bytes: int = BLOCK_DIAGONAL_PADDING_BYTES) -> None:
         """Store the direction ``g`` of tangent mode (``forward(..., tangent=True)``), or clear it (None).
 
         ``gradient``: a :class:`adfast.gradient.ProxyGradient`, a
@@ -622,7 +672,9 @@ class Decoder(nn.Module):
         factored ``m x n`` source instead of ``m n``. Every copy of a ``num_copies > 1`` decoder
         gets the same direction. Raises ``ValueError`` listing missing names, unexpected names
         and shape mismatches (a dense ``lm_head.weight`` of a tied model is accepted only when
-        equal to ``model.embed_tokens.weight``).
+        equal to ``model.embed_tokens.weight``). A fused weight's factored blocks share one
+        block-diagonal ``U`` where its zeros take at most ``max_padding_bytes``
+        (:meth:`FactoredTangent.from_blocks`).
         """
         if gradient is None:
             self.tangent_weights = None
@@ -637,7 +689,8 @@ class Decoder(nn.Module):
                 value = torch.cat([block.detach().to(device, dtype) for block in blocks])
                 tangent[name] = value[None].expand(self.num_copies, *value.shape)
             else:
-                tangent[name] = FactoredTangent.from_blocks(blocks, self.num_copies, dtype, device)
+                tangent[name] = FactoredTangent.from_blocks(blocks, self.num_copies, dtype, device,
+                                                            max_padding_bytes)
         if self.config.tie_word_embeddings:
             tangent["lm_head"] = tangent["embed"]
         for name, value in tangent.items():
@@ -866,9 +919,10 @@ class Decoder(nn.Module):
             d = {name[len(prefix):]: value for name, value in g.items() if name.startswith(prefix)}.get
             x, dx, h, dh = ops.add_rms_norm_jvp(x, dx, layer.attention_norm, d("attention_norm"), eps, mlp_out,
                                                 dmlp_out)
-            qkv, dqkv = linear_jvp(h, dh, layer.wqkv, d("wqkv"), layer.bqkv, d("bqkv"))
+            qkv, dqkv = linear_jvp(h, dh, layer.wqkv, d("wqkv"))  # the bias joins in the rotary op
             q, dq = ops.rope_and_cache_write_jvp(qkv, dqkv, cos, sin, cache.k[i], cache.v[i], cache.dk[i],
-                                                 cache.dv[i], slots, write_pos, heads, kv_heads)
+                                                 cache.dv[i], slots, write_pos, heads, kv_heads, layer.bqkv,
+                                                 d("bqkv"))
             out, dout = attend_jvp(q, dq, cache.k[i], cache.v[i], cache.dk[i], cache.dv[i], slots, query_pos,
                                    lengths)
             o, do = linear_jvp(out.reshape(copies, batch * seq, heads * head_dim),
@@ -902,4 +956,4 @@ class Decoder(nn.Module):
 
 
 __all__ = ["Decoder", "DecoderConfig", "FactoredTangent", "KVCache", "attend", "attend_jvp", "linear_jvp",
-           "log_softmax_tangent", "rope_inv_freq"]
+           "log_softmax_tangent", "primal_tangent_rows", "rope_inv_freq"]

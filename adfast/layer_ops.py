@@ -88,13 +88,16 @@ def _split_heads(qkv: torch.Tensor, batch: int, heads: int, kv_heads: int):
         v.reshape(*shape, kv_heads, head_dim)
 
 
-def rope_and_cache_write(qkv, cos, sin, k_cache, v_cache, slots, write_pos, heads: int, kv_heads: int):
+def rope_and_cache_write(qkv, cos, sin, k_cache, v_cache, slots, write_pos, heads: int, kv_heads: int, bias=None):
     """Rotary embeddings and the KV-cache write of one layer; returns the rotated queries.
 
-    ``qkv [C, B T, (H + 2 KV) D]`` (the fused projection: q heads, k heads, v heads), ``cos, sin
-    [B, T, D]``, ``slots [B]``, ``write_pos [B, T]``: ``k_cache[c, slots[b], write_pos[b, t]] =
-    rope(k)[c, b, t]`` and likewise ``v`` (unrotated); returns ``rope(q) [C, B, T, H, D]``.
+    ``qkv [C, B T, (H + 2 KV) D]`` (the fused projection: q heads, k heads, v heads; plus ``bias
+    [C, (H + 2 KV) D]`` when given), ``cos, sin [B, T, D]``, ``slots [B]``, ``write_pos [B, T]``:
+    ``k_cache[c, slots[b], write_pos[b, t]] = rope(k)[c, b, t]`` and likewise ``v`` (unrotated);
+    returns ``rope(q) [C, B, T, H, D]``.
     """
+    if bias is not None:
+        qkv = qkv + bias[:, None]
     q, k, v = _split_heads(qkv, cos.shape[0], heads, kv_heads)
     k_cache[:, slots[:, None], write_pos] = apply_rope(k, cos, sin).to(k_cache.dtype)
     v_cache[:, slots[:, None], write_pos] = v.to(v_cache.dtype)
@@ -102,11 +105,12 @@ def rope_and_cache_write(qkv, cos, sin, k_cache, v_cache, slots, write_pos, head
 
 
 def rope_and_cache_write_jvp(qkv, dqkv, cos, sin, k_cache, v_cache, dk_cache, dv_cache, slots, write_pos,
-                             heads: int, kv_heads: int):
+                             heads: int, kv_heads: int, bias=None, dbias=None):
     """:func:`rope_and_cache_write` and its tangent (rotary is linear: the tangents rotate alike;
-    ``dk``, ``dv`` go to ``dk_cache``, ``dv_cache``); returns ``(rope(q), rope(dq))``."""
-    q = rope_and_cache_write(qkv, cos, sin, k_cache, v_cache, slots, write_pos, heads, kv_heads)
-    dq = rope_and_cache_write(dqkv, cos, sin, dk_cache, dv_cache, slots, write_pos, heads, kv_heads)
+    ``dk``, ``dv`` go to ``dk_cache``, ``dv_cache``; ``dbias`` is the bias's tangent, None for
+    zero); returns ``(rope(q), rope(dq))``."""
+    q = rope_and_cache_write(qkv, cos, sin, k_cache, v_cache, slots, write_pos, heads, kv_heads, bias)
+    dq = rope_and_cache_write(dqkv, cos, sin, dk_cache, dv_cache, slots, write_pos, heads, kv_heads, dbias)
     return q, dq
 
 

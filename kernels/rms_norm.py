@@ -196,6 +196,7 @@ def add_rms_norm_jvp(x: torch.Tensor, dx: torch.Tensor, weight: torch.Tensor, dw
     ``ds = dx + dresidual`` (``dx`` itself when ``dresidual`` is None: a residual with a zero
     tangent), ``(y, dy)`` as ``adfast.layer_ops.rms_norm_jvp(s, ds, weight, dweight, eps)`` except
     that ``dy``'s two products are summed in float32 and rounded once (see the module docstring).
+    ``y`` and ``dy`` are the two halves of one ``[2, C, N, E]`` buffer.
     Raises ValueError for malformed inputs, and for ``dresidual`` without ``residual``.
     """
     if dresidual is not None and residual is None:
@@ -203,8 +204,8 @@ def add_rms_norm_jvp(x: torch.Tensor, dx: torch.Tensor, weight: torch.Tensor, dw
     _check_inputs(dict(x=x, residual=residual, dx=dx, dresidual=dresidual), dict(weight=weight, dweight=dweight),
                   eps)
     num_copies, rows, hidden = x.shape
-    y = torch.empty((num_copies, rows, hidden), device=x.device, dtype=x.dtype)
-    dy = torch.empty_like(y)
+    # halves of one buffer: see adfast.decoder.primal_tangent_rows
+    y, dy = torch.empty((2, num_copies, rows, hidden), device=x.device, dtype=x.dtype)
     s = x if residual is None else torch.empty_like(y)
     ds = dx if dresidual is None else torch.empty_like(y)
     if num_copies * rows == 0:

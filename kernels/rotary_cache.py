@@ -4,6 +4,7 @@ Shapes (``C`` weight copies, ``B`` rows of ``T`` tokens, ``H`` / ``KV`` query / 
 even dim ``D``, ``S = max_seq_len``)::
 
     qkv, dqkv          [C, B T, (H + 2 KV) D]     the fused projection (q heads, k heads, v heads) and its tangent
+    bias, dbias        [C, (H + 2 KV) D]          optional: the projection's bias and its tangent, added first
     cos, sin           [B, T, D]  float32          the rotary tables at each token's position
     k_cache, v_cache   [C, max_batch, S + 1, KV, D]  one layer's cache (dk_cache, dv_cache: their tangents)
     slots              [B]     int                 cache slot of row b
@@ -17,10 +18,14 @@ with ``x1, x2`` the halves of a head and ``c1, c2`` / ``s1, s2`` the halves of t
     q = rope(q heads);   k_cache[c, slots[b], write_pos[b, t]] = rope(k heads), v_cache[...] = v heads
 
 and in tangent mode (rotary is linear in x) ``dq = rope(dq heads)``, ``dk_cache[...] =
-rope(dk heads)``, ``dv_cache[...] = dv heads``. Rounding: cos and sin are first rounded to qkv's
-dtype (as transformers casts the tables), then each output element is computed in float32 and
-rounded once to its destination's dtype; PyTorch rounds ``x cos``, ``rotate_half(x) sin`` and
-their sum separately, so bf16/fp16 results may differ from it in the last bit.
+rope(dk heads)``, ``dv_cache[...] = dv heads``. With a bias, ``qkv + bias`` (rounded to qkv's
+dtype, as a separate PyTorch add would) takes qkv's place, and ``dqkv + dbias`` dqkv's: the
+tangent pass's projection (``adfast.decoder.linear_jvp``, one matmul for primal and tangent rows)
+has no per-half bias input, so its bias add happens here instead of in two more launches.
+Rounding: cos and sin are first rounded to qkv's dtype (as transformers casts the tables), then
+each output element is computed in float32 and rounded once to its destination's dtype; PyTorch
+rounds ``x cos``, ``rotate_half(x) sin`` and their sum separately, so bf16/fp16 results may
+differ from it in the last bit.
 
 One program per (copy, token) (grid ``C B T``) handles all heads of the token as
 ``[H_PAD, HALF_PAD]`` tiles (next powers of two of ``H``/``KV`` and ``D / 2``, masked), so a
@@ -35,11 +40,27 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotate_heads(src, cos1, sin1, cos2, sin2, h, k, hmask, kmask, HEAD_DIM: tl.constexpr, HALF: tl.constexpr):
-    """Rotated halves ``(x1 c1 - x2 s1, x2 c2 + x1 s2)`` in float32 of heads ``h`` (a ``[H_PAD]``
-    column of head indices) of the row at ``src``; ``k`` the ``[HALF_PAD]`` offsets within a half."""
-    x1 = tl.load(src + h[:, None] * HEAD_DIM + k[None, :], mask=hmask[:, None] & kmask[None, :], other=0.0)
-    x2 = tl.load(src + h[:, None] * HEAD_DIM + HALF + k[None, :], mask=hmask[:, None] & kmask[None, :], other=0.0)
+def _load_halves(src, bias, h, k, hmask, kmask, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The two halves of heads ``h`` (a ``[H_PAD]`` column of head indices) of the row at ``src``,
+    plus the same entries of ``bias`` (the sum rounded to the row's dtype); ``k`` the
+    ``[HALF_PAD]`` offsets within a half. In the row's dtype."""
+    offsets = h[:, None] * HEAD_DIM + k[None, :]
+    mask = hmask[:, None] & kmask[None, :]
+    x1 = tl.load(src + offsets, mask=mask, other=0.0)
+    x2 = tl.load(src + offsets + HALF, mask=mask, other=0.0)
+    if HAS_BIAS:
+        elem = src.dtype.element_ty
+        x1 = (x1.to(tl.float32) + tl.load(bias + offsets, mask=mask, other=0.0).to(tl.float32)).to(elem)
+        x2 = (x2.to(tl.float32) + tl.load(bias + offsets + HALF, mask=mask, other=0.0).to(tl.float32)).to(elem)
+    return x1, x2
+
+
+@triton.jit
+def _rotate_heads(src, bias, cos1, sin1, cos2, sin2, h, k, hmask, kmask, HEAD_DIM: tl.constexpr,
+                  HALF: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Rotated halves ``(x1 c1 - x2 s1, x2 c2 + x1 s2)`` in float32 of heads ``h`` of the row at
+    ``src`` (plus ``bias``: :func:`_load_halves`)."""
+    x1, x2 = _load_halves(src, bias, h, k, hmask, kmask, HEAD_DIM, HALF, HAS_BIAS)
     x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
     return x1 * cos1[None, :] - x2 * sin1[None, :], x2 * cos2[None, :] + x1 * sin2[None, :]
 
@@ -53,29 +74,33 @@ def _store_halves(dst, out1, out2, h, k, hmask, kmask, head_stride, HALF: tl.con
 
 
 @triton.jit
-def _rope_token(src, q_dst, k_dst, v_dst, tables, h, j, k, hmask, jmask, kmask, s_cache_j,
-                HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr):
-    """One token's row of a fused projection at ``src``: rotated q heads to ``q_dst`` (contiguous
-    heads), rotated k heads and the v heads to one cache position at ``k_dst`` / ``v_dst``."""
+def _rope_token(src, bias, q_dst, k_dst, v_dst, tables, h, j, k, hmask, jmask, kmask, s_cache_j,
+                HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+                HAS_BIAS: tl.constexpr):
+    """One token's row of a fused projection at ``src`` (plus ``bias``): rotated q heads to
+    ``q_dst`` (contiguous heads), rotated k heads and the v heads to one cache position at
+    ``k_dst`` / ``v_dst``."""
     cos1, sin1, cos2, sin2 = tables
-    q1, q2 = _rotate_heads(src, cos1, sin1, cos2, sin2, h, k, hmask, kmask, HEAD_DIM, HALF)
+    q1, q2 = _rotate_heads(src, bias, cos1, sin1, cos2, sin2, h, k, hmask, kmask, HEAD_DIM, HALF, HAS_BIAS)
     _store_halves(q_dst, q1, q2, h, k, hmask, kmask, HEAD_DIM, HALF)
-    k1, k2 = _rotate_heads(src + HEADS * HEAD_DIM, cos1, sin1, cos2, sin2, j, k, jmask, kmask, HEAD_DIM, HALF)
+    k_off = HEADS * HEAD_DIM
+    k1, k2 = _rotate_heads(src + k_off, bias + k_off, cos1, sin1, cos2, sin2, j, k, jmask, kmask, HEAD_DIM, HALF,
+                           HAS_BIAS)
     _store_halves(k_dst, k1, k2, j, k, jmask, kmask, s_cache_j, HALF)
-    v = src + (HEADS + KV_HEADS) * HEAD_DIM + j[:, None] * HEAD_DIM + k[None, :]
-    vmask = jmask[:, None] & kmask[None, :]
-    v1 = tl.load(v, mask=vmask, other=0.0)
-    v2 = tl.load(v + HALF, mask=vmask, other=0.0)
+    v_off = (HEADS + KV_HEADS) * HEAD_DIM
+    v1, v2 = _load_halves(src + v_off, bias + v_off, j, k, jmask, kmask, HEAD_DIM, HALF, HAS_BIAS)
     _store_halves(v_dst, v1, v2, j, k, jmask, kmask, s_cache_j, HALF)
 
 
 @triton.jit
 def _rope_and_cache_write(
-    qkv_ptr, dqkv_ptr, cos_ptr, sin_ptr, q_ptr, dq_ptr, k_ptr, v_ptr, dk_ptr, dv_ptr, slots_ptr, pos_ptr,
-    tokens, seq, s_qkv_c, s_qkv_n, s_dqkv_c, s_dqkv_n, s_cos_b, s_cos_t,
+    qkv_ptr, dqkv_ptr, bias_ptr, dbias_ptr, cos_ptr, sin_ptr, q_ptr, dq_ptr, k_ptr, v_ptr, dk_ptr, dv_ptr,
+    slots_ptr, pos_ptr,
+    tokens, seq, s_qkv_c, s_qkv_n, s_dqkv_c, s_dqkv_n, s_bias_c, s_dbias_c, s_cos_b, s_cos_t,
     s_cache_c, s_cache_s, s_cache_n, s_cache_j,
     HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
     H_PAD: tl.constexpr, KV_PAD: tl.constexpr, HALF_PAD: tl.constexpr, TANGENT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     c = pid // tokens
@@ -103,16 +128,17 @@ def _rope_and_cache_write(
     src = qkv_ptr + c.to(tl.int64) * s_qkv_c + n.to(tl.int64) * s_qkv_n
 
     tables = (cos1, sin1, cos2, sin2)
-    _rope_token(src, q_ptr + q_off, k_ptr + cache_off, v_ptr + cache_off, tables, h, j, k, hmask, jmask, kmask,
-                s_cache_j, HEADS, KV_HEADS, HEAD_DIM, HALF)
+    _rope_token(src, bias_ptr + c.to(tl.int64) * s_bias_c, q_ptr + q_off, k_ptr + cache_off, v_ptr + cache_off,
+                tables, h, j, k, hmask, jmask, kmask, s_cache_j, HEADS, KV_HEADS, HEAD_DIM, HALF, HAS_BIAS)
     if TANGENT:
         src = dqkv_ptr + c.to(tl.int64) * s_dqkv_c + n.to(tl.int64) * s_dqkv_n
-        _rope_token(src, dq_ptr + q_off, dk_ptr + cache_off, dv_ptr + cache_off, tables, h, j, k, hmask, jmask,
-                    kmask, s_cache_j, HEADS, KV_HEADS, HEAD_DIM, HALF)
+        _rope_token(src, dbias_ptr + c.to(tl.int64) * s_dbias_c, dq_ptr + q_off, dk_ptr + cache_off,
+                    dv_ptr + cache_off, tables, h, j, k, hmask, jmask, kmask, s_cache_j, HEADS, KV_HEADS, HEAD_DIM,
+                    HALF, HAS_DBIAS)
 
 
-def _check(qkv, cos, sin, caches, slots, write_pos, heads: int, kv_heads: int, dqkv=None) -> int:
-    """Validate shapes, dtypes and layouts; returns the head dim."""
+def _check(qkv, cos, sin, caches, slots, write_pos, heads: int, kv_heads: int, dqkv=None, biases=()) -> int:
+    """Validate shapes, dtypes and layouts (``biases``: name -> bias or None); returns the head dim."""
     if qkv.dim() != 3 or qkv.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"qkv must be [C, B*T, (H + 2 KV) D] float32/bfloat16/float16, got {tuple(qkv.shape)} "
                          f"{qkv.dtype}")
@@ -143,15 +169,21 @@ def _check(qkv, cos, sin, caches, slots, write_pos, heads: int, kv_heads: int, d
             raise ValueError("the caches must share shape, dtype and layout")
         if cache.stride(4) != 1:
             raise ValueError("the caches' last dimension must be contiguous")
-    for tensor in (qkv, cos, sin) + ((dqkv,) if dqkv is not None else ()):
-        if tensor.stride(-1) != 1:
-            raise ValueError("qkv, dqkv, cos and sin need a contiguous last dimension")
+    for name, bias in biases.items():
+        if bias is not None and (bias.shape != (qkv.shape[0], width) or bias.dtype != qkv.dtype
+                                 or bias.device != qkv.device):
+            raise ValueError(f"{name} must be [C, (H + 2 KV) D] = [{qkv.shape[0]}, {width}] in qkv's dtype "
+                             f"{qkv.dtype} on its device, got {tuple(bias.shape)} {bias.dtype} on {bias.device}")
+    for tensor in (qkv, cos, sin, dqkv, *biases.values()):
+        if tensor is not None and tensor.stride(-1) != 1:
+            raise ValueError("qkv, dqkv, bias, dbias, cos and sin need a contiguous last dimension")
     return head_dim
 
 
-def _launch(qkv, dqkv, cos, sin, k_cache, v_cache, dk_cache, dv_cache, slots, write_pos, heads, kv_heads):
+def _launch(qkv, dqkv, cos, sin, k_cache, v_cache, dk_cache, dv_cache, slots, write_pos, heads, kv_heads,
+            bias, dbias):
     caches = (k_cache, v_cache) + ((dk_cache, dv_cache) if dqkv is not None else ())
-    head_dim = _check(qkv, cos, sin, caches, slots, write_pos, heads, kv_heads, dqkv)
+    head_dim = _check(qkv, cos, sin, caches, slots, write_pos, heads, kv_heads, dqkv, dict(bias=bias, dbias=dbias))
     copies, tokens = qkv.shape[:2]
     batch, seq = cos.shape[:2]
     q = torch.empty(copies, batch, seq, heads, head_dim, device=qkv.device, dtype=qkv.dtype)
@@ -159,25 +191,31 @@ def _launch(qkv, dqkv, cos, sin, k_cache, v_cache, dk_cache, dv_cache, slots, wr
     tangent = dqkv is not None
     half = head_dim // 2
     pad = triton.next_power_of_2
+    bias_arg = qkv if bias is None else bias
+    dbias_arg = qkv if dbias is None else dbias
     _rope_and_cache_write[(copies * tokens,)](
-        qkv, dqkv if tangent else qkv, cos, sin, q, dq, k_cache, v_cache,
+        qkv, dqkv if tangent else qkv, bias_arg, dbias_arg, cos, sin, q, dq, k_cache, v_cache,
         dk_cache if tangent else k_cache, dv_cache if tangent else v_cache,
         slots.contiguous(), write_pos.contiguous(),
         tokens, seq, qkv.stride(0), qkv.stride(1), (dqkv if tangent else qkv).stride(0),
-        (dqkv if tangent else qkv).stride(1), cos.stride(0), cos.stride(1),
+        (dqkv if tangent else qkv).stride(1), bias_arg.stride(0), dbias_arg.stride(0), cos.stride(0), cos.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
         HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, HALF=half, H_PAD=pad(heads), KV_PAD=pad(kv_heads),
-        HALF_PAD=pad(half), TANGENT=tangent, num_warps=4,
+        HALF_PAD=pad(half), TANGENT=tangent, HAS_BIAS=bias is not None, HAS_DBIAS=tangent and dbias is not None,
+        num_warps=4,
     )
     return (q, dq) if tangent else q
 
 
-def rope_and_cache_write(qkv, cos, sin, k_cache, v_cache, slots, write_pos, heads: int, kv_heads: int):
-    """Rotate q and k of ``qkv``, write k and v to their cache positions, return ``rope(q) [C, B, T, H, D]``."""
-    return _launch(qkv, None, cos, sin, k_cache, v_cache, None, None, slots, write_pos, heads, kv_heads)
+def rope_and_cache_write(qkv, cos, sin, k_cache, v_cache, slots, write_pos, heads: int, kv_heads: int, bias=None):
+    """Rotate q and k of ``qkv`` (plus ``bias``), write k and v to their cache positions, return
+    ``rope(q) [C, B, T, H, D]``."""
+    return _launch(qkv, None, cos, sin, k_cache, v_cache, None, None, slots, write_pos, heads, kv_heads, bias, None)
 
 
 def rope_and_cache_write_jvp(qkv, dqkv, cos, sin, k_cache, v_cache, dk_cache, dv_cache, slots, write_pos,
-                             heads: int, kv_heads: int):
-    """:func:`rope_and_cache_write` and its tangent in one launch; returns ``(rope(q), rope(dq))``."""
-    return _launch(qkv, dqkv, cos, sin, k_cache, v_cache, dk_cache, dv_cache, slots, write_pos, heads, kv_heads)
+                             heads: int, kv_heads: int, bias=None, dbias=None):
+    """:func:`rope_and_cache_write` and its tangent (``dbias``: the bias's, None for zero) in one
+    launch; returns ``(rope(q), rope(dq))``."""
+    return _launch(qkv, dqkv, cos, sin, k_cache, v_cache, dk_cache, dv_cache, slots, write_pos, heads, kv_heads,
+                   bias, dbias)

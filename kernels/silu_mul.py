@@ -131,8 +131,10 @@ def _check_inputs(gate_up, dgate_up=None) -> None:
 def _launch(gate_up, dgate_up, block):
     num_copies, rows, two_inter = gate_up.shape
     inter = two_inter // 2
-    a = torch.empty((num_copies, rows, inter), device=gate_up.device, dtype=gate_up.dtype)
-    da = None if dgate_up is None else torch.empty_like(a)
+    if dgate_up is None:
+        a, da = torch.empty((num_copies, rows, inter), device=gate_up.device, dtype=gate_up.dtype), None
+    else:  # halves of one buffer: see adfast.decoder.primal_tangent_rows
+        a, da = torch.empty((2, num_copies, rows, inter), device=gate_up.device, dtype=gate_up.dtype)
     if num_copies * rows == 0:
         return a, da
     block, num_warps = _plan(num_copies * rows, inter, gate_up.device, block)
@@ -159,6 +161,7 @@ def silu_mul_jvp(gate_up: torch.Tensor, dgate_up: torch.Tensor,
                  block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(a, da)``: :func:`silu_mul` and its tangent along ``dgate_up`` (same shape and dtype),
     ``da = silu'(gate) dgate up + silu(gate) dup``, ``silu'(g) = s (1 + g (1 - s))``,
-    ``s = sigmoid(g)``, in float32, each rounded once. Raises ValueError for malformed inputs."""
+    ``s = sigmoid(g)``, in float32, each rounded once. ``a`` and ``da`` are the two halves of one
+    ``[2, C, N, I]`` buffer. Raises ValueError for malformed inputs."""
     _check_inputs(gate_up, dgate_up)
     return _launch(gate_up, dgate_up, block)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from conftest import VOCAB, tiny_llama, tiny_qwen2
 
-from adfast.decoder import Decoder, DecoderConfig, FactoredTangent, log_softmax_tangent
+from adfast.decoder import Decoder, DecoderConfig, FactoredTangent, log_softmax_tangent, primal_tangent_rows
 from adfast.exact_delta import exact_delta, relative_error
 from adfast.gradient import proxy_gradient
 from adfast.low_rank import low_rank_gradient
@@ -37,9 +37,9 @@ def setup(request):
     return model, proxy_gradient(model, traces, progress=False)
 
 
-def tangent_decoder(model, gradient, dtype=torch.float64, copies=1) -> Decoder:
+def tangent_decoder(model, gradient, dtype=torch.float64, copies=1, **set_tangent_kwargs) -> Decoder:
     decoder = Decoder.from_hf([model] * copies, dtype=dtype)
-    decoder.set_tangent(gradient)
+    decoder.set_tangent(gradient, **set_tangent_kwargs)
     return decoder
 
 
@@ -156,23 +156,31 @@ def test_refusals(setup):
 # wqkv is a mix of factored q and dense k, v blocks.
 
 
-def low_rank_decoders(model, lr, dtype, copies=1) -> tuple[Decoder, Decoder]:
+def low_rank_decoders(model, lr, dtype, copies=1, **set_tangent_kwargs) -> tuple[Decoder, Decoder]:
     """Tangent decoders along ``lr`` kept factored and along its dense ``G_r`` (in float64, unrounded)."""
-    return (tangent_decoder(model, lr, dtype, copies),
+    return (tangent_decoder(model, lr, dtype, copies, **set_tangent_kwargs),
             tangent_decoder(model, lr.to_dense(torch.float64), dtype, copies))
 
 
+@pytest.mark.parametrize("block_diagonal", [True, False])
 @pytest.mark.parametrize("rank", [4, 16])
 @pytest.mark.parametrize("dtype, rtol, atol", [(torch.float64, 1e-12, 1e-12), (torch.float32, 1e-4, 1e-4)])
-def test_low_rank_tangent_matches_dense_reconstruction(setup, rank, dtype, rtol, atol):
+def test_low_rank_tangent_matches_dense_reconstruction(setup, rank, dtype, rtol, atol, block_diagonal):
     """set_tangent(LowRankGradient) gives the logits and D of set_tangent(G_r): a prefill at every
-    position, then decode steps through the tangent K/V cache."""
+    position, then decode steps through the tangent K/V cache; with the blocks' U_i merged into one
+    block-diagonal matrix (all of a fused weight's blocks factored) or not (no padding allowed)."""
     model, gradient = setup
     lr = low_rank_gradient(gradient, rank)
-    factored, dense = low_rank_decoders(model, lr, dtype)
+    factored, dense = low_rank_decoders(model, lr, dtype, **({} if block_diagonal else dict(max_padding_bytes=0)))
     qkv = factored.tangent_weights["layers.0.wqkv"]
     assert isinstance(qkv, FactoredTangent) and isinstance(factored.tangent_weights["embed"], FactoredTangent)
     assert [u is None for u in qkv.u] == ([False] * 3 if rank == 4 else [False, True, True])
+    merged = block_diagonal and rank == 4
+    assert (qkv.block_diagonal is not None) == merged
+    if merged:  # the U_i are the diagonal blocks of one matrix, zeros elsewhere
+        rebuilt = torch.block_diag(*(u[0] for u in qkv.u))
+        assert torch.equal(qkv.block_diagonal[0], rebuilt)
+        assert all(u.untyped_storage().data_ptr() == qkv.block_diagonal.untyped_storage().data_ptr() for u in qkv.u)
     head, embed = factored.tangent_weights["lm_head"], factored.tangent_weights["embed"]
     assert isinstance(head, FactoredTangent) and (head.v is embed.v) == model.config.tie_word_embeddings
     for name, tangent in factored.tangent_weights.items():  # linear weights live in [W | V^T]
@@ -235,3 +243,22 @@ def test_low_rank_tangent_numel(setup, rank):
     assert factored.tangent_numel() == expected == lr.numel()
     assert dense.tangent_numel() == full
     assert (expected < full) == (rank < 32)
+
+
+@pytest.mark.parametrize("layout", ["pair buffer", "pair buffer, two copies", "row slices", "separate"])
+def test_primal_tangent_rows(layout):
+    """Primal rows then tangent rows, per copy: a view exactly where the memory already lies that way
+    (the fused jvp kernels' one-copy outputs, linear_jvp's own outputs), else a copy; same values."""
+    g = torch.Generator().manual_seed(0)
+    if layout.startswith("pair buffer"):
+        copies = 2 if layout.endswith("two copies") else 1
+        x, dx = torch.randn(2, copies, 3, 5, generator=g)
+    elif layout == "row slices":
+        buffer = torch.randn(2, 6, 7, generator=g)
+        x, dx = buffer[:, :3, :5], buffer[:, 3:, :5]
+    else:
+        x, dx = torch.randn(1, 3, 5, generator=g), torch.randn(1, 3, 5, generator=g)
+    rows = primal_tangent_rows(x, dx)
+    assert torch.equal(rows, torch.cat((x, dx), dim=1))
+    is_view = rows.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    assert is_view == (layout in ("pair buffer", "row slices"))

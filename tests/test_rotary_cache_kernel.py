@@ -86,13 +86,26 @@ def test_matches_float64_rotation_and_writes_only_its_positions(dtype, copies, b
         assert (cache[:, ~written] == SENTINEL).all()
 
 
+def biases(copies, width, dtype, seed=3):
+    """A bias per copy and a tangent shared by the copies (expanded: stride 0, as the decoder's)."""
+    g = torch.Generator().manual_seed(seed)
+    bias = torch.randn(copies, width, generator=g).to(dtype).to(DEVICE)
+    dbias = torch.randn(width, generator=g).to(dtype).to(DEVICE)[None].expand(copies, width)
+    return bias, dbias
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_equals_the_pytorch_path(dtype):
+def test_equals_the_pytorch_path(dtype, with_bias):
     qkv, dqkv, cos, sin, slots, write_pos = make(2, 3, 2, 4, 2, 16, dtype, seed=1)
+    bias, dbias = biases(2, qkv.shape[2], dtype) if with_bias else (None, None)
     ours, theirs = caches(2, 2, 16, dtype, 4), caches(2, 2, 16, dtype, 4)
-    q, dq = rope_and_cache_write_jvp(qkv, dqkv, cos, sin, *ours, slots, write_pos, 4, 2)
-    q_ref, dq_ref = TORCH.rope_and_cache_write_jvp(qkv, dqkv, cos, sin, *theirs, slots, write_pos, 4, 2)
-    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1.6e-2)
+    q, dq = rope_and_cache_write_jvp(qkv, dqkv, cos, sin, *ours, slots, write_pos, 4, 2, bias, dbias)
+    q_ref, dq_ref = TORCH.rope_and_cache_write_jvp(qkv, dqkv, cos, sin, *theirs, slots, write_pos, 4, 2, bias, dbias)
+    # bf16: PyTorch rounds x cos, rotate_half(x) sin and their sum; the kernel rounds once, and under the
+    # interpreter truncates (the bias sum too): two bf16 ulps apart, four with a bias.
+    bf16_tol = 3.2e-2 if with_bias else 1.6e-2
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=bf16_tol, atol=bf16_tol)
     torch.testing.assert_close(q, q_ref, **tol)
     torch.testing.assert_close(dq, dq_ref, **tol)
     for a, b in zip(ours, theirs):
@@ -109,6 +122,27 @@ def test_tangent_is_the_rotation_of_the_tangent():
     assert torch.equal(q, rope_and_cache_write(qkv, cos, sin, alone[0], alone[1], slots, write_pos, 6, 2))
     assert torch.equal(dq, rope_and_cache_write(dqkv, cos, sin, alone[2], alone[3], slots, write_pos, 6, 2))
     for a, b in zip(both, alone):
+        a[:, :, MAX_SEQ], b[:, :, MAX_SEQ] = 0, 0
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("tangent_bias", [True, False])
+def test_bias_is_added_first(tangent_bias):
+    """With a bias (and a tangent bias, or None for zero) the outputs are those of the same kernel
+    on ``qkv + bias`` and ``dqkv + dbias``, bit for bit (float32: the kernel's sum rounds as PyTorch's)."""
+    qkv, dqkv, cos, sin, slots, write_pos = make(2, 2, 3, 6, 2, 8, torch.float32, seed=4)
+    bias, dbias = biases(2, qkv.shape[2], torch.float32)
+    dbias = dbias if tangent_bias else None
+    with_bias = caches(2, 2, 8, torch.float32, 4)
+    q, dq = rope_and_cache_write_jvp(qkv, dqkv, cos, sin, *with_bias, slots, write_pos, 6, 2, bias, dbias)
+    added = caches(2, 2, 8, torch.float32, 4)
+    dqkv_added = dqkv + dbias[:, None] if tangent_bias else dqkv
+    q_ref, dq_ref = rope_and_cache_write_jvp(qkv + bias[:, None], dqkv_added, cos, sin, *added, slots, write_pos,
+                                             6, 2)
+    assert torch.equal(q, q_ref) and torch.equal(dq, dq_ref)
+    assert torch.equal(q, rope_and_cache_write(qkv, cos, sin, *caches(2, 2, 8, torch.float32, 2), slots,
+                                               write_pos, 6, 2, bias))
+    for a, b in zip(with_bias, added):
         a[:, :, MAX_SEQ], b[:, :, MAX_SEQ] = 0, 0
         assert torch.equal(a, b)
 
@@ -133,5 +167,10 @@ def test_errors():
         rope_and_cache_write(qkv, cos, sin, k[..., :4], v[..., :4], slots, write_pos, 4, 2)
     with pytest.raises(ValueError, match="share shape"):
         rope_and_cache_write(qkv, cos, sin, k, v.half(), slots, write_pos, 4, 2)
+    with pytest.raises(ValueError, match="bias must be"):
+        rope_and_cache_write(qkv, *args, 4, 2, torch.zeros(1, qkv.shape[2] - 1, device=DEVICE))
+    with pytest.raises(ValueError, match="dbias must be"):
+        rope_and_cache_write_jvp(qkv, dqkv, cos, sin, k, v, k.clone(), v.clone(), slots, write_pos, 4, 2,
+                                 torch.zeros(1, qkv.shape[2], device=DEVICE), torch.zeros(1, qkv.shape[2]).half())
     with pytest.raises(ValueError, match="dqkv must match"):
         rope_and_cache_write_jvp(qkv, dqkv.half(), cos, sin, k, v, k.clone(), v.clone(), slots, write_pos, 4, 2)
