@@ -23,10 +23,10 @@ embeddings) over the device-to-device copy bandwidth measured in the same run.
 ``limit_frac = limit_ms / ms_step``. Writes ``bench/results/decode-<device>.json`` (rows:
 ``device, batch, variant, tok_s, ms_step, limit_ms, limit_frac``; rewritten after every row, so a
 run cut short keeps what it measured; ``--append`` merges into the rows already there) and a PNG
-of tok/s against batch.
+of tok/s against batch (with matplotlib; ``--plot-only`` draws it from the JSON later).
 
 Usage: ``python bench/decode.py [--shapes real|tiny] [--batches 1 8 32 64] [--variants ...]
-[--jvp-ranks 8 32 128 512] [--append]``
+[--jvp-ranks 8 32 128 512] [--append]``; ``python bench/decode.py --plot-only RESULTS.json``.
 """
 import argparse
 import gc
@@ -144,7 +144,11 @@ def main(argv=None) -> int:
     parser.add_argument("--append", action="store_true",
                         help="keep the rows already in the results file (a row of the same batch and variant "
                              "is replaced): one table from several runs")
+    parser.add_argument("--plot-only", type=pathlib.Path, metavar="JSON", help="only draw the PNG of a results file")
     args = parser.parse_args(argv)
+    if args.plot_only:
+        plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png"))
+        return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.shapes == "real" and device.type != "cuda":
         print("--shapes real needs a CUDA device (use --shapes tiny for a smoke test)", file=sys.stderr)
@@ -235,13 +239,19 @@ def main(argv=None) -> int:
             del engine, low_rank
             gc.collect()
 
-    plot(rows, stem.with_suffix(".png"), name)
-    print(f"wrote {stem}.json and .png")
+    plot(rows, stem.with_suffix(".png"))
+    print(f"wrote {stem}.json")
     return 0
 
 
-def plot(rows, path, name):
-    import matplotlib
+def plot(rows, path):
+    """tok/s against batch per variant, to ``path`` (PNG); a note instead where matplotlib is missing
+    (the GPU image has none: ``--plot-only`` redraws from the JSON elsewhere)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: no plot (python bench/decode.py --plot-only {path.with_suffix('.json')})")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -250,6 +260,7 @@ def plot(rows, path, name):
     for variant in dict.fromkeys(r["variant"] for r in rows):
         points = [(r["batch"], r["tok_s"]) for r in rows if r["variant"] == variant]
         ax.plot(*zip(*points), marker="o", label=variant)
+    name = rows[0]["device"] if rows else ""
     ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="tokens / s", title=f"decode throughput, {name}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)

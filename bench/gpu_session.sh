@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
-# What a lent GPU machine runs, in stages that each fit one device call (10 minutes), so that a
-# session of 30 device-minutes spends them on measurements. Results land in bench/results/ and,
-# when $OUT is set (the device tool), are copied there as each stage ends (a stage cut short by
-# its time limit still returns the rows it finished: bench/decode.py rewrites its JSON per row).
+# What a lent GPU machine runs, in stages that each fit one device call (10 minutes). Results land
+# in bench/results/ and, when $OUT is set (the device tool), are copied there as each stage ends;
+# every step has its own time limit, so one that hangs or fails leaves the others their time
+# (bench/decode.py rewrites its JSON per row: a step cut short still returns the rows it finished).
 #
 # Usage (repo root, on the GPU machine): bash bench/gpu_session.sh STAGE [STAGE ...]
-#   kernels   install; GPU tests (pytest -m gpu, and the attention and layer kernel tests, which
-#             run on CUDA tensors where a GPU exists); bench/sampler.py              (~3 min)
+#   quick     the one call a 15-minute device budget allows (~9.5 min): GPU tests; engine rows at
+#             batch 1 and 32 (temperature, antidistill, exact-D jvp, low-rank jvp r8 and r128);
+#             the sampler at batch 1 and 64; the eps curve of a random 3B-shaped proxy
+#   kernels   GPU tests (pytest -m gpu, and the attention and layer kernel tests, which run on
+#             CUDA tensors where a GPU exists); bench/sampler.py at batch 1 to 64       (~3 min)
 #   decode    bench/decode.py: HF generate and engine temperature/antidistill/permutation (~6 min)
 #   jvp       bench/decode.py --append: engine temperature, exact-D jvp, low-rank jvp r8..r512 (~6 min);
-#             on a fresh machine, first copy the decode stage's returned decode-*.json into bench/results/
-#   all       the three in a row (more than one call's limit: for a machine of your own)
+#             on a fresh machine, first copy the returned decode-*.json into bench/results/
+#   eps       bench/eps_sweep_random.py: eps curve of a random-weight Qwen2.5-3B-shaped proxy (~2 min)
+#   all       kernels, decode, jvp and eps in a row (more than one call's limit: for a machine of your own)
+# The GPU image has no matplotlib: draw the plots afterwards with --plot-only (see each script).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-[ $# -ge 1 ] || { sed -n 2,13p "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n 2,19p "$0"; exit 2; }
 python3 -m pip install -e . --no-deps --no-build-isolation -q || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 mkdir -p bench/results
@@ -21,36 +26,62 @@ status=0
 
 collect() {
     if [ -n "${OUT:-}" ]; then
-        cp bench/results/*.json bench/results/*.png bench/results/*.log "$OUT"/ 2>/dev/null || true
+        cp bench/results/*.json bench/results/*.md bench/results/*.log "$OUT"/ 2>/dev/null || true
     fi
 }
 
+# step SECONDS LOG COMMAND...: run COMMAND under a time limit, appending its output to bench/results/LOG.
+step() {
+    local seconds=$1 log=bench/results/$2
+    shift 2
+    echo "== $* (limit ${seconds} s)" | tee -a "$log"
+    timeout "$seconds" "$@" 2>&1 | tee -a "$log"
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 0 ] || { echo "== exit $rc: $*" | tee -a "$log"; status=1; }
+    collect
+}
+
+KERNEL_TESTS="tests/test_decode_attention.py tests/test_decode_attention_jvp.py tests/test_rms_norm_kernel.py
+              tests/test_silu_mul_kernel.py tests/test_rotary_cache_kernel.py"
+
+stage_quick() {
+    step 200 gpu-tests.log python3 -m pytest -q --maxfail=3 -m gpu tests
+    step 230 decode.log python3 bench/decode.py --append --batches 1 32 --jvp-ranks 8 128 \
+        --variants engine_temperature engine_antidistill engine_jvp engine_jvp_lowrank
+    step 50 sampler.log python3 bench/sampler.py --batches 1 64
+    step 80 eps-random.log python3 bench/eps_sweep_random.py --holdout 8 --test 4
+}
+
 stage_kernels() {
-    python3 -m pytest -q -m gpu tests 2>&1 | tee bench/results/gpu-tests.log || status=1
-    python3 -m pytest -q tests/test_decode_attention.py tests/test_decode_attention_jvp.py \
-        tests/test_rms_norm_kernel.py tests/test_silu_mul_kernel.py tests/test_rotary_cache_kernel.py 2>&1 \
-        | tee -a bench/results/gpu-tests.log || status=1
-    timeout 240 python3 bench/sampler.py 2>&1 | tee bench/results/sampler.log || status=1
+    step 240 gpu-tests.log python3 -m pytest -q -m gpu tests
+    # shellcheck disable=SC2086
+    step 120 gpu-tests.log python3 -m pytest -q $KERNEL_TESTS
+    step 200 sampler.log python3 bench/sampler.py
 }
 
 stage_decode() {
-    timeout 540 python3 bench/decode.py --variants hf_temperature hf_antidistill engine_temperature \
-        engine_antidistill engine_permutation 2>&1 | tee bench/results/decode.log || status=1
+    step 540 decode.log python3 bench/decode.py --append --variants hf_temperature hf_antidistill \
+        engine_temperature engine_antidistill engine_permutation
 }
 
 stage_jvp() {
-    timeout 540 python3 bench/decode.py --append --variants engine_temperature engine_jvp engine_jvp_lowrank \
-        2>&1 | tee bench/results/decode-jvp.log || status=1
+    step 540 decode-jvp.log python3 bench/decode.py --append --variants engine_temperature engine_jvp \
+        engine_jvp_lowrank
+}
+
+stage_eps() {
+    step 300 eps-random.log python3 bench/eps_sweep_random.py
 }
 
 for stage in "$@"; do
     case "$stage" in
+        quick) stage_quick ;;
         kernels) stage_kernels ;;
         decode) stage_decode ;;
         jvp) stage_jvp ;;
-        all) stage_kernels; collect; stage_decode; collect; stage_jvp ;;
-        *) echo "unknown stage $stage (kernels, decode, jvp, all)"; exit 2 ;;
+        eps) stage_eps ;;
+        all) stage_kernels; stage_decode; stage_jvp; stage_eps ;;
+        *) echo "unknown stage $stage (quick, kernels, decode, jvp, eps, all)"; exit 2 ;;
     esac
-    collect
 done
 exit $status

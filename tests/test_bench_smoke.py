@@ -33,3 +33,27 @@ def test_decode_benchmark_runs_every_variant_on_tiny_shapes(tmp_path):
         assert set(row) == {"device", "batch", "variant", "tok_s", "ms_step", "limit_ms", "limit_frac"}
         assert row["tok_s"] > 0 and row["limit_ms"] > 0 and 0 < row["limit_frac"]
     assert result.with_suffix(".png").stat().st_size > 0
+    result.with_suffix(".png").unlink()
+    assert bench.main(["--plot-only", str(result)]) == 0  # the GPU image has no matplotlib: drawn later
+    assert result.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's forward AD
+def test_random_proxy_eps_sweep_runs_on_tiny_shapes(tmp_path):
+    """bench/eps_sweep_random.py end to end on tiny shapes, then its --plot-only redraw from the JSON."""
+    spec = importlib.util.spec_from_file_location("eps_random_bench", ROOT / "bench" / "eps_sweep_random.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    eps = ["1e-4", "0.01", "1"]
+    assert bench.main(["--shapes", "tiny", "--holdout", "2", "--test", "1", "--eps", *eps, "--out",
+                       str(tmp_path)]) == 0
+    (result,) = tmp_path.glob("eps_sweep_*.json")
+    data = json.loads(result.read_text())
+    assert sorted((r["dtype"], r["eps"]) for r in data["rows"]) == sorted(
+        (d, float(e)) for d in ("float32", "float16", "bfloat16") for e in eps)
+    assert set(data["recommended"]) == {"float32", "float16", "bfloat16"}
+    assert all(0 <= r["sine"] <= 1 and r["positions"] == 96 for r in data["rows"])
+    for suffix in (".md", ".png"):
+        result.with_suffix(suffix).unlink()
+    assert bench.main(["--plot-only", str(result)]) == 0
+    assert result.with_suffix(".png").stat().st_size > 0 and "Recommended eps" in result.with_suffix(".md").read_text()

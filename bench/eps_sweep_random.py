@@ -1,0 +1,130 @@
+"""The finite-difference step ``eps`` of a Qwen2.5-3B-shaped proxy with random weights, on a GPU.
+
+The curve for the embedded SmolLM2-135M (``bench/eps_sweep.py``, CPU) shows where the float32,
+float16 and bfloat16 sweet spots lie for a 30-layer, 576-wide model. This script measures the same
+curve at the paper's proxy size (Qwen2.5-3B: 36 layers, hidden 2048, vocabulary 151936) on a GPU.
+Nothing can be downloaded, so the weights are transformers' random initialisation (normal, std
+0.02): the curve is that of a model of the real shapes, not of a trained Qwen2.5-3B, whose
+weights and gradient have other scales (so the absolute ``eps`` may move; what the two curves
+share is what depth and width do to the round-off cliff).
+
+The proxy gradient ``g`` is a real one: the mean completion NLL (:func:`adfast.gradient.proxy_gradient`,
+float32) over ``--holdout`` random token sequences (prompt 32, completion 96 tokens). The sweep
+scores every completion position of ``--test`` other random sequences: ``D_eps`` of float32,
+float16 and bfloat16 pairs against the exact float64 ``D`` (:func:`adfast.eps_study.sweep_eps`),
+``eps`` from 1e-6 to 10 in half decades: a randomly initialised model's ``g`` is small (on the tiny
+shapes ``|g|`` is about 0.4, against 4.2 for SmolLM2's), and the perturbation that survives rounding
+is ``eps g``, so the sweet spot sits at larger ``eps`` than the CPU curve's grid reaches.
+
+Writes ``<out>/eps_sweep_qwen2_5_3b_random_<device>.json`` (rows, recommended ``eps`` per dtype,
+settings, timings) and ``.md``, and the ``.png`` where matplotlib is importable (``--plot-only
+JSON`` draws it later from the JSON: the GPU image has no matplotlib).
+
+Usage: ``python bench/eps_sweep_random.py [--shapes real|tiny] [--holdout 16] [--test 8] [--out bench/results]``
+"""
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from adfast.eps_study import DEFAULT_DTYPES, PLATEAU_RTOL, format_table, plot_sweep, recommend_eps, sweep_eps
+from adfast.gradient import proxy_gradient
+
+SHAPES = {
+    "real": dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                 num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True),
+    "tiny": dict(vocab_size=500, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+}
+PROMPT_LEN, COMPLETION_LEN = 32, 96
+EPS = tuple(float(f"{10 ** (k / 2):.3g}") for k in range(-12, 3))  # 1e-6, 3.16e-6, ..., 10
+
+
+def random_proxy(spec: dict, device) -> Qwen2ForCausalLM:
+    torch.manual_seed(0)
+    config = Qwen2Config(**spec, max_position_embeddings=4096, attn_implementation="sdpa")
+    with torch.device(device):
+        model = Qwen2ForCausalLM._from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def random_sequences(count: int, vocab: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (count, PROMPT_LEN + COMPLETION_LEN), generator=g).tolist()
+    return [(row[:PROMPT_LEN], row[PROMPT_LEN:]) for row in ids]
+
+
+def write_report(result: dict, stem: pathlib.Path) -> None:
+    """``<stem>.md`` (settings, table, recommendations) and, with matplotlib, ``<stem>.png``."""
+    rows, meta = result["rows"], result["meta"]
+    lines = [f"# Finite-difference step eps: {meta['model']}, {meta['device']}", "",
+             f"Command: `{meta['command']}` (torch {meta['torch']}; {meta['seconds']:.0f} s). Gradient: "
+             f"{meta['holdout']} random sequences ({meta['gradient_tokens']} completion tokens), loss "
+             f"{meta['gradient_loss']:.3f}, |g| = {meta['gradient_norm']:.3g}. Scored: {rows[0]['positions']} "
+             f"completion positions of {meta['test']} other random sequences, against the exact D of a "
+             "float64 JVP at the float32 weights. Mean over positions of the sine of the angle between "
+             "D_eps and D (and of |D_eps - D| / |D|), and the fraction of perturbations that rounded away.",
+             "", format_table(rows, markdown=True), "",
+             f"Recommended eps (minimum mean sine, middle of the plateau within {PLATEAU_RTOL:.0%}): "
+             + ", ".join(f"**{d}: {e:g}**" for d, e in result["recommended"].items()) + "."]
+    try:
+        plot_sweep(rows, stem.with_suffix(".png"), title=f"D_eps vs exact D, {meta['model']}")
+        lines += ["", f"![sine vs eps]({stem.with_suffix('.png').name})"]
+    except ImportError as error:
+        print(f"{error}: no plot (run with --plot-only {stem.with_suffix('.json')} where it is installed)")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", choices=sorted(SHAPES), default="real")
+    parser.add_argument("--holdout", type=int, default=16, help="random sequences for the gradient")
+    parser.add_argument("--test", type=int, default=8, help="random sequences whose positions are scored")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--dtypes", nargs="+", default=list(DEFAULT_DTYPES))
+    parser.add_argument("--eps", nargs="+", type=float, default=list(EPS))
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
+    parser.add_argument("--plot-only", type=pathlib.Path, metavar="JSON",
+                        help="only write the .md and .png of an earlier run's JSON")
+    args = parser.parse_args(argv)
+    if args.plot_only:
+        write_report(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(""))
+        return 0
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.shapes == "real" and device.type != "cuda":
+        print("--shapes real needs a CUDA device (use --shapes tiny for a smoke test)", file=sys.stderr)
+        return 2
+    began = time.perf_counter()
+    spec = SHAPES[args.shapes]
+    proxy = random_proxy(spec, device)
+    gradient = proxy_gradient(proxy, random_sequences(args.holdout, spec["vocab_size"], seed=1),
+                              batch_size=args.batch_size, progress=False)
+    rows = sweep_eps(proxy, gradient, random_sequences(args.test, spec["vocab_size"], seed=2), dtypes=args.dtypes,
+                     eps_values=args.eps, batch_size=args.batch_size, progress=False)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    model = f"Qwen2.5-3B-shaped, random weights{'' if args.shapes == 'real' else ' (tiny)'}"
+    meta = dict(model=model, device=name, torch=torch.__version__, command=" ".join(["python"] + sys.argv),
+                shapes=spec, holdout=args.holdout, test=args.test, prompt_len=PROMPT_LEN,
+                completion_len=COMPLETION_LEN, gradient_loss=gradient.loss, gradient_tokens=gradient.num_tokens,
+                gradient_norm=float(sum(g.double().square().sum() for g in gradient.grads.values()) ** 0.5),
+                seconds=time.perf_counter() - began)
+    recommended = {dtype: recommend_eps(rows, dtype) for dtype in dict.fromkeys(r["dtype"] for r in rows)}
+    result = dict(meta=meta, plateau_rtol=PLATEAU_RTOL, recommended=recommended, rows=rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"eps_sweep_qwen2_5_3b_random_{name.replace(' ', '_')}"
+    if args.shapes != "real":
+        stem = stem.with_name(stem.name + "-tiny")
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    write_report(result, stem)
+    print(format_table(rows))
+    print("recommended eps: " + ", ".join(f"{d} {e:g}" for d, e in recommended.items()))
+    print(f"wrote {stem}.json ({meta['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
