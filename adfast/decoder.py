@@ -896,9 +896,10 @@ class Decoder(nn.Module):
     @staticmethod
     def _output_rows(*streams, n: torch.Tensor, last_only: bool):
         """The rows of each ``[C, B T, E]`` stream (None stays None) whose logits are returned: all of
-        them, or with ``last_only`` each row's last real token (row ``b T + n_b - 1``), ``[C, B, E]``."""
+        them, or with ``last_only`` each row's last real token (row ``b T + n_b - 1``), ``[C, B, E]``.
+        With ``T = 1`` (decode) that is every row already (an idle row's output is unspecified)."""
         batch = n.shape[0]
-        if not last_only:
+        if not last_only or streams[0].shape[1] == batch:
             return streams
         rows = torch.arange(batch, device=n.device) * (streams[0].shape[1] // batch) + (n - 1).clamp(min=0)
         return tuple(None if s is None else s[:, rows] for s in streams)
