@@ -199,6 +199,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch.baddbmm(bias[:, None], x, weight.transpose(1, 2))
 
 
+def decode_attention_backend(dtype: torch.dtype, cache_dtype: torch.dtype | None = None) -> str:
+    """Which kernel :func:`attend` runs for a CUDA decode step with queries in ``dtype`` (and a
+    cache in ``cache_dtype``, default the same): ``"flash-attn"`` (``flash_attn_with_kvcache``:
+    flash-attn installed, fp16/bf16) or ``"adfast split-K"`` (our Triton kernel)."""
+    if (flash_attn_with_kvcache is not None and dtype in (torch.float16, torch.bfloat16)
+            and (cache_dtype or dtype) == dtype):
+        return "flash-attn"
+    return "adfast split-K"
+
+
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
            query_pos: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of new queries over their slots' cached keys and values.
@@ -228,8 +238,7 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots:
     """
     num_copies, batch, seq, heads, head_dim = q.shape
     max_batch, max_seq_len, kv_heads = k_cache.shape[1], k_cache.shape[2] - 1, k_cache.shape[3]
-    if (flash_attn_with_kvcache is not None and q.is_cuda and seq == 1
-            and q.dtype in (torch.float16, torch.bfloat16) and k_cache.dtype == q.dtype):
+    if q.is_cuda and seq == 1 and decode_attention_backend(q.dtype, k_cache.dtype) == "flash-attn":
         rows = torch.arange(num_copies, device=q.device)[:, None] * max_batch + slots
         out = flash_attn_with_kvcache(
             q.reshape(num_copies * batch, 1, heads, head_dim), k_cache.flatten(0, 1), v_cache.flatten(0, 1),
@@ -956,5 +965,5 @@ class Decoder(nn.Module):
         return f"num_copies={self.num_copies}, {self.config}"
 
 
-__all__ = ["Decoder", "DecoderConfig", "FactoredTangent", "KVCache", "attend", "attend_jvp", "linear_jvp",
-           "log_softmax_tangent", "primal_tangent_rows", "rope_inv_freq"]
+__all__ = ["Decoder", "DecoderConfig", "FactoredTangent", "KVCache", "attend", "attend_jvp", "decode_attention_backend",
+           "linear_jvp", "log_softmax_tangent", "primal_tangent_rows", "rope_inv_freq"]

@@ -20,8 +20,10 @@ parameters except an untied input embedding, of which a step reads only B rows; 
 twice in the antidistillation variants and ``engine_jvp``; ``engine_jvp_r<rank>`` counts the proxy
 once plus every number of its factors and dense entries, all read each step as the proxies tie their
 embeddings) over the device-to-device copy bandwidth measured in the same run.
-``limit_frac = limit_ms / ms_step``. Writes ``bench/results/decode-<device>.json`` (rows:
-``device, batch, variant, tok_s, ms_step, limit_ms, limit_frac``; rewritten after every row, so a
+``limit_frac = limit_ms / ms_step``; ``attention``: the decode attention kernel the row ran
+(:func:`adfast.decoder.decode_attention_backend` for the engine: flash-attn's kv-cache kernel when
+it is installed, else ours). Writes ``bench/results/decode-<device>.json`` (rows: ``device, batch,
+variant, tok_s, ms_step, limit_ms, limit_frac, attention``; rewritten after every row, so a
 run cut short keeps what it measured; ``--append`` merges into the rows already there) and a PNG
 of tok/s against batch (with matplotlib; ``--plot-only`` draws it from the JSON later).
 
@@ -39,7 +41,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import adfast
-from adfast.decoder import Decoder
+from adfast.decoder import Decoder, decode_attention_backend
 from adfast.gradient import model_identity
 from adfast.hf import AntidistillationLogitsProcessor
 from adfast.low_rank import LowRankGradient
@@ -188,8 +190,10 @@ def main(argv=None) -> int:
         so that a run cut short keeps every row it finished."""
         ms_step = 1e3 * seconds / args.new_tokens
         limit_ms = 1e3 * bytes_per_step / bandwidth
+        attention = "transformers sdpa" if variant.startswith("hf_") else \
+            decode_attention_backend(dtype) if device.type == "cuda" else "sdpa (CPU reference path)"
         row = dict(device=name, batch=batch, variant=variant, tok_s=batch * args.new_tokens / seconds,
-                   ms_step=ms_step, limit_ms=limit_ms, limit_frac=limit_ms / ms_step)
+                   ms_step=ms_step, limit_ms=limit_ms, limit_frac=limit_ms / ms_step, attention=attention)
         rows[:] = [r for r in rows if (r["batch"], r["variant"]) != (batch, variant)] + [row]
         stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
         print(f"B={batch:3d} {variant:20s} {row['tok_s']:9.1f} tok/s {ms_step:8.2f} ms/step "
