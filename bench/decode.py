@@ -22,8 +22,10 @@ once plus every number of its factors and dense entries, all read each step as t
 embeddings) over the device-to-device copy bandwidth measured in the same run.
 ``limit_frac = limit_ms / ms_step``; ``attention``: the decode attention kernel the row ran
 (:func:`adfast.decoder.decode_attention_backend` for the engine: flash-attn's kv-cache kernel when
-it is installed, else ours). Writes ``bench/results/decode-<device>.json`` (rows: ``device, batch,
-variant, tok_s, ms_step, limit_ms, limit_frac, attention``; rewritten after every row, so a
+it is installed, else ours); ``engine_gb`` (engine rows on CUDA): the device memory the engine
+holds beyond the shared teacher decoder (proxy copies, or proxy and tangent; KV caches; graphs).
+Writes ``bench/results/decode-<device>.json`` (rows: ``device, batch, variant, tok_s, ms_step,
+limit_ms, limit_frac, attention, engine_gb``; rewritten after every row, so a
 run cut short keeps what it measured; ``--append`` merges into the rows already there) and a PNG
 of tok/s against batch (with matplotlib; ``--plot-only`` draws it from the JSON later).
 
@@ -185,7 +187,7 @@ def main(argv=None) -> int:
     rows = json.loads(stem.with_suffix(".json").read_text()) if args.append and stem.with_suffix(".json").exists() \
         else []
 
-    def record(batch, variant, seconds, bytes_per_step):
+    def record(batch, variant, seconds, bytes_per_step, engine_gb=None):
         """Add a row (replacing an earlier one of the same batch and variant) and rewrite the JSON now,
         so that a run cut short keeps every row it finished."""
         ms_step = 1e3 * seconds / args.new_tokens
@@ -193,7 +195,8 @@ def main(argv=None) -> int:
         attention = "transformers sdpa" if variant.startswith("hf_") else \
             decode_attention_backend(dtype) if device.type == "cuda" else "sdpa (CPU reference path)"
         row = dict(device=name, batch=batch, variant=variant, tok_s=batch * args.new_tokens / seconds,
-                   ms_step=ms_step, limit_ms=limit_ms, limit_frac=limit_ms / ms_step, attention=attention)
+                   ms_step=ms_step, limit_ms=limit_ms, limit_frac=limit_ms / ms_step, attention=attention,
+                   engine_gb=engine_gb)
         rows[:] = [r for r in rows if (r["batch"], r["variant"]) != (batch, variant)] + [row]
         stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
         print(f"B={batch:3d} {variant:20s} {row['tok_s']:9.1f} tok/s {ms_step:8.2f} ms/step "
@@ -209,37 +212,48 @@ def main(argv=None) -> int:
             record(batch, variant, timed(hf_run(teacher, pair, mode, prompts(batch), args.new_tokens), device),
                    teacher_bytes + (0 if mode == "temperature" else 2 * proxy_bytes))
 
-    def run_engine(engine, variant, mode, bytes_per_step):
+    def allocated() -> int:
+        return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+    def run_engine(engine, variant, mode, bytes_per_step, before):
+        """Time ``engine`` at every batch size; ``engine_gb``: device memory allocated since ``before``
+        (taken just before the engine was built) after the row: its proxy copies or proxy and
+        tangent, KV caches and captured graphs, not the shared teacher decoder."""
         for batch in args.batches:
             kw = dict(tau=TAU, lam=LAM, mode=mode, seed=0)
             engine.generate(prompts(batch), max_new_tokens=4, **kw)  # warm-up: graph capture
             batch_prompts = prompts(batch)
-            record(batch, variant, timed(lambda: engine.generate(
-                batch_prompts, max_new_tokens=args.new_tokens, **kw), device), bytes_per_step)
+            seconds = timed(lambda: engine.generate(batch_prompts, max_new_tokens=args.new_tokens, **kw), device)
+            record(batch, variant, seconds, bytes_per_step,
+                   (allocated() - before) / 1e9 if device.type == "cuda" else None)
 
     engine_kw = dict(max_batch_size=max(args.batches), max_seq_len=args.prompt_len + args.new_tokens + 1,
                      device=device, dtype=dtype)
     fd_variants = [v for v in args.variants if v.startswith("engine_") and not v.startswith("engine_jvp")]
     if fd_variants:
+        before = allocated()
         engine = adfast.Engine(teacher_decoder, pair, **engine_kw)
         for variant in fd_variants:
             mode = variant.split("_", 1)[1]
-            run_engine(engine, variant, mode, teacher_bytes + (0 if mode == "temperature" else 2 * proxy_bytes))
+            run_engine(engine, variant, mode, teacher_bytes + (0 if mode == "temperature" else 2 * proxy_bytes),
+                       before)
         del engine
     del pair
     gc.collect()
     if "engine_jvp" in args.variants:
+        before = allocated()
         engine = adfast.Engine(teacher_decoder, proxy, delta="jvp", gradient=gradient, **engine_kw)
-        run_engine(engine, "engine_jvp", "antidistill", teacher_bytes + 2 * proxy_bytes)
+        run_engine(engine, "engine_jvp", "antidistill", teacher_bytes + 2 * proxy_bytes, before)
         del engine
         del gradient
         gc.collect()
     if "engine_jvp_lowrank" in args.variants:
         for rank in args.jvp_ranks or spec["jvp_ranks"]:
             low_rank = random_low_rank(proxy, rank, dtype, device)
+            before = allocated()
             engine = adfast.Engine(teacher_decoder, proxy, delta="jvp", gradient=low_rank, **engine_kw)
             run_engine(engine, f"engine_jvp_r{rank}", "antidistill",
-                       teacher_bytes + proxy_bytes + low_rank.bytes(dtype))
+                       teacher_bytes + proxy_bytes + low_rank.bytes(dtype), before)
             del engine, low_rank
             gc.collect()
 
