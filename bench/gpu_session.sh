@@ -6,19 +6,21 @@
 #
 # Usage (repo root, on the GPU machine): bash bench/gpu_session.sh STAGE [STAGE ...]
 #   quick     the one call a 15-minute device budget allows (~9.5 min): GPU tests; engine rows at
-#             batch 1 and 32 (temperature, antidistill, exact-D jvp, low-rank jvp r8 and r128);
-#             the sampler at batch 1 and 64; the eps curve of a random 3B-shaped proxy
+#             batch 1 and 32 (temperature, antidistill, exact-D jvp, low-rank jvp r8 and r128); a
+#             profile of the antidistill step at batch 1; the sampler at batch 1 and 64; the eps
+#             curve of a random 3B-shaped proxy
 #   kernels   GPU tests (pytest -m gpu, and the attention and layer kernel tests, which run on
 #             CUDA tensors where a GPU exists); bench/sampler.py at batch 1 to 64       (~3 min)
 #   decode    bench/decode.py: HF generate and engine temperature/antidistill/permutation (~6 min)
 #   jvp       bench/decode.py --append: engine temperature, exact-D jvp, low-rank jvp r8..r512 (~6 min);
 #             on a fresh machine, first copy the returned decode-*.json into bench/results/
 #   eps       bench/eps_sweep_random.py: eps curve of a random-weight Qwen2.5-3B-shaped proxy (~2 min)
-#   all       kernels, decode, jvp and eps in a row (more than one call's limit: for a machine of your own)
+#   profile   bench/profile_step.py: where the step's time goes, each engine variant at batch 1 and 32 (~6 min)
+#   all       kernels, decode, jvp, eps and profile in a row (more than one call's limit: for a machine of your own)
 # The GPU image has no matplotlib: draw the plots afterwards with --plot-only (see each script).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-[ $# -ge 1 ] || { sed -n 2,19p "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n 2,20p "$0"; exit 2; }
 python3 -m pip install -e . --no-deps --no-build-isolation -q || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 mkdir -p bench/results
@@ -45,10 +47,11 @@ KERNEL_TESTS="tests/test_decode_attention.py tests/test_decode_attention_jvp.py 
               tests/test_silu_mul_kernel.py tests/test_rotary_cache_kernel.py"
 
 stage_quick() {
-    step 200 gpu-tests.log python3 -m pytest -q --maxfail=3 -m gpu tests
-    step 230 decode.log python3 bench/decode.py --append --batches 1 32 --jvp-ranks 8 128 \
+    step 170 gpu-tests.log python3 -m pytest -q --maxfail=3 -m gpu tests
+    step 200 decode.log python3 bench/decode.py --append --batches 1 32 --jvp-ranks 8 128 \
         --variants engine_temperature engine_antidistill engine_jvp engine_jvp_lowrank
-    step 50 sampler.log python3 bench/sampler.py --batches 1 64
+    step 60 profile.log python3 bench/profile_step.py --variant engine_antidistill --batch 1
+    step 40 sampler.log python3 bench/sampler.py --batches 1 64
     step 80 eps-random.log python3 bench/eps_sweep_random.py --holdout 8 --test 4
 }
 
@@ -73,6 +76,14 @@ stage_eps() {
     step 300 eps-random.log python3 bench/eps_sweep_random.py
 }
 
+stage_profile() {
+    for variant in engine_temperature engine_antidistill engine_jvp engine_jvp_lowrank; do
+        for batch in 1 32; do
+            step 80 profile.log python3 bench/profile_step.py --variant $variant --batch $batch
+        done
+    done
+}
+
 for stage in "$@"; do
     case "$stage" in
         quick) stage_quick ;;
@@ -80,8 +91,9 @@ for stage in "$@"; do
         decode) stage_decode ;;
         jvp) stage_jvp ;;
         eps) stage_eps ;;
-        all) stage_kernels; stage_decode; stage_jvp; stage_eps ;;
-        *) echo "unknown stage $stage (quick, kernels, decode, jvp, eps, all)"; exit 2 ;;
+        profile) stage_profile ;;
+        all) stage_kernels; stage_decode; stage_jvp; stage_eps; stage_profile ;;
+        *) echo "unknown stage $stage (quick, kernels, decode, jvp, eps, profile, all)"; exit 2 ;;
     esac
 done
 exit $status

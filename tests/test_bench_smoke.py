@@ -58,3 +58,19 @@ def test_random_proxy_eps_sweep_runs_on_tiny_shapes(tmp_path):
         result.with_suffix(suffix).unlink()
     assert bench.main(["--plot-only", str(result)]) == 0
     assert result.with_suffix(".png").stat().st_size > 0 and "Recommended eps" in result.with_suffix(".md").read_text()
+
+
+def test_profile_step_runs_on_tiny_shapes(tmp_path, monkeypatch):
+    """bench/profile_step.py on tiny shapes (CPU operators stand in for kernels): its per-step reduction."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # it imports the decode benchmark's model builders
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    spec = importlib.util.spec_from_file_location("profile_bench", ROOT / "bench" / "profile_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--shapes", "tiny", "--variant", "engine_antidistill", "--batch", "2", "--steps", "2",
+                       "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "profile-cpu-engine_antidistill-b2.json").read_text())
+    assert (result["variant"], result["batch"], result["steps"]) == ("engine_antidistill", 2, 2)
+    assert 0 < result["busy_ms"] <= result["span_ms"] and 0 <= result["idle_frac"] < 1
+    names = {row["name"] for row in result["kernels"]}
+    assert "aten::bmm" in names and all(row["launches_per_step"] > 0 for row in result["kernels"])
