@@ -67,6 +67,16 @@ VARIANTS = ("hf_temperature", "hf_antidistill", "engine_temperature", "engine_an
 EPS, LAM, TAU = 1e-2, 0.5, 1.0
 
 
+def device_for(shapes: str) -> torch.device | None:
+    """The device a benchmark runs on: CUDA where there is one; None (after saying why) for the
+    real shapes on a machine without one."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if shapes == "real" and device.type != "cuda":
+        print("--shapes real needs a CUDA device (use --shapes tiny for a smoke test)", file=sys.stderr)
+        return None
+    return device
+
+
 def random_model(spec: dict, dtype, device) -> Qwen2ForCausalLM:
     config = Qwen2Config(**spec, max_position_embeddings=4096, attn_implementation="sdpa")
     with torch.device(device):
@@ -153,9 +163,8 @@ def main(argv=None) -> int:
     if args.plot_only:
         plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png"))
         return 0
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.shapes == "real" and device.type != "cuda":
-        print("--shapes real needs a CUDA device (use --shapes tiny for a smoke test)", file=sys.stderr)
+    device = device_for(args.shapes)
+    if device is None:
         return 2
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -29,27 +29,13 @@ import sys
 import time
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from adfast.eps_study import DEFAULT_DTYPES, PLATEAU_RTOL, format_table, plot_sweep, recommend_eps, sweep_eps
 from adfast.gradient import proxy_gradient
+from decode import SHAPES, device_for, random_model
 
-SHAPES = {
-    "real": dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                 num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True),
-    "tiny": dict(vocab_size=500, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
-}
 PROMPT_LEN, COMPLETION_LEN = 32, 96
 EPS = tuple(float(f"{10 ** (k / 2):.3g}") for k in range(-12, 3))  # 1e-6, 3.16e-6, ..., 10
-
-
-def random_proxy(spec: dict, device) -> Qwen2ForCausalLM:
-    torch.manual_seed(0)
-    config = Qwen2Config(**spec, max_position_embeddings=4096, attn_implementation="sdpa")
-    with torch.device(device):
-        model = Qwen2ForCausalLM._from_config(config, dtype=torch.float32)
-    return model.eval()
 
 
 def random_sequences(count: int, vocab: int, seed: int) -> list[tuple[list[int], list[int]]]:
@@ -94,13 +80,13 @@ def main(argv=None) -> int:
     if args.plot_only:
         write_report(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(""))
         return 0
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.shapes == "real" and device.type != "cuda":
-        print("--shapes real needs a CUDA device (use --shapes tiny for a smoke test)", file=sys.stderr)
+    device = device_for(args.shapes)
+    if device is None:
         return 2
     began = time.perf_counter()
-    spec = SHAPES[args.shapes]
-    proxy = random_proxy(spec, device)
+    spec = SHAPES[args.shapes]["proxy"]  # the decode benchmark's proxy shapes
+    torch.manual_seed(0)
+    proxy = random_model(spec, torch.float32, device).requires_grad_(True)  # float32 weights: theta
     gradient = proxy_gradient(proxy, random_sequences(args.holdout, spec["vocab_size"], seed=1),
                               batch_size=args.batch_size, progress=False)
     rows = sweep_eps(proxy, gradient, random_sequences(args.test, spec["vocab_size"], seed=2), dtypes=args.dtypes,

@@ -30,7 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import adfast
 from adfast.decoder import Decoder
-from decode import EPS, LAM, SHAPES, TAU, random_low_rank, random_model
+from decode import EPS, LAM, SHAPES, TAU, device_for, random_low_rank, random_model
 
 VARIANTS = ("engine_temperature", "engine_antidistill", "engine_jvp", "engine_jvp_lowrank")
 PROMPT_LEN = 128
@@ -88,9 +88,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rank", type=int, default=8, help="engine_jvp_lowrank: the gradient's rank")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.shapes == "real" and device.type != "cuda":
-        print("--shapes real needs a CUDA device (use --shapes tiny for a smoke test)", file=sys.stderr)
+    device = device_for(args.shapes)
+    if device is None:
         return 2
     on_device = device.type == "cuda"
     dtype = torch.bfloat16 if on_device else torch.float32

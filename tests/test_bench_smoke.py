@@ -40,8 +40,9 @@ def test_decode_benchmark_runs_every_variant_on_tiny_shapes(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's forward AD
-def test_random_proxy_eps_sweep_runs_on_tiny_shapes(tmp_path):
+def test_random_proxy_eps_sweep_runs_on_tiny_shapes(tmp_path, monkeypatch):
     """bench/eps_sweep_random.py end to end on tiny shapes, then its --plot-only redraw from the JSON."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # it takes the decode benchmark's proxy shapes
     spec = importlib.util.spec_from_file_location("eps_random_bench", ROOT / "bench" / "eps_sweep_random.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
