@@ -403,10 +403,10 @@ def linear_jvp(x: torch.Tensor, dx: torch.Tensor, weight: torch.Tensor, dweight:
     stacked = dweight.stacked if factored and dweight.stacked is not None else weight
     both = torch.bmm(primal_tangent_rows(x, dx), stacked.transpose(1, 2))  # [C, 2N, out (+ R)]
     y, dy = both[:, :n, :out], both[:, n:, :out]
-    if factored:  # dy is a view of ``both``: adding into it leaves y alone
+    if factored:  # dy is a view of ``both``: adding into it (in place) leaves y alone
         dweight.add_products_to(dy, both[:, :n, out:] if dweight.stacked is not None else torch.bmm(x, dweight.v))
     else:
-        dy = torch.baddbmm(dy, x, dweight.transpose(1, 2))
+        dy.baddbmm_(x, dweight.transpose(1, 2))
     if bias is not None:
         y = y + bias[:, None]
         dy = dy + dbias[:, None]
