@@ -4,9 +4,10 @@ The teacher is a :class:`adfast.decoder.Decoder` with one weight set, the proxy 
 ``theta_P +- eps g`` one ``Decoder`` with two stacked copies (``delta="fd"``, the finite
 difference), or, with ``delta="jvp"``, the unperturbed proxy ``theta_P`` as a one-copy ``Decoder``
 in tangent mode along ``g`` (:meth:`Decoder.set_tangent`; dense, or a low-rank gradient's factors),
-whose one pass gives ``D`` exactly (:meth:`Decoder.delta`) and feeds it to :func:`adfast.sample` as
-``delta``. Both have a static KV cache of ``max_batch_size`` slots of ``max_seq_len`` positions,
-used in lockstep: a sequence occupies the same slot in both, and every forward gives both the same
+whose one pass gives ``D`` exactly and feeds it to :func:`adfast.sample` as ``delta`` (as the
+logits' tangent ``dlogits``, which is ``D`` plus a per-row constant: see :func:`_proxy_logits`).
+Both have a static KV cache of ``max_batch_size`` slots of ``max_seq_len`` positions, used in
+lockstep: a sequence occupies the same slot in both, and every forward gives both the same
 tokens, so both hold the same lengths.
 
 Pieces, in the manner of gpt-fast's ``generate.py``:
@@ -150,10 +151,17 @@ def prefill(model: Decoder, prompts: Sequence[Sequence[int]], slots: Sequence[in
 
 def _proxy_logits(proxies: Decoder, tokens, slots, num_tokens,
                   exact: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(plus, minus)`` logits of the pair, or ``(D, None)`` from a tangent-mode proxy (``exact``)."""
+    """``(plus, minus)`` logits of the pair, or ``(dlogits, None)`` from a tangent-mode proxy (``exact``).
+
+    ``dlogits`` is ``D`` plus the row constant ``sum_v p_v dlogits_v`` (:func:`adfast.decoder.log_softmax_tangent`
+    subtracts it), and a constant added to a row of ``D`` changes nothing the sampler computes: the
+    adjusted softmax, its argmax, its top-k/top-p sets, a permuted and sign-flipped ``D`` (still a
+    constant per row). So the step skips the softmax over the proxy's vocabulary that ``D`` would
+    cost, as the finite-difference path leaves the proxies' normalisers to cancel.
+    """
     if exact:
-        _, delta = proxies.delta(tokens[:, None], slots, num_tokens, check=False)
-        return delta[0, :, 0], None
+        _, dlogits = proxies(tokens[:, None], slots, num_tokens, check=False, tangent=True)
+        return dlogits[0, :, 0], None
     logits = proxies(tokens[:, None], slots, num_tokens, check=False)[:, :, 0]
     return logits[0], logits[1]
 
@@ -168,8 +176,9 @@ def decode_one_token(teacher: Decoder, proxies: Decoder | None, rows: StepInputs
     token with :func:`adfast.sample` (``seed = config.seed``, ``offset = rows.offset``), then
     writes the drawn tokens into ``rows.tokens`` and adds 1 to ``rows.offset``, in place.
     With ``config.delta == "jvp"``, ``proxies`` is one tangent-mode proxy (tangent caches
-    filled by ``prefill(..., tangent=True)``): its :meth:`Decoder.delta` gives ``D`` exactly and
-    the sampler gets ``delta=D`` instead of the pair's logits.
+    filled by ``prefill(..., tangent=True)``): its tangent-mode forward gives ``D`` exactly (up to
+    a per-row constant the sampler cancels, :func:`_proxy_logits`) and the sampler gets it as
+    ``delta`` instead of the pair's logits.
 
     When the proxy vocabulary ``V_P`` is smaller than the teacher's, the teacher's ids ``>= V_P``
     are masked out (the proxies could not read them at the next step; in the Qwen2.5 family they

@@ -397,6 +397,29 @@ def test_exact_delta_equals_pair_given_its_difference(backend, vocab_t, vocab_p)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (5, 0.8)])
+def test_exact_delta_row_constants_change_no_draw(backend, top_k, top_p):
+    """D plus a constant per row draws the same tokens (every mode, greedy rows too): the engine's
+    jvp step hands the sampler the logits' tangent, which is D plus sum_v p_v dlogits_v."""
+    t = 3.0 * torch.randn(4, 150, generator=torch.Generator().manual_seed(6))
+    delta = make_delta(4, 140, torch.float32, seed=7)
+    shifted = delta + torch.tensor([2.5, -4.0, 0.25, 1.0])[:, None]
+    kw = dict(tau=torch.tensor([1.0, 0.0, 0.7, 1.5]), lam=torch.tensor([0.5, 1.0, -2.0, 1.5]), top_k=top_k,
+              top_p=top_p, return_logprobs=True, backend=backend)
+    bumped = delta + 4.0 * (torch.arange(140) % 2)  # not a constant: the draws must notice
+    differs = 0
+    for mode in adfast.MODES:
+        for offset in range(3):
+            tokens, logprobs = adfast.sample(t, delta=delta, mode=mode, seed=11, offset=offset, **kw)
+            tokens_shifted, logprobs_shifted = adfast.sample(t, delta=shifted, mode=mode, seed=11, offset=offset, **kw)
+            assert torch.equal(tokens, tokens_shifted), (mode, offset)
+            assert torch.equal(logprobs, logprobs_shifted)
+            bumped_tokens = adfast.sample(t, delta=bumped, mode=mode, seed=11, offset=offset, **kw)[0]
+            differs += int((bumped_tokens != tokens).sum())
+    assert differs > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_exact_delta_temperature_mode_ignores_it(backend):
     t = torch.randn(4, 80, generator=torch.Generator().manual_seed(1))
     delta = make_delta(4, 80, torch.float32)
