@@ -4,7 +4,9 @@ The model half of a lockstep decode engine: the teacher is a :class:`Decoder` wi
 (``C = 1``); the proxy pair ``theta_P + eps g`` and ``theta_P - eps g`` is one :class:`Decoder`
 with two copies (``C = 2``) that share their input tokens, so every layer of the pair runs as one
 batched matmul over the copy dimension (``torch.bmm`` on ``[C, out, in]`` weights), which is the
-fastest arrangement measured on an H100 (``/work/shared/notes/h100-ceilings.md``).
+fastest arrangement measured on an H100 (``/work/shared/notes/h100-ceilings.md``); a one-copy
+decoder (the teacher, the jvp proxy) runs the plain 2-D GEMM, the path those measurements timed
+for the teacher (:func:`matmul_t`).
 
 Every weight has a leading copy dimension ``C``. With ``H`` query heads, ``KV`` key/value heads,
 head size ``D``, hidden size ``E``, MLP size ``I`` and vocabulary ``V``::
@@ -190,13 +192,34 @@ def rope_inv_freq(config: DecoderConfig, dtype: torch.dtype) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight^T + bias`` per copy (one batched matmul over the copy dimension).
+    """``x @ weight^T + bias`` per copy (one batched matmul over the copy dimension; one GEMM for
+    one copy, as :func:`matmul_t`).
 
     ``x [C, N, in]``, ``weight [C, out, in]``, ``bias [C, out]`` -> ``[C, N, out]``.
     """
+    if x.shape[0] == 1:
+        return F.linear(x[0], weight[0], None if bias is None else bias[0])[None]
     if bias is None:
         return torch.bmm(x, weight.transpose(1, 2))
     return torch.baddbmm(bias[:, None], x, weight.transpose(1, 2))
+
+
+def matmul_t(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x w^T`` per copy: ``x [C, N, k]``, ``w [C, m, k]`` -> ``[C, N, m]``. Several copies run as
+    one batched matmul; one copy as the plain 2-D GEMM (``F.linear``: cuBLAS's GEMM heuristics,
+    not its batched ones for a batch of one)."""
+    if x.shape[0] == 1:
+        return F.linear(x[0], w[0])[None]
+    return torch.bmm(x, w.transpose(1, 2))
+
+
+def add_matmul_t_(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """``out += x w^T`` in place, per copy as :func:`matmul_t` (``out`` may be a strided view with a
+    unit last stride, e.g. a column slice)."""
+    if x.shape[0] == 1:
+        out[0].addmm_(x[0], w[0].T)
+    else:
+        out.baddbmm_(x, w.transpose(1, 2))
 
 
 def decode_attention_backend(dtype: torch.dtype, cache_dtype: torch.dtype | None = None) -> str:
@@ -343,11 +366,11 @@ class FactoredTangent:
 
     def add_products_to(self, out: torch.Tensor, z: torch.Tensor) -> None:
         """``out += x G^T`` in place given ``z = x V [C, N, R]``, ``out [C, N, m]``: with a
-        ``block_diagonal`` ``U``, ``out += z U^T`` (one ``baddbmm_``); otherwise each block's
-        columns of ``out`` get ``z_i U_i^T`` (one ``baddbmm_`` into the column slice) or ``z_i``
-        (a dense block): one kernel launch per block, no concatenation."""
+        ``block_diagonal`` ``U``, ``out += z U^T`` (one in-place matmul, :func:`add_matmul_t_`);
+        otherwise each block's columns of ``out`` get ``z_i U_i^T`` (one in-place matmul into the
+        column slice) or ``z_i`` (a dense block): one kernel launch per block, no concatenation."""
         if self.block_diagonal is not None:
-            out.baddbmm_(z, self.block_diagonal.transpose(1, 2))
+            add_matmul_t_(out, z, self.block_diagonal)
             return
         start = 0
         for z_i, u_i in zip(z.split(self.ranks, dim=-1), self.u):
@@ -356,7 +379,7 @@ class FactoredTangent:
             if u_i is None:
                 block.add_(z_i)
             else:
-                block.baddbmm_(z_i, u_i.transpose(1, 2))
+                add_matmul_t_(block, z_i, u_i)
             start += rows
 
     def rows(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -401,12 +424,12 @@ def linear_jvp(x: torch.Tensor, dx: torch.Tensor, weight: torch.Tensor, dweight:
     n, out = x.shape[1], weight.shape[1]
     factored = isinstance(dweight, FactoredTangent)
     stacked = dweight.stacked if factored and dweight.stacked is not None else weight
-    both = torch.bmm(primal_tangent_rows(x, dx), stacked.transpose(1, 2))  # [C, 2N, out (+ R)]
+    both = matmul_t(primal_tangent_rows(x, dx), stacked)  # [C, 2N, out (+ R)]
     y, dy = both[:, :n, :out], both[:, n:, :out]
     if factored:  # dy is a view of ``both``: adding into it (in place) leaves y alone
         dweight.add_products_to(dy, both[:, :n, out:] if dweight.stacked is not None else torch.bmm(x, dweight.v))
     else:
-        dy.baddbmm_(x, dweight.transpose(1, 2))
+        add_matmul_t_(dy, x, dweight)
     if bias is not None:
         y = y + bias[:, None]
         dy = dy + dbias[:, None]
