@@ -195,14 +195,14 @@ def main(argv=None) -> int:
     stem = out / f"decode-{name.replace(' ', '_')}{'' if args.shapes == 'real' else '-' + args.shapes}"
     rows = json.loads(stem.with_suffix(".json").read_text()) if args.append and stem.with_suffix(".json").exists() \
         else []
+    engine_attention = decode_attention_backend(dtype) if device.type == "cuda" else "sdpa (CPU reference path)"
 
     def record(batch, variant, seconds, bytes_per_step, engine_gb=None):
         """Add a row (replacing an earlier one of the same batch and variant) and rewrite the JSON now,
         so that a run cut short keeps every row it finished."""
         ms_step = 1e3 * seconds / args.new_tokens
         limit_ms = 1e3 * bytes_per_step / bandwidth
-        attention = "transformers sdpa" if variant.startswith("hf_") else \
-            decode_attention_backend(dtype) if device.type == "cuda" else "sdpa (CPU reference path)"
+        attention = "transformers sdpa" if variant.startswith("hf_") else engine_attention
         row = dict(device=name, batch=batch, variant=variant, tok_s=batch * args.new_tokens / seconds,
                    ms_step=ms_step, limit_ms=limit_ms, limit_frac=limit_ms / ms_step, attention=attention,
                    engine_gb=engine_gb)

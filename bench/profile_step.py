@@ -59,15 +59,10 @@ def summarize(events, steps: int, on_device: bool) -> dict:
         kernels = [e for e in kernels if e.name.startswith("aten::")
                    and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))]
     intervals = sorted((e.time_range.start, e.time_range.end) for e in kernels)
-    busy, current_start, current_end = 0.0, None, None
-    for start, end in intervals:
-        if current_end is None or start > current_end:
-            busy += 0.0 if current_end is None else current_end - current_start
-            current_start, current_end = start, end
-        else:
-            current_end = max(current_end, end)
-    if current_end is not None:
-        busy += current_end - current_start
+    busy, covered_to = 0.0, float("-inf")
+    for start, end in intervals:  # by start: each interval adds the part past everything before it
+        busy += max(0.0, end - max(start, covered_to))
+        covered_to = max(covered_to, end)
     span = intervals[-1][1] - intervals[0][0] if intervals else 0.0
     per_name = collections.defaultdict(lambda: [0, 0.0])
     for e in kernels:
