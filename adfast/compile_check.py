@@ -20,7 +20,8 @@ a kernel fails to compile or spills. Needs ``TRITON_INTERPRET`` unset (the inter
 and tangent) for the 7B teacher (28 heads over 4), the 3B proxy pair (16 over 2, two copies),
 SmolLM2 (9 over 3, head dim 64) and the tests' tiny models (4 over 2, head dim 8, padded to 16)
 with bf16, fp16 and fp32 caches, and the fused layer kernels (norms, rotary with the cache write,
-gated activation, and their tangents) at the same models' widths.
+gated activation, and their tangents, with and without a factored tangent's low-rank term) at the
+same models' widths.
 """
 from __future__ import annotations
 
@@ -201,11 +202,21 @@ def _layer_cases():
                 cos = torch.empty(batch, seq, head_dim)
                 cache = torch.empty(copies, batch, 4097, kv_heads, head_dim, dtype=dtype)
                 slots, pos = torch.arange(batch), torch.zeros(batch, seq, dtype=torch.int64)
+
+                def low_rank(width, rows=batch * seq, copies=copies, dtype=dtype, rank=24):  # qkv's r8 blocks merged
+                    """z [C, N, R] and U [C, m, R] laid out as the decoder keeps it: U^T contiguous."""
+                    return (torch.empty(copies, rows, rank, dtype=dtype),
+                            torch.empty(rank, width, dtype=dtype).T[None].expand(copies, width, rank))
+
                 cases += [
                     (f"add_rms_norm {name}", lambda x=x, w=w: ops.add_rms_norm(x, w, 1e-6, x)),
                     (f"add_rms_norm_jvp {name}", lambda x=x, w=w: ops.add_rms_norm_jvp(x, x, w, w, 1e-6, x, x)),
                     (f"silu_mul {name}", lambda g=gate_up: ops.silu_mul(g)),
+                    (f"add_rms_norm_jvp +low-rank {name}", lambda x=x, w=w, t=low_rank(hidden):
+                     ops.add_rms_norm_jvp(x, x, w, w, 1e-6, x, x, low_rank=t)),
                     (f"silu_mul_jvp {name}", lambda g=gate_up: ops.silu_mul_jvp(g, g)),
+                    (f"silu_mul_jvp +low-rank {name}", lambda g=gate_up, t=low_rank(2 * inter):
+                     ops.silu_mul_jvp(g, g, low_rank=t)),
                     (f"rope_and_cache_write {name}", lambda a=(qkv, cos, cos, cache, cache, slots, pos, heads, kv_heads):
                      ops.rope_and_cache_write(*a)),
                     (f"rope_and_cache_write_jvp {name}",
@@ -214,6 +225,9 @@ def _layer_cases():
                     (f"rope_and_cache_write_jvp +bias {name}",  # Qwen2's qkv bias, added in the tangent pass
                      lambda a=(qkv, qkv, cos, cos, cache, cache, cache, cache, slots, pos, heads, kv_heads), b=qkv[:, 0]:
                      ops.rope_and_cache_write_jvp(*a, b, b)),
+                    (f"rope_and_cache_write_jvp +low-rank {name}",  # a factored tangent's z U^T, then the bias
+                     lambda a=(qkv, qkv, cos, cos, cache, cache, cache, cache, slots, pos, heads, kv_heads),
+                     b=qkv[:, 0], t=low_rank(qkv.shape[2]): ops.rope_and_cache_write_jvp(*a, b, b, low_rank=t)),
                 ]
     return cases
 

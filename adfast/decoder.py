@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer_ops import compute_dtype, layer_ops
+from .layer_ops import LOW_RANK_MAX_RANK, LowRankTerm, compute_dtype, layer_ops
 from .low_rank import LowRankGradient
 
 try:
@@ -317,7 +317,8 @@ class FactoredTangent:
     ``[C, m + R, n]``, ``W`` with ``V^T`` appended as rows, the storage of ``W`` itself (the
     decoder's parameter becomes its first ``m`` rows), so that :func:`linear_jvp` gets ``x W^T``,
     ``dx W^T`` and ``z = x V`` from one matmul: a factored tangent then costs one kernel launch
-    per block and no extra matmul over ``x``.
+    per block and no extra matmul over ``x``, and none at all where ``z U^T`` is one product
+    (:attr:`whole_u`) that the next fused layer kernel adds (``linear_jvp(..., defer=True)``).
 
     ``block_diagonal`` (set when every block is factored and the zeros cost few bytes, see
     :meth:`from_blocks`): ``[C, m, R]``, the ``U_i`` on the diagonal and zeros elsewhere, whose
@@ -338,7 +339,9 @@ class FactoredTangent:
 
         With more than one block, all factored, whose block-diagonal ``U`` would hold at most
         ``max_padding_bytes`` of zeros (``m R - sum m_i r_i`` numbers), the ``U_i`` are stored as
-        the blocks of ``block_diagonal``.
+        the blocks of ``block_diagonal``. Every ``U`` is stored column-major (a contiguous ``U^T``
+        viewed as ``U``): the fused kernels that add ``z U^T`` read ``U`` along ``m`` at each rank
+        index (:mod:`adfast.kernels.low_rank_term`), and the matmuls take either layout.
         """
         def cast(t):
             return t.detach().to(device, dtype)
@@ -353,7 +356,7 @@ class FactoredTangent:
             heights = [block[0].shape[0] for block in blocks]
             zeros = sum(heights) * sum(ranks) - sum(m * r for m, r in zip(heights, ranks))
             if zeros * v.element_size() <= max_padding_bytes:
-                merged = torch.zeros(sum(heights), sum(ranks), device=device, dtype=dtype)
+                merged = torch.zeros(sum(ranks), sum(heights), device=device, dtype=dtype).T
                 row = col = 0
                 blocks_of_merged = []
                 for (u_i, _), m, r in zip(blocks, heights, ranks):
@@ -361,16 +364,24 @@ class FactoredTangent:
                     blocks_of_merged.append(merged[row:row + m, col:col + r])
                     row, col = row + m, col + r
                 return cls(copies(v), tuple(map(copies, blocks_of_merged)), ranks, block_diagonal=copies(merged))
-        u = tuple(copies(cast(block[0])) if f else None for block, f in zip(blocks, factored))
+        u = tuple(copies(cast(block[0]).T.contiguous().T) if f else None for block, f in zip(blocks, factored))
         return cls(copies(v), u, ranks)
+
+    @property
+    def whole_u(self) -> torch.Tensor | None:
+        """One ``U [C, m, R]`` for every row, ``G = U V^T``: the ``block_diagonal`` one, or the only
+        block's when that block is factored; None otherwise."""
+        if self.block_diagonal is not None:
+            return self.block_diagonal
+        return self.u[0] if len(self.u) == 1 else None
 
     def add_products_to(self, out: torch.Tensor, z: torch.Tensor) -> None:
         """``out += x G^T`` in place given ``z = x V [C, N, R]``, ``out [C, N, m]``: with a
-        ``block_diagonal`` ``U``, ``out += z U^T`` (one in-place matmul, :func:`add_matmul_t_`);
-        otherwise each block's columns of ``out`` get ``z_i U_i^T`` (one in-place matmul into the
-        column slice) or ``z_i`` (a dense block): one kernel launch per block, no concatenation."""
-        if self.block_diagonal is not None:
-            add_matmul_t_(out, z, self.block_diagonal)
+        :attr:`whole_u`, ``out += z U^T`` (one in-place matmul, :func:`add_matmul_t_`); otherwise
+        each block's columns of ``out`` get ``z_i U_i^T`` (one in-place matmul into the column
+        slice) or ``z_i`` (a dense block): one kernel launch per block, no concatenation."""
+        if self.whole_u is not None:
+            add_matmul_t_(out, z, self.whole_u)
             return
         start = 0
         for z_i, u_i in zip(z.split(self.ranks, dim=-1), self.u):
@@ -410,9 +421,9 @@ def primal_tangent_rows(x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
 
 
 def linear_jvp(x: torch.Tensor, dx: torch.Tensor, weight: torch.Tensor, dweight: torch.Tensor | FactoredTangent,
-               bias: torch.Tensor | None = None, dbias: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`linear` and its tangent ``dx W^T + x G^T + db``.
+               bias: torch.Tensor | None = None, dbias: torch.Tensor | None = None, *, defer: bool = False):
+    """:func:`linear` and its tangent ``dx W^T + x G^T + db``: ``(y, dy)``, or with ``defer``
+    ``(y, dy, term)``.
 
     ``x`` and ``dx`` go through ``W`` as one batched matmul (``W`` read once for both; the rows
     are :func:`primal_tangent_rows`, a view where they already lie that way), then
@@ -420,20 +431,32 @@ def linear_jvp(x: torch.Tensor, dx: torch.Tensor, weight: torch.Tensor, dweight:
     whose ``x G^T = (x V) U^T`` reads ``r (out + in)`` numbers per block instead of ``out in``
     (with its ``stacked`` weight, ``x V`` comes out of the same matmul as ``x W^T``). ``y`` and
     ``dy`` may be column slices of one buffer (last dimension contiguous).
+
+    ``defer``: where ``x G^T`` is one product ``z U^T`` (a :attr:`FactoredTangent.whole_u` of rank
+    at most ``LOW_RANK_MAX_RANK``), it is not added but returned as ``term``, a
+    :class:`adfast.layer_ops.LowRankTerm` for the layer op that reads ``dy`` next (the fused
+    kernels add it as they load ``dy``: one launch per layer and weight fewer); ``term`` is None
+    where it was added here. ``dy + term`` is then the tangent (``db`` already in ``dy``).
     """
     n, out = x.shape[1], weight.shape[1]
     factored = isinstance(dweight, FactoredTangent)
     stacked = dweight.stacked if factored and dweight.stacked is not None else weight
     both = matmul_t(primal_tangent_rows(x, dx), stacked)  # [C, 2N, out (+ R)]
     y, dy = both[:, :n, :out], both[:, n:, :out]
+    term = None
     if factored:  # dy is a view of ``both``: adding into it (in place) leaves y alone
-        dweight.add_products_to(dy, both[:, :n, out:] if dweight.stacked is not None else torch.bmm(x, dweight.v))
+        z = both[:, :n, out:] if dweight.stacked is not None else torch.bmm(x, dweight.v)
+        u = dweight.whole_u
+        if defer and u is not None and u.shape[-1] <= LOW_RANK_MAX_RANK:
+            term = LowRankTerm(z, u)
+        else:
+            dweight.add_products_to(dy, z)
     else:
         add_matmul_t_(dy, x, dweight)
     if bias is not None:
         y = y + bias[:, None]
         dy = dy + dbias[:, None]
-    return y, dy
+    return (y, dy, term) if defer else (y, dy)
 
 
 def attend_jvp(q: torch.Tensor, dq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -946,29 +969,34 @@ class Decoder(nn.Module):
         dx = (g["embed"].rows(tokens) if isinstance(g["embed"], FactoredTangent)
               else g["embed"][:, tokens]).reshape(copies, batch * seq, cfg.hidden_size)
         ops = layer_ops(x, self.fused)
-        mlp_out = dmlp_out = None  # each layer's MLP output joins the residual stream in the next norm
+        mlp_out = dmlp_out = mlp_term = None  # each layer's MLP output joins the residual stream in the next norm
         for i, layer in enumerate(self.layers):
             prefix = f"layers.{i}."
             d = {name[len(prefix):]: value for name, value in g.items() if name.startswith(prefix)}.get
             x, dx, h, dh = ops.add_rms_norm_jvp(x, dx, layer.attention_norm, d("attention_norm"), eps, mlp_out,
-                                                dmlp_out)
-            qkv, dqkv = linear_jvp(h, dh, layer.wqkv, d("wqkv"))  # the bias joins in the rotary op
+                                                dmlp_out, low_rank=mlp_term)
+            # each factored x G^T that is one product z U^T joins in the op that reads the tangent next
+            qkv, dqkv, term = linear_jvp(h, dh, layer.wqkv, d("wqkv"), defer=True)  # the bias joins there too
             q, dq = ops.rope_and_cache_write_jvp(qkv, dqkv, cos, sin, cache.k[i], cache.v[i], cache.dk[i],
                                                  cache.dv[i], slots, write_pos, heads, kv_heads, layer.bqkv,
-                                                 d("bqkv"))
+                                                 d("bqkv"), low_rank=term)
             out, dout = attend_jvp(q, dq, cache.k[i], cache.v[i], cache.dk[i], cache.dv[i], slots, query_pos,
                                    lengths)
-            o, do = linear_jvp(out.reshape(copies, batch * seq, heads * head_dim),
-                               dout.reshape(copies, batch * seq, heads * head_dim), layer.wo, d("wo"),
-                               layer.bo, d("bo"))
-            x, dx, h, dh = ops.add_rms_norm_jvp(x, dx, layer.ffn_norm, d("ffn_norm"), eps, o, do)
-            gate_up, dgate_up = linear_jvp(h, dh, layer.w_gate_up, d("w_gate_up"), layer.b_gate_up, d("b_gate_up"))
-            act, dact = ops.silu_mul_jvp(gate_up, dgate_up)
-            mlp_out, dmlp_out = linear_jvp(act, dact, layer.w_down, d("w_down"), layer.b_down, d("b_down"))
+            o, do, term = linear_jvp(out.reshape(copies, batch * seq, heads * head_dim),
+                                     dout.reshape(copies, batch * seq, heads * head_dim), layer.wo, d("wo"),
+                                     layer.bo, d("bo"), defer=True)
+            x, dx, h, dh = ops.add_rms_norm_jvp(x, dx, layer.ffn_norm, d("ffn_norm"), eps, o, do, low_rank=term)
+            gate_up, dgate_up, term = linear_jvp(h, dh, layer.w_gate_up, d("w_gate_up"), layer.b_gate_up,
+                                                 d("b_gate_up"), defer=True)
+            act, dact = ops.silu_mul_jvp(gate_up, dgate_up, low_rank=term)
+            mlp_out, dmlp_out, mlp_term = linear_jvp(act, dact, layer.w_down, d("w_down"), layer.b_down,
+                                                     d("b_down"), defer=True)
         cache.lengths[slots] = (start + n).clamp(max=cache.max_seq_len)
 
-        x, dx, mlp_out, dmlp_out = self._output_rows(x, dx, mlp_out, dmlp_out, n=n, last_only=last_only)
-        _, _, h, dh = ops.add_rms_norm_jvp(x, dx, self.norm, g["norm"], eps, mlp_out, dmlp_out)
+        z = None if mlp_term is None else mlp_term.z
+        x, dx, mlp_out, dmlp_out, z = self._output_rows(x, dx, mlp_out, dmlp_out, z, n=n, last_only=last_only)
+        _, _, h, dh = ops.add_rms_norm_jvp(x, dx, self.norm, g["norm"], eps, mlp_out, dmlp_out,
+                                           low_rank=None if z is None else LowRankTerm(z, mlp_term.u))
         logits, dlogits = linear_jvp(h, dh, self.lm_head, g["lm_head"])
         logits = logits.reshape(copies, batch, -1, cfg.vocab_size)  # column slices with a stacked lm_head
         dlogits = dlogits.reshape(copies, batch, -1, cfg.vocab_size)

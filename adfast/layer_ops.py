@@ -7,12 +7,14 @@ and in tangent mode their forward-mode derivatives. In PyTorch each op is a kern
 weights, so on CUDA each chain is one Triton kernel (:mod:`adfast.kernels.rms_norm`,
 :mod:`adfast.kernels.rotary_cache`, :mod:`adfast.kernels.silu_mul`).
 
-:func:`layer_ops` returns one of two namespaces holding the same six functions
-(``add_rms_norm``, ``add_rms_norm_jvp``, ``rope_and_cache_write``, ``rope_and_cache_write_jvp``,
-``silu_mul``, ``silu_mul_jvp``) with the same signatures: :data:`TORCH` (this module: the CPU and
-float64 path, and the reference the kernels are tested against) or the Triton kernels, whose
-results agree up to float32 summation order and the dtype rounding each kernel's docstring states
-(a kernel computes its chain in float32 and rounds once where PyTorch rounds after each op).
+:func:`layer_ops` returns one of two namespaces holding the same six functions (``add_rms_norm``,
+``add_rms_norm_jvp``, ``rope_and_cache_write``, ``rope_and_cache_write_jvp``, ``silu_mul``,
+``silu_mul_jvp``) with the same signatures (the tangent functions take a ``low_rank``
+:class:`LowRankTerm` of the tangent they read, which the kernels add as they load it): :data:`TORCH`
+(this module: the CPU and float64 path, and the reference the kernels are tested against) or the
+Triton kernels, whose results agree up to float32 summation order and the dtype rounding each
+kernel's docstring states (a kernel computes its chain in float32 and rounds once where PyTorch
+rounds after each op).
 
 Shapes: ``C`` weight copies, ``N = B T`` token rows, ``E`` hidden size, ``I`` MLP width,
 ``H`` / ``KV`` query / key-value heads of dim ``D``; caches are one layer's
@@ -22,9 +24,27 @@ from __future__ import annotations
 
 from functools import cache
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+
+LOW_RANK_MAX_RANK = 64  # the largest R the fused kernels take (adfast.kernels.low_rank_term.MAX_RANK)
+
+
+class LowRankTerm(NamedTuple):
+    """``z U^T``, still to be added to a linear layer's output tangent ``d [C, N, m]``: ``z [C, N, R]``,
+    ``u [C, m, R]`` (a factored weight tangent's ``x G^T``; :func:`adfast.decoder.linear_jvp`).
+    The fused kernels add it as they load ``d`` (:mod:`adfast.kernels.low_rank_term`, ``R <=
+    LOW_RANK_MAX_RANK``); here :meth:`added_to` is one ``baddbmm``."""
+
+    z: torch.Tensor
+    u: torch.Tensor
+
+    def added_to(self, d: torch.Tensor) -> torch.Tensor:
+        """``d + z U^T`` in ``d``'s dtype, rounded once."""
+        return torch.baddbmm(d, self.z, self.u.transpose(1, 2))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -72,8 +92,11 @@ def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return s, rms_norm(s, weight, eps)
 
 
-def add_rms_norm_jvp(x, dx, weight, dweight, eps: float, residual=None, dresidual=None):
-    """:func:`add_rms_norm` and its tangent: ``(s, ds, y, dy)``."""
+def add_rms_norm_jvp(x, dx, weight, dweight, eps: float, residual=None, dresidual=None, low_rank=None):
+    """:func:`add_rms_norm` and its tangent: ``(s, ds, y, dy)``; ``low_rank``: a :class:`LowRankTerm`
+    of ``dresidual``."""
+    if low_rank is not None:
+        dresidual = low_rank.added_to(dresidual)
     s, ds = (x, dx) if residual is None else (x + residual, dx + dresidual)
     return (s, ds) + rms_norm_jvp(s, ds, weight, dweight, eps)
 
@@ -105,10 +128,13 @@ def rope_and_cache_write(qkv, cos, sin, k_cache, v_cache, slots, write_pos, head
 
 
 def rope_and_cache_write_jvp(qkv, dqkv, cos, sin, k_cache, v_cache, dk_cache, dv_cache, slots, write_pos,
-                             heads: int, kv_heads: int, bias=None, dbias=None):
+                             heads: int, kv_heads: int, bias=None, dbias=None, low_rank=None):
     """:func:`rope_and_cache_write` and its tangent (rotary is linear: the tangents rotate alike;
     ``dk``, ``dv`` go to ``dk_cache``, ``dv_cache``; ``dbias`` is the bias's tangent, None for
-    zero); returns ``(rope(q), rope(dq))``."""
+    zero; ``low_rank``: a :class:`LowRankTerm` of ``dqkv``, added before ``dbias``); returns
+    ``(rope(q), rope(dq))``."""
+    if low_rank is not None:
+        dqkv = low_rank.added_to(dqkv)
     q = rope_and_cache_write(qkv, cos, sin, k_cache, v_cache, slots, write_pos, heads, kv_heads, bias)
     dq = rope_and_cache_write(dqkv, cos, sin, dk_cache, dv_cache, slots, write_pos, heads, kv_heads, dbias)
     return q, dq
@@ -120,9 +146,12 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def silu_mul_jvp(gate_up: torch.Tensor, dgate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def silu_mul_jvp(gate_up: torch.Tensor, dgate_up: torch.Tensor,
+                 low_rank: LowRankTerm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`silu_mul` and its tangent ``silu'(g) dg u + silu(g) du``, ``silu'(g) = s (1 + g (1 - s))``,
-    ``s = sigmoid(g)``."""
+    ``s = sigmoid(g)``; ``low_rank``: a :class:`LowRankTerm` of ``dgate_up``."""
+    if low_rank is not None:
+        dgate_up = low_rank.added_to(dgate_up)
     (gate, up), (dgate, dup) = gate_up.chunk(2, dim=-1), dgate_up.chunk(2, dim=-1)
     sig = torch.sigmoid(gate)
     act = F.silu(gate)

@@ -44,6 +44,7 @@ step() {
 }
 
 KERNEL_TESTS="tests/test_decode_attention.py tests/test_decode_attention_jvp.py tests/test_rms_norm_kernel.py
+              tests/test_low_rank_term_kernel.py
               tests/test_silu_mul_kernel.py tests/test_rotary_cache_kernel.py"
 
 stage_quick() {

@@ -16,7 +16,8 @@ rounding of a float32 value to the dtype (the identity for float32), for copy ``
     normed  = round(s r)
     y       = round(weight[c] * normed)
 
-    ds      = round(dx + dresidual)                     (ds = dx itself when dresidual is None)
+    ds      = round(dx + dresidual)                     (ds = dx itself when dresidual is None;
+                                                         dresidual + z U^T with a low-rank term)
     dnormed = round(r (ds - s r^2 mean_E(s ds)))        float32 inside
     dy      = round(dweight[c] * normed + weight[c] * dnormed)
 
@@ -35,17 +36,17 @@ float32 ulps, not bitwise.
 
 Grid ``(C * N,)``: one program per (copy, row) holds the whole row in registers, ``BLOCK =
 next_pow2(E)`` lanes (masked past ``E``; masked lanes load nothing), so every input is read from
-memory exactly once and every output written once. A loop over ``E`` in blocks would need a
-second pass over ``s`` and ``ds`` after the sums (re-reading them, or recomputing ``x +
-residual``) for no gain at these sizes: a row is at most 16 KiB in bf16 (``E = 8192``). The
-registers this costs are bounded by the warps: ``num_warps = BLOCK / 256`` (1 to 16), so each
-thread holds 8 elements of each row tensor (16 at ``E = 8192``; x and residual are folded into
-s on load, dx and dresidual into ds; the JVP keeps s, ds, weight, dweight live). Compiled for
-sm_90 with triton 3.9 (:mod:`adfast.compile_check`) at ``E`` = 576, 2048, 3584: 27-34 registers
-a thread for the primal, 40-53 for the JVP, no spills; at ``E = 8192`` (16 warps, hence
+memory exactly once and every output written once. A loop over ``E`` in blocks would need a second
+pass over ``s`` and ``ds`` after the sums (re-reading them, or recomputing ``x + residual``) for no
+gain at these sizes: a row is at most 16 KiB in bf16 (``E = 8192``). The registers this costs are
+bounded by the warps: ``num_warps = BLOCK / 256`` (1 to 16), so each thread holds 8 elements of each
+row tensor (16 at ``E = 8192``; x and residual are folded into s on load, dx and dresidual into ds;
+the JVP keeps s, ds, weight, dweight live). Compiled for sm_90 with triton 3.9
+(:mod:`adfast.compile_check`) at ``E`` = 576, 2048, 3584: 27-34 registers a thread for the primal,
+40-53 for the JVP (48-64 with a low-rank term), no spills; at ``E = 8192`` (16 warps, hence
 ``MAX_HIDDEN``) up to 60 and 100 (float32), no spills; larger rows would need a looped variant.
-Bytes per row: ``E itemsize`` times 2 (x, y) or 4 (x, residual, s, y) for the primal, 4 or 8
-for the JVP, plus the weights (``C E``, from L2 after the first rows).
+Bytes per row: ``E itemsize`` times 2 (x, y) or 4 (x, residual, s, y) for the primal, 4 or 8 for the
+JVP, plus the weights (``C E``, from L2 after the first rows).
 
 The launch is sync-free and CUDA-graph safe: the plan depends on shapes and dtypes only (no
 tensor values are read on the host), outputs are fresh ``torch.empty`` tensors. The plan is the
@@ -57,17 +58,24 @@ import torch
 import triton
 import triton.language as tl
 
+from .low_rank_term import add_low_rank, check_low_rank, low_rank_args
+
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HIDDEN = 8192
 
 
 @triton.jit
 def _residual_stream(x_ptr, res_ptr, s_ptr, c64, n64, sx_c, sx_n, sr_c, sr_n, e, out, mask, dtype,
-                     HAS_RES: tl.constexpr):
-    """One row of ``s = round(x + residual)`` (stored at ``s_ptr + out``) or of ``x``, in float32."""
+                     HAS_RES: tl.constexpr, low_rank, LOW_RANK: tl.constexpr):
+    """One row of ``s = round(x + residual)`` (stored at ``s_ptr + out``) or of ``x``, in float32;
+    with ``LOW_RANK`` the residual is first ``round(residual + z U^T)`` (``low_rank = (z_row, sz_r,
+    u_c, su_m, su_r, R)``: the row's ``z`` and the copy's ``U``, :mod:`adfast.kernels.low_rank_term`)."""
     s = tl.load(x_ptr + c64 * sx_c + n64 * sx_n + e, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         res = tl.load(res_ptr + c64 * sr_c + n64 * sr_n + e, mask=mask, other=0.0)
+        if LOW_RANK:
+            z_row, sz_r, u_c, su_m, su_r, rank = low_rank
+            res = add_low_rank(res.to(tl.float32), z_row, sz_r, u_c, su_m, su_r, e, mask, rank).to(dtype)
         s_low = (s + res.to(tl.float32)).to(dtype)
         tl.store(s_ptr + out, s_low, mask=mask)
         s = s_low.to(tl.float32)
@@ -89,7 +97,7 @@ def _add_rms_norm(
     dtype = y_ptr.dtype.element_ty
     out = pid.to(tl.int64) * hidden + e  # outputs are contiguous [C, N, E]
     s = _residual_stream(x_ptr, res_ptr, s_ptr, c.to(tl.int64), n.to(tl.int64), sx_c, sx_n, sr_c, sr_n, e, out,
-                         mask, dtype, HAS_RES)
+                         mask, dtype, HAS_RES, (x_ptr, 0, x_ptr, 0, 0, 0), False)
     w = tl.load(w_ptr + c.to(tl.int64) * sw_c + e, mask=mask, other=0.0).to(tl.float32)
     r = tl.rsqrt(tl.math.div_rn(tl.sum(s * s, axis=0), hidden_f) + eps)  # IEEE division, as torch's mean
     normed = (s * r).to(dtype).to(tl.float32)
@@ -98,10 +106,10 @@ def _add_rms_norm(
 
 @triton.jit
 def _add_rms_norm_jvp(
-    x_ptr, res_ptr, dx_ptr, dres_ptr, w_ptr, dw_ptr, s_ptr, ds_ptr, y_ptr, dy_ptr,
+    x_ptr, res_ptr, dx_ptr, dres_ptr, w_ptr, dw_ptr, s_ptr, ds_ptr, y_ptr, dy_ptr, z_ptr, u_ptr,
     rows, hidden, hidden_f, eps,
-    sx_c, sx_n, sr_c, sr_n, sdx_c, sdx_n, sdr_c, sdr_n, sw_c, sdw_c,
-    HAS_RES: tl.constexpr, HAS_DRES: tl.constexpr, BLOCK: tl.constexpr,
+    sx_c, sx_n, sr_c, sr_n, sdx_c, sdx_n, sdr_c, sdr_n, sw_c, sdw_c, sz_c, sz_n, sz_r, su_c, su_m, su_r, rank,
+    HAS_RES: tl.constexpr, HAS_DRES: tl.constexpr, LOW_RANK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     c = pid // rows
@@ -111,9 +119,11 @@ def _add_rms_norm_jvp(
     mask = e < hidden
     dtype = y_ptr.dtype.element_ty
     out = pid.to(tl.int64) * hidden + e  # outputs are contiguous [C, N, E]
-    s = _residual_stream(x_ptr, res_ptr, s_ptr, c64, n64, sx_c, sx_n, sr_c, sr_n, e, out, mask, dtype, HAS_RES)
+    s = _residual_stream(x_ptr, res_ptr, s_ptr, c64, n64, sx_c, sx_n, sr_c, sr_n, e, out, mask, dtype, HAS_RES,
+                         (x_ptr, 0, x_ptr, 0, 0, 0), False)
     ds = _residual_stream(dx_ptr, dres_ptr, ds_ptr, c64, n64, sdx_c, sdx_n, sdr_c, sdr_n, e, out, mask, dtype,
-                          HAS_DRES)
+                          HAS_DRES, (z_ptr + c64 * sz_c + n64 * sz_n, sz_r, u_ptr + c64 * su_c, su_m, su_r, rank),
+                          LOW_RANK)
     r = tl.rsqrt(tl.math.div_rn(tl.sum(s * s, axis=0), hidden_f) + eps)
     mean_sds = tl.math.div_rn(tl.sum(s * ds, axis=0), hidden_f)
     normed = (s * r).to(dtype).to(tl.float32)
@@ -190,19 +200,27 @@ def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 def add_rms_norm_jvp(x: torch.Tensor, dx: torch.Tensor, weight: torch.Tensor, dweight: torch.Tensor, eps: float,
                      residual: torch.Tensor | None = None, dresidual: torch.Tensor | None = None,
+                     low_rank: tuple[torch.Tensor, torch.Tensor] | None = None,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(s, ds, y, dy)``: :func:`add_rms_norm` and its tangent along ``(dx, dresidual, dweight)``.
 
     ``ds = dx + dresidual`` (``dx`` itself when ``dresidual`` is None: a residual with a zero
     tangent), ``(y, dy)`` as ``adfast.layer_ops.rms_norm_jvp(s, ds, weight, dweight, eps)`` except
     that ``dy``'s two products are summed in float32 and rounded once (see the module docstring).
-    ``y`` and ``dy`` are the two halves of one ``[2, C, N, E]`` buffer.
-    Raises ValueError for malformed inputs, and for ``dresidual`` without ``residual``.
+    ``y`` and ``dy`` are the two halves of one ``[2, C, N, E]`` buffer. ``low_rank = (z [C, N, R],
+    U [C, E, R])``: the residual's tangent is ``dresidual + z U^T`` (rounded once,
+    :mod:`adfast.kernels.low_rank_term`).
+    Raises ValueError for malformed inputs, and for ``dresidual`` without ``residual`` or
+    ``low_rank`` without ``dresidual``.
     """
     if dresidual is not None and residual is None:
         raise ValueError("dresidual given without residual: pass residual too (or add dresidual to dx)")
+    if low_rank is not None and dresidual is None:
+        raise ValueError("low_rank is a term of dresidual: pass dresidual too")
     _check_inputs(dict(x=x, residual=residual, dx=dx, dresidual=dresidual), dict(weight=weight, dweight=dweight),
                   eps)
+    if low_rank is not None:
+        check_low_rank(low_rank, *dresidual.shape, dresidual, "dresidual")
     num_copies, rows, hidden = x.shape
     # halves of one buffer: see adfast.decoder.primal_tangent_rows
     y, dy = torch.empty((2, num_copies, rows, hidden), device=x.device, dtype=x.dtype)
@@ -213,11 +231,14 @@ def add_rms_norm_jvp(x: torch.Tensor, dx: torch.Tensor, weight: torch.Tensor, dw
     res = x if residual is None else residual
     dres = dx if dresidual is None else dresidual
     block, num_warps = _plan(hidden)
+    z, u, sz_c, sz_n, sz_r, su_c, su_m, su_r, rank = low_rank_args(low_rank, x)
     _add_rms_norm_jvp[(num_copies * rows,)](
-        x, res, dx, dres, weight, dweight, s, ds, y, dy,
+        x, res, dx, dres, weight, dweight, s, ds, y, dy, z, u,
         rows, hidden, float(hidden), float(eps),
         x.stride(0), x.stride(1), res.stride(0), res.stride(1), dx.stride(0), dx.stride(1),
-        dres.stride(0), dres.stride(1), weight.stride(0), dweight.stride(0),
-        HAS_RES=residual is not None, HAS_DRES=dresidual is not None, BLOCK=block, num_warps=num_warps,
+        dres.stride(0), dres.stride(1), weight.stride(0), dweight.stride(0), sz_c, sz_n, sz_r, su_c, su_m, su_r,
+        rank,
+        HAS_RES=residual is not None, HAS_DRES=dresidual is not None, LOW_RANK=low_rank is not None, BLOCK=block,
+        num_warps=num_warps,
     )
     return s, ds, y, dy

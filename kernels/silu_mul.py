@@ -16,14 +16,16 @@ Math per element, in float32 from the inputs' values, each output rounded once t
     a   = silu * up
     da  = silu' * dgate * up + silu * dup
 
-with ``e = exp(-gate)``, ``sig = 1 / (1 + e)`` (``e = inf`` for ``gate < -88.7``: ``sig = 0``,
-``silu = -0``, ``silu' = -0``) and ``1 - sig`` taken as ``e sig`` for ``gate >= 0``: the same
-value without the cancellation of ``1 - sig`` as ``sig -> 1``, which in float32 would cost
-``silu'`` about ``gate`` float32 ulps (8 at ``gate = 16``; below 2 this way). On the GPU ``exp``
-is libdevice's ``expf`` (CUDA's, 2 ulp: Triton's ``tl.exp`` is ``ex2.approx(x log2 e)``, whose
-rounded argument costs about ``|x| / 2`` ulps) and the division is IEEE (``tl.math.div_rn``;
-Triton's ``/`` is the 2-ulp ``div.full.f32``); the interpreter, which cannot run libdevice,
-uses ``tl.exp`` (numpy's ``exp``): the ``LIBDEVICE_EXP`` constexpr follows the launch plan.
+With a factored weight tangent's term ``(z, U)`` (:mod:`adfast.kernels.low_rank_term`), ``dgate_up``
+is first ``round(dgate_up + z U^T)``. Here ``e = exp(-gate)``, ``sig = 1 / (1 + e)`` (``e = inf``
+for ``gate < -88.7``: ``sig = 0``, ``silu = -0``, ``silu' = -0``) and ``1 - sig`` taken as ``e sig``
+for ``gate >= 0``: the same value without the cancellation of ``1 - sig`` as ``sig -> 1``, which in
+float32 would cost ``silu'`` about ``gate`` float32 ulps (8 at ``gate = 16``; below 2 this way). On
+the GPU ``exp`` is libdevice's ``expf`` (CUDA's, 2 ulp: Triton's ``tl.exp`` is ``ex2.approx(x log2
+e)``, whose rounded argument costs about ``|x| / 2`` ulps) and the division is IEEE
+(``tl.math.div_rn``; Triton's ``/`` is the 2-ulp ``div.full.f32``); the interpreter, which cannot
+run libdevice, uses ``tl.exp`` (numpy's ``exp``): the ``LIBDEVICE_EXP`` constexpr follows the launch
+plan.
 
 torch's ``F.silu(gate) * up`` (:func:`adfast.layer_ops.silu_mul`) rounds ``silu(gate)`` to the
 dtype before the product, and its tangent (:func:`adfast.layer_ops.silu_mul_jvp`) rounds
@@ -31,20 +33,20 @@ dtype before the product, and its tangent (:func:`adfast.layer_ops.silu_mul_jvp`
 kernel rounds only the outputs, so bf16/fp16 results can differ from torch's by an ulp or so
 (the kernel's are the more accurate); float32 results agree to a few float32 ulps.
 
-Grid ``(C * N, ceil(I / BLOCK))``: program ``(row, j)`` handles columns ``[j BLOCK, (j + 1)
-BLOCK)`` of one row (masked past ``I``), reading gate, up (and dgate, dup) once and writing a
-(and da) once: ``3 I itemsize`` bytes a row for the primal, ``6 I itemsize`` for the JVP. On a
-GPU ``BLOCK`` is the largest of 1024, 512, 256 that still gives at least two programs per SM
-(else 256), so batch-1 decode (``C * N`` = 1 or 2 rows, a few hundred KiB) spreads over the
-whole GPU instead of a few dozen programs; ``BLOCK / 128`` warps (4 elements a thread: one
-16-byte load in fp32, 8 bytes in bf16/fp16). Compiled for sm_90 with triton 3.9
-(:mod:`adfast.compile_check`, I = 1536, 11008, 18944): 28-30 registers a thread for the
-primal, 39-40 for the JVP, no spills. The plan depends on shapes and the SM count only: the
-launch is sync-free and CUDA-graph safe. Under the Triton interpreter (CPU tensors;
-:func:`adfast.kernels.split.multiprocessor_count` is None) ``BLOCK`` is 64, so that small test
-shapes cross several column blocks and a masked tail. The triton 3.9 interpreter converts fp32
-to bf16 by truncation rather than round-to-nearest-even (the GPU rounds to nearest; fp16 is
-rounded to nearest in both), so interpreted bf16 results can be one ulp off the GPU's.
+Grid ``(C * N, ceil(I / BLOCK))``: program ``(row, j)`` handles columns ``[j BLOCK, (j + 1) BLOCK)``
+of one row (masked past ``I``), reading gate, up (and dgate, dup) once and writing a (and da) once:
+``3 I itemsize`` bytes a row for the primal, ``6 I itemsize`` for the JVP. On a GPU ``BLOCK`` is the
+largest of 1024, 512, 256 that still gives at least two programs per SM (else 256), so batch-1
+decode (``C * N`` = 1 or 2 rows, a few hundred KiB) spreads over the whole GPU instead of a few
+dozen programs; ``BLOCK / 128`` warps (4 elements a thread: one 16-byte load in fp32, 8 bytes in
+bf16/fp16). Compiled for sm_90 with triton 3.9 (:mod:`adfast.compile_check`, I = 1536, 11008,
+18944): 28-30 registers a thread for the primal, 39-40 for the JVP (48-60 with a low-rank term), no
+spills. The plan depends on shapes and the SM count only: the launch is sync-free and CUDA-graph
+safe. Under the Triton interpreter (CPU tensors; :func:`adfast.kernels.split.multiprocessor_count`
+is None) ``BLOCK`` is 64, so that small test shapes cross several column blocks and a masked tail.
+The triton 3.9 interpreter converts fp32 to bf16 by truncation rather than round-to-nearest-even
+(the GPU rounds to nearest; fp16 is rounded to nearest in both), so interpreted bf16 results can be
+one ulp off the GPU's.
 """
 import torch
 import triton
@@ -52,16 +54,17 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from . import split as launch_plan
+from .low_rank_term import add_low_rank, check_low_rank, low_rank_args
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
 def _silu_mul(
-    gu_ptr, dgu_ptr, a_ptr, da_ptr,
+    gu_ptr, dgu_ptr, a_ptr, da_ptr, z_ptr, u_ptr,
     rows_per_copy, inter,
-    sg_c, sg_n, sdg_c, sdg_n,
-    TANGENT: tl.constexpr, BLOCK: tl.constexpr, LIBDEVICE_EXP: tl.constexpr,
+    sg_c, sg_n, sdg_c, sdg_n, sz_c, sz_n, sz_r, su_c, su_m, su_r, rank,
+    TANGENT: tl.constexpr, LOW_RANK: tl.constexpr, BLOCK: tl.constexpr, LIBDEVICE_EXP: tl.constexpr,
 ):
     row = tl.program_id(0)
     col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -84,6 +87,11 @@ def _silu_mul(
         dgate_ptr = dgu_ptr + c * sdg_c + n * sdg_n + col
         dgate = tl.load(dgate_ptr, mask=mask, other=0.0).to(tl.float32)
         dup = tl.load(dgate_ptr + inter, mask=mask, other=0.0).to(tl.float32)
+        if LOW_RANK:  # dgate_up + z U^T, rounded as an in-place addmm_ would (kernels/low_rank_term.py)
+            z_row = z_ptr + c * sz_c + n * sz_n
+            u_c = u_ptr + c * su_c
+            dgate = add_low_rank(dgate, z_row, sz_r, u_c, su_m, su_r, col, mask, rank).to(dtype).to(tl.float32)
+            dup = add_low_rank(dup, z_row, sz_r, u_c, su_m, su_r, col + inter, mask, rank).to(dtype).to(tl.float32)
         # 1 - sig, without its cancellation as sig -> 1 (min: no inf * 0 in the unused branch)
         one_minus_sig = tl.where(gate >= 0.0, tl.minimum(e, 1.0) * sig, 1.0 - sig)
         dsilu = sig * (1.0 + gate * one_minus_sig)
@@ -128,7 +136,7 @@ def _check_inputs(gate_up, dgate_up=None) -> None:
             raise ValueError(f"{name} must have a unit stride in its last dimension, got strides {t.stride()}")
 
 
-def _launch(gate_up, dgate_up, block):
+def _launch(gate_up, dgate_up, block, low_rank=None):
     num_copies, rows, two_inter = gate_up.shape
     inter = two_inter // 2
     if dgate_up is None:
@@ -139,11 +147,13 @@ def _launch(gate_up, dgate_up, block):
         return a, da
     block, num_warps = _plan(num_copies * rows, inter, gate_up.device, block)
     dgu = gate_up if dgate_up is None else dgate_up
+    z, u, sz_c, sz_n, sz_r, su_c, su_m, su_r, rank = low_rank_args(low_rank, gate_up)
     _silu_mul[(num_copies * rows, triton.cdiv(inter, block))](
-        gate_up, dgu, a, a if da is None else da,
+        gate_up, dgu, a, a if da is None else da, z, u,
         rows, inter,
-        gate_up.stride(0), gate_up.stride(1), dgu.stride(0), dgu.stride(1),
-        TANGENT=dgate_up is not None, BLOCK=block,
+        gate_up.stride(0), gate_up.stride(1), dgu.stride(0), dgu.stride(1), sz_c, sz_n, sz_r, su_c, su_m, su_r,
+        rank,
+        TANGENT=dgate_up is not None, LOW_RANK=low_rank is not None, BLOCK=block,
         LIBDEVICE_EXP=launch_plan.multiprocessor_count(gate_up.device) is not None, num_warps=num_warps,
     )
     return a, da
@@ -157,11 +167,15 @@ def silu_mul(gate_up: torch.Tensor, block: int | None = None) -> torch.Tensor:
     return _launch(gate_up, None, block)[0]
 
 
-def silu_mul_jvp(gate_up: torch.Tensor, dgate_up: torch.Tensor,
-                 block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def silu_mul_jvp(gate_up: torch.Tensor, dgate_up: torch.Tensor, block: int | None = None,
+                 low_rank: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(a, da)``: :func:`silu_mul` and its tangent along ``dgate_up`` (same shape and dtype),
     ``da = silu'(gate) dgate up + silu(gate) dup``, ``silu'(g) = s (1 + g (1 - s))``,
     ``s = sigmoid(g)``, in float32, each rounded once. ``a`` and ``da`` are the two halves of one
-    ``[2, C, N, I]`` buffer. Raises ValueError for malformed inputs."""
+    ``[2, C, N, I]`` buffer. ``low_rank = (z [C, N, R], U [C, 2 I, R])``: the tangent is
+    ``dgate_up + z U^T`` (rounded once, :mod:`adfast.kernels.low_rank_term`). Raises ValueError for
+    malformed inputs."""
     _check_inputs(gate_up, dgate_up)
-    return _launch(gate_up, dgate_up, block)
+    if low_rank is not None:
+        check_low_rank(low_rank, *dgate_up.shape, dgate_up, "dgate_up")
+    return _launch(gate_up, dgate_up, block, low_rank)

@@ -3,9 +3,11 @@ import pytest
 import torch
 from conftest import VOCAB, tiny_llama, tiny_qwen2
 
-from adfast.decoder import Decoder, DecoderConfig, FactoredTangent, log_softmax_tangent, primal_tangent_rows
+from adfast.decoder import (Decoder, DecoderConfig, FactoredTangent, linear_jvp, log_softmax_tangent,
+                            primal_tangent_rows)
 from adfast.exact_delta import exact_delta, relative_error
 from adfast.gradient import proxy_gradient
+from adfast.layer_ops import LOW_RANK_MAX_RANK
 from adfast.low_rank import low_rank_gradient
 
 # torch's forward AD (exact_delta) loads its JVP decompositions with torch.jit.script, deprecated in torch 2.13
@@ -262,3 +264,29 @@ def test_primal_tangent_rows(layout):
     assert torch.equal(rows, torch.cat((x, dx), dim=1))
     is_view = rows.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
     assert is_view == (layout in ("pair buffer", "row slices"))
+
+
+@pytest.mark.parametrize("block_diagonal", [True, False])
+def test_linear_jvp_defers_a_single_product(setup, block_diagonal):
+    """With ``defer``, a factored tangent that is one product ``z U^T`` (block-diagonal ``U``, or one
+    block) comes back as a term instead of being added: ``dy + z U^T`` equals the tangent added in
+    place; several separate blocks, dense tangents and ranks above LOW_RANK_MAX_RANK are added."""
+    model, gradient = setup
+    kwargs = {} if block_diagonal else dict(max_padding_bytes=0)
+    decoder = tangent_decoder(model, low_rank_gradient(gradient, 4), torch.float64, **kwargs)
+    layer, tangents = decoder.layers[0], decoder.tangent_weights
+    x, dx = torch.randn(2, 1, 3, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    deferred = {}
+    for name, weight in [("wqkv", layer.wqkv), ("wo", layer.wo), ("w_gate_up", layer.w_gate_up)]:
+        y, dy, term = linear_jvp(x, dx, weight, tangents[f"layers.0.{name}"], defer=True)
+        y_ref, dy_ref = linear_jvp(x, dx, weight, tangents[f"layers.0.{name}"])
+        deferred[name] = term is not None
+        assert torch.equal(y, y_ref)
+        torch.testing.assert_close(dy if term is None else term.added_to(dy), dy_ref, rtol=1e-12, atol=1e-12)
+    assert deferred == dict(wqkv=block_diagonal, wo=True, w_gate_up=block_diagonal)
+    assert tangents["layers.0.wo"].whole_u.stride()[1:] == (1, 32)  # U^T contiguous: the kernels read along m
+    dense = tangent_decoder(model, gradient, torch.float64)  # a dense G: nothing to defer
+    assert linear_jvp(x, dx, layer.wo, dense.tangent_weights["layers.0.wo"], defer=True)[2] is None
+    rank = LOW_RANK_MAX_RANK + 1
+    wide = FactoredTangent.from_blocks([(torch.randn(32, rank), torch.randn(32, rank))], 1, torch.float64, "cpu")
+    assert linear_jvp(x, dx, layer.wo, wide, defer=True)[2] is None

@@ -11,7 +11,9 @@ import torch
 from conftest import VOCAB, tiny_llama, tiny_qwen2
 
 from adfast.decoder import Decoder
+from adfast.gradient import ProxyGradient, model_identity
 from adfast.layer_ops import TORCH, layer_ops
+from adfast.low_rank import low_rank_gradient
 
 PROMPTS = [[5, 7, 9, 11, 2], [3], [13, 14, 15]]
 SLOTS = torch.tensor([2, 0, 1])
@@ -67,6 +69,27 @@ def test_fused_tangent_decoder_equals_pytorch_decoder(family):
     assert_same_runs(run(decoder, True, True), run(decoder, False, True), TOLERANCE[torch.float32])
 
 
+def low_rank_tangent_decoder(model, device="cpu") -> Decoder:
+    """A one-copy float32 decoder along the rank-4 factors of a random gradient: every fused weight's
+    ``x G^T`` is one product ``z U^T`` that the next layer op adds (block-diagonal ``U`` for wqkv and
+    w_gate_up)."""
+    g = torch.Generator().manual_seed(6)
+    grads = {name: torch.randn(p.shape, generator=g) for name, p in model.named_parameters()}
+    gradient = ProxyGradient(grads=grads, loss=0.0, num_examples=0, num_tokens=0, model_id=model_identity(model))
+    decoder = Decoder.from_hf([model], dtype=torch.float32, device=device)
+    decoder.set_tangent(low_rank_gradient(gradient, 4))
+    assert decoder.tangent_weights["layers.0.wqkv"].block_diagonal is not None
+    return decoder
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_fused_low_rank_tangent_decoder_equals_pytorch_decoder(family):
+    """The kernels add the low-rank terms of wqkv, wo, w_gate_up and w_down as they load the tangent
+    (adfast.kernels.low_rank_term); the PyTorch path adds them with a matmul: same outputs."""
+    decoder = low_rank_tangent_decoder((tiny_qwen2 if family == "qwen2" else tiny_llama)())
+    assert_same_runs(run(decoder, True, True), run(decoder, False, True), TOLERANCE[torch.float32])
+
+
 def test_layer_ops_choice():
     cpu = torch.zeros(2)
     assert layer_ops(cpu) is TORCH and layer_ops(cpu, fused=False) is TORCH
@@ -89,4 +112,6 @@ def test_cuda_fused_decoder_equals_pytorch_decoder(dtype):
         decoder = Decoder.from_hf([model], dtype=torch.float32, device="cuda")
         g = torch.Generator().manual_seed(5)
         decoder.set_tangent({name: torch.randn(p.shape, generator=g) for name, p in model.named_parameters()})
+        assert_same_runs(run(decoder, True, True), run(decoder, False, True), TOLERANCE[torch.float32])
+        decoder = low_rank_tangent_decoder(model, "cuda")  # the kernels add the factored tangents' terms
         assert_same_runs(run(decoder, True, True), run(decoder, False, True), TOLERANCE[torch.float32])
