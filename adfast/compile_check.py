@@ -203,8 +203,9 @@ def _layer_cases():
                 cache = torch.empty(copies, batch, 4097, kv_heads, head_dim, dtype=dtype)
                 slots, pos = torch.arange(batch), torch.zeros(batch, seq, dtype=torch.int64)
 
-                def low_rank(width, rows=batch * seq, copies=copies, dtype=dtype, rank=24):  # qkv's r8 blocks merged
-                    """z [C, N, R] and U [C, m, R] laid out as the decoder keeps it: U^T contiguous."""
+                def low_rank(width, rows=batch * seq, copies=copies, dtype=dtype, rank=31):
+                    """z [C, N, R] and U [C, m, R] laid out as the decoder keeps it (U^T contiguous); R = 31:
+                    the rank loop's unrolled chunks of 8 and its longest fully unrolled tail (7)."""
                     return (torch.empty(copies, rows, rank, dtype=dtype),
                             torch.empty(rank, width, dtype=dtype).T[None].expand(copies, width, rank))
 

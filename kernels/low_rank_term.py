@@ -26,19 +26,32 @@ import triton
 import triton.language as tl
 
 MAX_RANK = 64
+UNROLL = tl.constexpr(8)
 
 
 @triton.jit
-def add_low_rank(d, z_row, sz_r, u_ptr, su_m, su_r, cols, mask, rank):
+def add_low_rank(d, z_row, sz_r, u_ptr, su_m, su_r, cols, mask, RANK: tl.constexpr):
     """``d + sum_j z_row[j] U[cols, j]`` in float32: ``d`` a float32 tile over output columns ``cols``
     (any shape, ``mask``-ed), ``z_row`` this row's ``z`` (stride ``sz_r``), ``u_ptr`` this copy's
-    ``U`` (strides ``su_m``, ``su_r``)."""
+    ``U`` (strides ``su_m``, ``su_r``). The ``j`` loop is unrolled by ``UNROLL`` (the last
+    ``RANK % UNROLL`` steps fully): that many independent loads in flight at once rather than one
+    memory latency per ``j`` (at batch 1 one program reads a whole ``U``), with registers bounded
+    for any ``RANK``."""
     term = tl.zeros_like(d)
     rows = u_ptr + cols.to(tl.int64) * su_m
-    for j in range(rank):
-        z = tl.load(z_row + j * sz_r).to(tl.float32)
-        term += z * tl.load(rows + j * su_r, mask=mask, other=0.0).to(tl.float32)
+    for j0 in range(0, RANK // UNROLL * UNROLL, UNROLL):
+        for step in tl.static_range(UNROLL):
+            term += _rank_one(z_row, sz_r, rows, su_r, j0 + step, mask)
+    for j in tl.static_range(RANK // UNROLL * UNROLL, RANK):
+        term += _rank_one(z_row, sz_r, rows, su_r, j, mask)
     return d + term
+
+
+@triton.jit
+def _rank_one(z_row, sz_r, rows, su_r, j, mask):
+    """``z[j] U[cols, j]`` in float32 (``rows``: the pointers of ``U[cols, 0]``)."""
+    z = tl.load(z_row + j * sz_r).to(tl.float32)
+    return z * tl.load(rows + j * su_r, mask=mask, other=0.0).to(tl.float32)
 
 
 def check_low_rank(low_rank, copies: int, rows: int, width: int, like: torch.Tensor, name: str) -> None:
@@ -59,8 +72,8 @@ def check_low_rank(low_rank, copies: int, rows: int, width: int, like: torch.Ten
 
 
 def low_rank_args(low_rank, fallback: torch.Tensor) -> tuple:
-    """Kernel arguments ``(z, U, sz_c, sz_n, sz_r, su_c, su_m, su_r, R)``; without a term,
-    ``fallback`` stands in for both pointers (never read: the kernel's ``LOW_RANK`` is False) and
+    """Kernel arguments ``(z, U, sz_c, sz_n, sz_r, su_c, su_m, su_r, R)`` (``R``: the kernels'
+    ``RANK`` constexpr); without a term, ``fallback`` stands in for both pointers (never read) and
     ``R = 0``."""
     if low_rank is None:
         return fallback, fallback, 0, 0, 0, 0, 0, 0, 0

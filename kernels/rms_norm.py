@@ -43,7 +43,7 @@ bounded by the warps: ``num_warps = BLOCK / 256`` (1 to 16), so each thread hold
 row tensor (16 at ``E = 8192``; x and residual are folded into s on load, dx and dresidual into ds;
 the JVP keeps s, ds, weight, dweight live). Compiled for sm_90 with triton 3.9
 (:mod:`adfast.compile_check`) at ``E`` = 576, 2048, 3584: 27-34 registers a thread for the primal,
-40-53 for the JVP (48-64 with a low-rank term), no spills; at ``E = 8192`` (16 warps, hence
+40-53 for the JVP (62-80 with a low-rank term), no spills; at ``E = 8192`` (16 warps, hence
 ``MAX_HIDDEN``) up to 60 and 100 (float32), no spills; larger rows would need a looped variant.
 Bytes per row: ``E itemsize`` times 2 (x, y) or 4 (x, residual, s, y) for the primal, 4 or 8 for the
 JVP, plus the weights (``C E``, from L2 after the first rows).
@@ -66,16 +66,16 @@ MAX_HIDDEN = 8192
 
 @triton.jit
 def _residual_stream(x_ptr, res_ptr, s_ptr, c64, n64, sx_c, sx_n, sr_c, sr_n, e, out, mask, dtype,
-                     HAS_RES: tl.constexpr, low_rank, LOW_RANK: tl.constexpr):
+                     HAS_RES: tl.constexpr, low_rank, RANK: tl.constexpr):
     """One row of ``s = round(x + residual)`` (stored at ``s_ptr + out``) or of ``x``, in float32;
-    with ``LOW_RANK`` the residual is first ``round(residual + z U^T)`` (``low_rank = (z_row, sz_r,
-    u_c, su_m, su_r, R)``: the row's ``z`` and the copy's ``U``, :mod:`adfast.kernels.low_rank_term`)."""
+    with ``RANK > 0`` the residual is first ``round(residual + z U^T)`` (``low_rank = (z_row, sz_r,
+    u_c, su_m, su_r)``: the row's ``z`` and the copy's ``U``, :mod:`adfast.kernels.low_rank_term`)."""
     s = tl.load(x_ptr + c64 * sx_c + n64 * sx_n + e, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         res = tl.load(res_ptr + c64 * sr_c + n64 * sr_n + e, mask=mask, other=0.0)
-        if LOW_RANK:
-            z_row, sz_r, u_c, su_m, su_r, rank = low_rank
-            res = add_low_rank(res.to(tl.float32), z_row, sz_r, u_c, su_m, su_r, e, mask, rank).to(dtype)
+        if RANK > 0:
+            z_row, sz_r, u_c, su_m, su_r = low_rank
+            res = add_low_rank(res.to(tl.float32), z_row, sz_r, u_c, su_m, su_r, e, mask, RANK).to(dtype)
         s_low = (s + res.to(tl.float32)).to(dtype)
         tl.store(s_ptr + out, s_low, mask=mask)
         s = s_low.to(tl.float32)
@@ -97,7 +97,7 @@ def _add_rms_norm(
     dtype = y_ptr.dtype.element_ty
     out = pid.to(tl.int64) * hidden + e  # outputs are contiguous [C, N, E]
     s = _residual_stream(x_ptr, res_ptr, s_ptr, c.to(tl.int64), n.to(tl.int64), sx_c, sx_n, sr_c, sr_n, e, out,
-                         mask, dtype, HAS_RES, (x_ptr, 0, x_ptr, 0, 0, 0), False)
+                         mask, dtype, HAS_RES, (x_ptr, 0, x_ptr, 0, 0), 0)
     w = tl.load(w_ptr + c.to(tl.int64) * sw_c + e, mask=mask, other=0.0).to(tl.float32)
     r = tl.rsqrt(tl.math.div_rn(tl.sum(s * s, axis=0), hidden_f) + eps)  # IEEE division, as torch's mean
     normed = (s * r).to(dtype).to(tl.float32)
@@ -108,8 +108,8 @@ def _add_rms_norm(
 def _add_rms_norm_jvp(
     x_ptr, res_ptr, dx_ptr, dres_ptr, w_ptr, dw_ptr, s_ptr, ds_ptr, y_ptr, dy_ptr, z_ptr, u_ptr,
     rows, hidden, hidden_f, eps,
-    sx_c, sx_n, sr_c, sr_n, sdx_c, sdx_n, sdr_c, sdr_n, sw_c, sdw_c, sz_c, sz_n, sz_r, su_c, su_m, su_r, rank,
-    HAS_RES: tl.constexpr, HAS_DRES: tl.constexpr, LOW_RANK: tl.constexpr, BLOCK: tl.constexpr,
+    sx_c, sx_n, sr_c, sr_n, sdx_c, sdx_n, sdr_c, sdr_n, sw_c, sdw_c, sz_c, sz_n, sz_r, su_c, su_m, su_r,
+    HAS_RES: tl.constexpr, HAS_DRES: tl.constexpr, RANK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     c = pid // rows
@@ -120,10 +120,9 @@ def _add_rms_norm_jvp(
     dtype = y_ptr.dtype.element_ty
     out = pid.to(tl.int64) * hidden + e  # outputs are contiguous [C, N, E]
     s = _residual_stream(x_ptr, res_ptr, s_ptr, c64, n64, sx_c, sx_n, sr_c, sr_n, e, out, mask, dtype, HAS_RES,
-                         (x_ptr, 0, x_ptr, 0, 0, 0), False)
+                         (x_ptr, 0, x_ptr, 0, 0), 0)
     ds = _residual_stream(dx_ptr, dres_ptr, ds_ptr, c64, n64, sdx_c, sdx_n, sdr_c, sdr_n, e, out, mask, dtype,
-                          HAS_DRES, (z_ptr + c64 * sz_c + n64 * sz_n, sz_r, u_ptr + c64 * su_c, su_m, su_r, rank),
-                          LOW_RANK)
+                          HAS_DRES, (z_ptr + c64 * sz_c + n64 * sz_n, sz_r, u_ptr + c64 * su_c, su_m, su_r), RANK)
     r = tl.rsqrt(tl.math.div_rn(tl.sum(s * s, axis=0), hidden_f) + eps)
     mean_sds = tl.math.div_rn(tl.sum(s * ds, axis=0), hidden_f)
     normed = (s * r).to(dtype).to(tl.float32)
@@ -237,8 +236,7 @@ def add_rms_norm_jvp(x: torch.Tensor, dx: torch.Tensor, weight: torch.Tensor, dw
         rows, hidden, float(hidden), float(eps),
         x.stride(0), x.stride(1), res.stride(0), res.stride(1), dx.stride(0), dx.stride(1),
         dres.stride(0), dres.stride(1), weight.stride(0), dweight.stride(0), sz_c, sz_n, sz_r, su_c, su_m, su_r,
-        rank,
-        HAS_RES=residual is not None, HAS_DRES=dresidual is not None, LOW_RANK=low_rank is not None, BLOCK=block,
+        HAS_RES=residual is not None, HAS_DRES=dresidual is not None, RANK=rank, BLOCK=block,
         num_warps=num_warps,
     )
     return s, ds, y, dy

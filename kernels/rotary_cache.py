@@ -45,20 +45,20 @@ from .low_rank_term import add_low_rank, check_low_rank, low_rank_args
 
 @triton.jit
 def _load_halves(src, bias, low_rank, h, k, hmask, kmask, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, LOW_RANK: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, RANK: tl.constexpr):
     """The two halves of heads ``h`` (a ``[H_PAD]`` column of head indices) of the row at ``src``,
-    plus the same entries of ``z U^T`` (``low_rank = (z_row, sz_r, U, su_m, su_r, R)``, ``U`` at the
-    part's first column) and then of ``bias`` (each sum rounded to the row's dtype); ``k`` the
+    plus the same entries of ``z U^T`` when ``RANK > 0`` (``low_rank = (z_row, sz_r, U, su_m, su_r)``,
+    ``U`` at the part's first column) and then of ``bias`` (each sum rounded to the row's dtype); ``k`` the
     ``[HALF_PAD]`` offsets within a half. In the row's dtype."""
     offsets = h[:, None] * HEAD_DIM + k[None, :]
     mask = hmask[:, None] & kmask[None, :]
     x1 = tl.load(src + offsets, mask=mask, other=0.0)
     x2 = tl.load(src + offsets + HALF, mask=mask, other=0.0)
     elem = src.dtype.element_ty
-    if LOW_RANK:
-        z_row, sz_r, u, su_m, su_r, rank = low_rank
-        x1 = add_low_rank(x1.to(tl.float32), z_row, sz_r, u, su_m, su_r, offsets, mask, rank).to(elem)
-        x2 = add_low_rank(x2.to(tl.float32), z_row, sz_r, u, su_m, su_r, offsets + HALF, mask, rank).to(elem)
+    if RANK > 0:
+        z_row, sz_r, u, su_m, su_r = low_rank
+        x1 = add_low_rank(x1.to(tl.float32), z_row, sz_r, u, su_m, su_r, offsets, mask, RANK).to(elem)
+        x2 = add_low_rank(x2.to(tl.float32), z_row, sz_r, u, su_m, su_r, offsets + HALF, mask, RANK).to(elem)
     if HAS_BIAS:
         x1 = (x1.to(tl.float32) + tl.load(bias + offsets, mask=mask, other=0.0).to(tl.float32)).to(elem)
         x2 = (x2.to(tl.float32) + tl.load(bias + offsets + HALF, mask=mask, other=0.0).to(tl.float32)).to(elem)
@@ -67,10 +67,10 @@ def _load_halves(src, bias, low_rank, h, k, hmask, kmask, HEAD_DIM: tl.constexpr
 
 @triton.jit
 def _rotate_heads(src, bias, low_rank, cos1, sin1, cos2, sin2, h, k, hmask, kmask, HEAD_DIM: tl.constexpr,
-                  HALF: tl.constexpr, HAS_BIAS: tl.constexpr, LOW_RANK: tl.constexpr):
+                  HALF: tl.constexpr, HAS_BIAS: tl.constexpr, RANK: tl.constexpr):
     """Rotated halves ``(x1 c1 - x2 s1, x2 c2 + x1 s2)`` in float32 of heads ``h`` of the row at
     ``src`` (plus ``z U^T`` and ``bias``: :func:`_load_halves`)."""
-    x1, x2 = _load_halves(src, bias, low_rank, h, k, hmask, kmask, HEAD_DIM, HALF, HAS_BIAS, LOW_RANK)
+    x1, x2 = _load_halves(src, bias, low_rank, h, k, hmask, kmask, HEAD_DIM, HALF, HAS_BIAS, RANK)
     x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
     return x1 * cos1[None, :] - x2 * sin1[None, :], x2 * cos2[None, :] + x1 * sin2[None, :]
 
@@ -86,24 +86,24 @@ def _store_halves(dst, out1, out2, h, k, hmask, kmask, head_stride, HALF: tl.con
 @triton.jit
 def _rope_token(src, bias, low_rank, q_dst, k_dst, v_dst, tables, h, j, k, hmask, jmask, kmask, s_cache_j,
                 HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
-                HAS_BIAS: tl.constexpr, LOW_RANK: tl.constexpr):
+                HAS_BIAS: tl.constexpr, RANK: tl.constexpr):
     """One token's row of a fused projection at ``src`` (plus ``z U^T``, ``low_rank = (z_row, sz_r,
     U, su_m, su_r, R)``, and ``bias``): rotated q heads to ``q_dst`` (contiguous heads), rotated k heads and
     the v heads to one cache position at ``k_dst`` / ``v_dst``."""
     cos1, sin1, cos2, sin2 = tables
-    z_row, sz_r, u, su_m, su_r, rank = low_rank
+    z_row, sz_r, u, su_m, su_r = low_rank
     q1, q2 = _rotate_heads(src, bias, low_rank, cos1, sin1, cos2, sin2, h, k, hmask, kmask, HEAD_DIM, HALF,
-                           HAS_BIAS, LOW_RANK)
+                           HAS_BIAS, RANK)
     _store_halves(q_dst, q1, q2, h, k, hmask, kmask, HEAD_DIM, HALF)
     k_off = HEADS * HEAD_DIM
-    k_low_rank = (z_row, sz_r, u + k_off * su_m, su_m, su_r, rank)
+    k_low_rank = (z_row, sz_r, u + k_off * su_m, su_m, su_r)
     k1, k2 = _rotate_heads(src + k_off, bias + k_off, k_low_rank, cos1, sin1, cos2, sin2, j, k, jmask, kmask,
-                           HEAD_DIM, HALF, HAS_BIAS, LOW_RANK)
+                           HEAD_DIM, HALF, HAS_BIAS, RANK)
     _store_halves(k_dst, k1, k2, j, k, jmask, kmask, s_cache_j, HALF)
     v_off = (HEADS + KV_HEADS) * HEAD_DIM
-    v_low_rank = (z_row, sz_r, u + v_off * su_m, su_m, su_r, rank)
+    v_low_rank = (z_row, sz_r, u + v_off * su_m, su_m, su_r)
     v1, v2 = _load_halves(src + v_off, bias + v_off, v_low_rank, j, k, jmask, kmask, HEAD_DIM, HALF, HAS_BIAS,
-                          LOW_RANK)
+                          RANK)
     _store_halves(v_dst, v1, v2, j, k, jmask, kmask, s_cache_j, HALF)
 
 
@@ -112,10 +112,10 @@ def _rope_and_cache_write(
     qkv_ptr, dqkv_ptr, bias_ptr, dbias_ptr, cos_ptr, sin_ptr, q_ptr, dq_ptr, k_ptr, v_ptr, dk_ptr, dv_ptr,
     slots_ptr, pos_ptr, z_ptr, u_ptr,
     tokens, seq, s_qkv_c, s_qkv_n, s_dqkv_c, s_dqkv_n, s_bias_c, s_dbias_c, s_cos_b, s_cos_t,
-    s_cache_c, s_cache_s, s_cache_n, s_cache_j, sz_c, sz_n, sz_r, su_c, su_m, su_r, rank,
+    s_cache_c, s_cache_s, s_cache_n, s_cache_j, sz_c, sz_n, sz_r, su_c, su_m, su_r,
     HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
     H_PAD: tl.constexpr, KV_PAD: tl.constexpr, HALF_PAD: tl.constexpr, TANGENT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr, LOW_RANK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr, RANK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     c = pid // tokens
@@ -143,16 +143,16 @@ def _rope_and_cache_write(
     src = qkv_ptr + c.to(tl.int64) * s_qkv_c + n.to(tl.int64) * s_qkv_n
 
     tables = (cos1, sin1, cos2, sin2)
-    _rope_token(src, bias_ptr + c.to(tl.int64) * s_bias_c, (z_ptr, 0, u_ptr, 0, 0, 0), q_ptr + q_off,
+    _rope_token(src, bias_ptr + c.to(tl.int64) * s_bias_c, (z_ptr, 0, u_ptr, 0, 0), q_ptr + q_off,
                 k_ptr + cache_off, v_ptr + cache_off, tables, h, j, k, hmask, jmask, kmask, s_cache_j, HEADS,
-                KV_HEADS, HEAD_DIM, HALF, HAS_BIAS, False)
-    if TANGENT:  # with LOW_RANK, dqkv + z U^T (kernels/low_rank_term.py), then + dbias
+                KV_HEADS, HEAD_DIM, HALF, HAS_BIAS, 0)
+    if TANGENT:  # with RANK > 0, dqkv + z U^T (kernels/low_rank_term.py), then + dbias
         src = dqkv_ptr + c.to(tl.int64) * s_dqkv_c + n.to(tl.int64) * s_dqkv_n
         low_rank = (z_ptr + c.to(tl.int64) * sz_c + n.to(tl.int64) * sz_n, sz_r, u_ptr + c.to(tl.int64) * su_c, su_m,
-                    su_r, rank)
+                    su_r)
         _rope_token(src, dbias_ptr + c.to(tl.int64) * s_dbias_c, low_rank, dq_ptr + q_off, dk_ptr + cache_off,
                     dv_ptr + cache_off, tables, h, j, k, hmask, jmask, kmask, s_cache_j, HEADS, KV_HEADS, HEAD_DIM,
-                    HALF, HAS_DBIAS, LOW_RANK)
+                    HALF, HAS_DBIAS, RANK)
 
 
 def _check(qkv, cos, sin, caches, slots, write_pos, heads: int, kv_heads: int, dqkv=None, biases=()) -> int:
@@ -221,10 +221,10 @@ def _launch(qkv, dqkv, cos, sin, k_cache, v_cache, dk_cache, dv_cache, slots, wr
         tokens, seq, qkv.stride(0), qkv.stride(1), (dqkv if tangent else qkv).stride(0),
         (dqkv if tangent else qkv).stride(1), bias_arg.stride(0), dbias_arg.stride(0), cos.stride(0), cos.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3), sz_c, sz_n, sz_r, su_c, su_m,
-        su_r, rank,
+        su_r,
         HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, HALF=half, H_PAD=pad(heads), KV_PAD=pad(kv_heads),
         HALF_PAD=pad(half), TANGENT=tangent, HAS_BIAS=bias is not None, HAS_DBIAS=tangent and dbias is not None,
-        LOW_RANK=low_rank is not None, num_warps=4,
+        RANK=rank, num_warps=4,
     )
     return (q, dq) if tangent else q
 

@@ -40,9 +40,9 @@ largest of 1024, 512, 256 that still gives at least two programs per SM (else 25
 decode (``C * N`` = 1 or 2 rows, a few hundred KiB) spreads over the whole GPU instead of a few
 dozen programs; ``BLOCK / 128`` warps (4 elements a thread: one 16-byte load in fp32, 8 bytes in
 bf16/fp16). Compiled for sm_90 with triton 3.9 (:mod:`adfast.compile_check`, I = 1536, 11008,
-18944): 28-30 registers a thread for the primal, 39-40 for the JVP (48-60 with a low-rank term), no
-spills. The plan depends on shapes and the SM count only: the launch is sync-free and CUDA-graph
-safe. Under the Triton interpreter (CPU tensors; :func:`adfast.kernels.split.multiprocessor_count`
+18944): 28-30 registers a thread for the primal, 39-40 for the JVP (56-100 with a low-rank
+term), no spills. The plan depends on shapes and the SM count only: the launch is sync-free and
+CUDA-graph safe. Under the Triton interpreter (CPU tensors; :func:`adfast.kernels.split.multiprocessor_count`
 is None) ``BLOCK`` is 64, so that small test shapes cross several column blocks and a masked tail.
 The triton 3.9 interpreter converts fp32 to bf16 by truncation rather than round-to-nearest-even
 (the GPU rounds to nearest; fp16 is rounded to nearest in both), so interpreted bf16 results can be
@@ -63,8 +63,8 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def _silu_mul(
     gu_ptr, dgu_ptr, a_ptr, da_ptr, z_ptr, u_ptr,
     rows_per_copy, inter,
-    sg_c, sg_n, sdg_c, sdg_n, sz_c, sz_n, sz_r, su_c, su_m, su_r, rank,
-    TANGENT: tl.constexpr, LOW_RANK: tl.constexpr, BLOCK: tl.constexpr, LIBDEVICE_EXP: tl.constexpr,
+    sg_c, sg_n, sdg_c, sdg_n, sz_c, sz_n, sz_r, su_c, su_m, su_r,
+    TANGENT: tl.constexpr, RANK: tl.constexpr, BLOCK: tl.constexpr, LIBDEVICE_EXP: tl.constexpr,
 ):
     row = tl.program_id(0)
     col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -87,11 +87,11 @@ def _silu_mul(
         dgate_ptr = dgu_ptr + c * sdg_c + n * sdg_n + col
         dgate = tl.load(dgate_ptr, mask=mask, other=0.0).to(tl.float32)
         dup = tl.load(dgate_ptr + inter, mask=mask, other=0.0).to(tl.float32)
-        if LOW_RANK:  # dgate_up + z U^T, rounded as an in-place addmm_ would (kernels/low_rank_term.py)
+        if RANK > 0:  # dgate_up + z U^T, rounded as an in-place addmm_ would (kernels/low_rank_term.py)
             z_row = z_ptr + c * sz_c + n * sz_n
             u_c = u_ptr + c * su_c
-            dgate = add_low_rank(dgate, z_row, sz_r, u_c, su_m, su_r, col, mask, rank).to(dtype).to(tl.float32)
-            dup = add_low_rank(dup, z_row, sz_r, u_c, su_m, su_r, col + inter, mask, rank).to(dtype).to(tl.float32)
+            dgate = add_low_rank(dgate, z_row, sz_r, u_c, su_m, su_r, col, mask, RANK).to(dtype).to(tl.float32)
+            dup = add_low_rank(dup, z_row, sz_r, u_c, su_m, su_r, col + inter, mask, RANK).to(dtype).to(tl.float32)
         # 1 - sig, without its cancellation as sig -> 1 (min: no inf * 0 in the unused branch)
         one_minus_sig = tl.where(gate >= 0.0, tl.minimum(e, 1.0) * sig, 1.0 - sig)
         dsilu = sig * (1.0 + gate * one_minus_sig)
@@ -152,8 +152,7 @@ def _launch(gate_up, dgate_up, block, low_rank=None):
         gate_up, dgu, a, a if da is None else da, z, u,
         rows, inter,
         gate_up.stride(0), gate_up.stride(1), dgu.stride(0), dgu.stride(1), sz_c, sz_n, sz_r, su_c, su_m, su_r,
-        rank,
-        TANGENT=dgate_up is not None, LOW_RANK=low_rank is not None, BLOCK=block,
+        TANGENT=dgate_up is not None, RANK=rank, BLOCK=block,
         LIBDEVICE_EXP=launch_plan.multiprocessor_count(gate_up.device) is not None, num_warps=num_warps,
     )
     return a, da

@@ -58,7 +58,7 @@ def test_gpu_plans_were_compiled(report):
     assert {k["constexprs"]["BLOCK"] for k in compiled if k["kernel"] in sampler} == {1024}
     norm_blocks = {k["constexprs"]["BLOCK"] for k in compiled if k["kernel"].startswith("_add_rms_norm")}
     assert norm_blocks == {4096, 2048, 1024, 32}  # whole rows of hidden 3584, 2048, 576 and the tests' 32
-    low_rank = {k["kernel"] for k in compiled if k["constexprs"].get("LOW_RANK")}
+    low_rank = {k["kernel"] for k in compiled if k["constexprs"].get("RANK")}
     assert low_rank == {"_add_rms_norm_jvp", "_silu_mul", "_rope_and_cache_write"}  # the terms the jvp kernels add
     rope = {(c["HEADS"], c["KV_HEADS"], c["HEAD_DIM"], c["TANGENT"])
             for c in (k["constexprs"] for k in compiled if k["kernel"] == "_rope_and_cache_write")}
