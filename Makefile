@@ -4,6 +4,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# pytest-xdist workers for `make test` (auto: one per CPU core). Each test file runs whole on one
+# worker (--dist loadfile), so a module's fixtures are built once.
+TEST_WORKERS ?= auto
 BIN = $(VENV)/bin
 
 .PHONY: demo test bench
@@ -19,7 +22,7 @@ demo: $(VENV)/.installed
 	$(BIN)/adfast demo
 
 test: $(VENV)/.installed
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/sampler.py

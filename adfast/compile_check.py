@@ -13,21 +13,24 @@ For each compiled specialisation it reports the kernel, the case that produced i
 ``constexpr`` values, warps, shared memory, and (from the bundled ``cuobjdump``) registers per
 thread and local-memory bytes per thread, which are register spills when non-zero.
 
-Usage: ``python -m adfast.compile_check [--arch 90] [--sms 132] [--json PATH]``; exit status 1 when
-a kernel fails to compile or spills. Needs ``TRITON_INTERPRET`` unset (the interpreter replaces
-``triton.jit`` at import). The cases cover the Qwen2.5 vocabularies (teacher 152064, proxy
-151936) at batch 1 and 64 in every sampling mode and logit dtype, and decode attention (primal
-and tangent) for the 7B teacher (28 heads over 4), the 3B proxy pair (16 over 2, two copies),
-SmolLM2 (9 over 3, head dim 64) and the tests' tiny models (4 over 2, head dim 8, padded to 16)
-with bf16, fp16 and fp32 caches, and the fused layer kernels (norms, rotary with the cache write,
-gated activation, and their tangents, with and without a factored tangent's low-rank term) at the
-same models' widths.
+Usage: ``python -m adfast.compile_check [--arch 90] [--sms 132] [--jobs N] [--json PATH]``; exit
+status 1 when a kernel fails to compile or spills. ``--jobs`` (default: the CPU count) shares the
+cases out over that many fresh processes (compiling is CPU-bound; the cases are independent).
+Needs ``TRITON_INTERPRET`` unset (the interpreter replaces ``triton.jit`` at import). The cases
+cover the Qwen2.5 vocabularies (teacher 152064, proxy 151936) at batch 1 and 64 in every sampling
+mode and logit dtype, and decode attention (primal and tangent) for the 7B teacher (28 heads over
+4), the 3B proxy pair (16 over 2, two copies), SmolLM2 (9 over 3, head dim 64) and the tests' tiny
+models (4 over 2, head dim 8, padded to 16) with bf16, fp16 and fp32 caches, and the fused layer
+kernels (norms, rotary with the cache write, gated activation, and their tangents, with and without
+a factored tangent's low-rank term) at the same models' widths.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import json
+import multiprocessing
 import os
 import pathlib
 import re
@@ -55,6 +58,7 @@ class CompiledKernel:
     shared_bytes: int
     registers: int | None
     local_bytes: int | None
+    hash: str  # Triton's key of the specialisation
 
 
 class _CudaTarget:
@@ -114,7 +118,7 @@ def _compile_instead_of_launch(arch: int, sms: int, compiled: list, case: list):
                           if len(path) == 1 and self.arg_names[path[0]].isupper()}
             registers, local = _resource_usage(kernel.asm["cubin"])
             compiled.append(CompiledKernel(self.fn.__name__, case[0], constexprs, kernel.metadata.num_warps,
-                                           kernel.metadata.shared, registers, local))
+                                           kernel.metadata.shared, registers, local, kernel.hash))
         return kernel
 
     triton.runtime.driver.set_active(_CudaTarget(arch))
@@ -233,20 +237,46 @@ def _layer_cases():
     return cases
 
 
-def compile_all(arch: int = 90, sms: int = 132, cases=None) -> tuple[list[CompiledKernel], list[tuple[str, str]]]:
+def compile_all(arch: int = 90, sms: int = 132, cases=None, jobs: int = 1,
+                ) -> tuple[list[CompiledKernel], list[tuple[str, str]]]:
     """Compile every case for ``sm_<arch>`` with GPU plans for ``sms`` SMs (H100 SXM: 132).
 
-    ``cases``: ``(label, thunk)`` pairs, each thunk launching Triton kernels on CPU tensors; by
-    default the sampling and decode-attention cases of the module docstring.
+    ``cases``: ``(label, thunk)`` pairs, each thunk launching Triton kernels on CPU tensors, compiled
+    in this process; by default the cases of the module docstring, shared out (every ``jobs``-th
+    case) over ``jobs`` spawned processes when ``jobs > 1``.
 
-    Returns ``(compiled, failures)``: one :class:`CompiledKernel` per distinct specialisation, and
-    ``(case, error)`` for each case whose compilation raised.
+    Returns ``(compiled, failures)``: one :class:`CompiledKernel` per distinct specialisation (in
+    the order of the cases that first produced them), and ``(case, error)`` for each case whose
+    compilation raised.
     """
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("adfast.compile_check needs TRITON_INTERPRET unset: the interpreter replaces triton.jit")
+    if cases is not None or jobs <= 1:
+        return _compile_cases(arch, sms, _default_cases() if cases is None else cases)
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        shares = list(pool.map(_compile_share, [(arch, sms, jobs, i) for i in range(jobs)]))
+    order = {label: i for i, (label, _) in enumerate(_default_cases())}
+    compiled = {}  # (kernel, hash) -> its first case's CompiledKernel: two shares may meet a specialisation
+    for k in sorted((k for share, _ in shares for k in share), key=lambda k: order[k.case]):
+        compiled.setdefault((k.kernel, k.hash), k)
+    failures = sorted((f for _, share in shares for f in share), key=lambda f: order[f[0]])
+    return list(compiled.values()), failures
+
+
+def _default_cases():
+    return _sampling_cases() + _attention_cases() + _layer_cases()
+
+
+def _compile_share(args: tuple[int, int, int, int]):
+    """Share ``index`` of ``jobs`` of the default cases (every ``jobs``-th), compiled in a worker process."""
+    arch, sms, jobs, index = args
+    return _compile_cases(arch, sms, _default_cases()[index::jobs])
+
+
+def _compile_cases(arch: int, sms: int, cases) -> tuple[list[CompiledKernel], list[tuple[str, str]]]:
     compiled, failures, case = [], [], [""]
     with _compile_instead_of_launch(arch, sms, compiled, case):
-        for label, thunk in (_sampling_cases() + _attention_cases() + _layer_cases() if cases is None else cases):
+        for label, thunk in cases:
             case[0] = label
             try:
                 thunk()
@@ -259,11 +289,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (H100: 90)")
     parser.add_argument("--sms", type=int, default=132, help="SM count the launch plans assume (H100 SXM: 132)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes compiling at once")
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
     import triton
 
-    compiled, failures = compile_all(args.arch, args.sms)
+    compiled, failures = compile_all(args.arch, args.sms, jobs=args.jobs)
     print(f"triton {triton.__version__}, sm_{args.arch}, {args.sms} SMs: {len(compiled)} specialisations compiled, "
           f"{len(failures)} cases failed")
     print(f"{'kernel':<24} {'warps':>5} {'regs':>5} {'local':>5} {'smem':>6}  constexprs (first case)")

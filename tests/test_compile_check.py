@@ -3,7 +3,8 @@
 The kernels' other tests run them in the Triton interpreter, which accepts programs the compiler
 rejects and never sees the GPU plans. :mod:`adfast.compile_check` compiles them for real (Triton's
 LLVM and bundled ptxas; no GPU needed). It runs in a subprocess because the interpreter, which
-conftest turns on for this process, replaces ``triton.jit`` at import.
+conftest turns on for this process, replaces ``triton.jit`` at import; its cases are shared out
+over two processes, so the report is also the merge of two shares.
 """
 import json
 import os
@@ -31,7 +32,7 @@ def report(tmp_path_factory):
     done = run_python(f"""
         import sys
         from adfast.compile_check import main
-        sys.exit(main(["--arch", "90", "--sms", "132", "--json", {str(tmp / "report.json")!r}]))
+        sys.exit(main(["--arch", "90", "--sms", "132", "--jobs", "2", "--json", {str(tmp / "report.json")!r}]))
     """, tmp)
     assert (tmp / "report.json").exists(), done.stdout + done.stderr
     return done, json.loads((tmp / "report.json").read_text())
