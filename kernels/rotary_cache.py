@@ -87,9 +87,9 @@ def _store_halves(dst, out1, out2, h, k, hmask, kmask, head_stride, HALF: tl.con
 def _rope_token(src, bias, low_rank, q_dst, k_dst, v_dst, tables, h, j, k, hmask, jmask, kmask, s_cache_j,
                 HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
                 HAS_BIAS: tl.constexpr, RANK: tl.constexpr):
-    """One token's row of a fused projection at ``src`` (plus ``z U^T``, ``low_rank = (z_row, sz_r,
-    U, su_m, su_r, R)``, and ``bias``): rotated q heads to ``q_dst`` (contiguous heads), rotated k heads and
-    the v heads to one cache position at ``k_dst`` / ``v_dst``."""
+    """One token's row of a fused projection at ``src`` (plus ``z U^T`` when ``RANK > 0``,
+    ``low_rank = (z_row, sz_r, U, su_m, su_r)``, and ``bias``): rotated q heads to ``q_dst``
+    (contiguous heads), rotated k heads and the v heads to one cache position at ``k_dst`` / ``v_dst``."""
     cos1, sin1, cos2, sin2 = tables
     z_row, sz_r, u, su_m, su_r = low_rank
     q1, q2 = _rotate_heads(src, bias, low_rank, cos1, sin1, cos2, sin2, h, k, hmask, kmask, HEAD_DIM, HALF,
