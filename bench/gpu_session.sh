@@ -8,7 +8,7 @@
 #   quick     the one call a 15-minute device budget allows (~9.5 min): GPU tests; engine rows at
 #             batch 1 and 32 (temperature, antidistill, exact-D jvp, low-rank jvp r8 and r128); a
 #             profile of the antidistill step at batch 1; the sampler at batch 1 and 64; the eps
-#             curve of a random 3B-shaped proxy
+#             curve of a random 3B-shaped proxy; bench/goals.py's verdict on each issue goal
 #   kernels   GPU tests (pytest -m gpu, and the attention and layer kernel tests, which run on
 #             CUDA tensors where a GPU exists); bench/sampler.py at batch 1 to 64       (~3 min)
 #   decode    bench/decode.py: HF generate and engine temperature/antidistill/permutation (~6 min)
@@ -54,6 +54,7 @@ stage_quick() {
     step 60 profile.log python3 bench/profile_step.py --variant engine_antidistill --batch 1
     step 40 sampler.log python3 bench/sampler.py --batches 1 64
     step 80 eps-random.log python3 bench/eps_sweep_random.py --holdout 8 --test 4
+    step 20 goals.log python3 bench/goals.py
 }
 
 stage_kernels() {
@@ -93,7 +94,7 @@ for stage in "$@"; do
         jvp) stage_jvp ;;
         eps) stage_eps ;;
         profile) stage_profile ;;
-        all) stage_kernels; stage_decode; stage_jvp; stage_eps; stage_profile ;;
+        all) stage_kernels; stage_decode; stage_jvp; stage_eps; stage_profile; step 20 goals.log python3 bench/goals.py ;;
         *) echo "unknown stage $stage (quick, kernels, decode, jvp, eps, profile, all)"; exit 2 ;;
     esac
 done

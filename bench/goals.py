@@ -1,0 +1,135 @@
+"""The issues' throughput goals, checked against the results a GPU run wrote.
+
+Reads, from ``--results`` (default ``bench/results``):
+
+- ``decode-<device>.json`` (:mod:`bench.decode`, real shapes; the ``-tiny`` smoke files are skipped),
+- ``sampler-<device>.json`` (:mod:`bench.sampler`),
+- ``low_rank_fidelity_smollm2_cpu.json`` (the smallest rank whose D keeps cosine >= 0.95 with the
+  full-gradient D),
+
+and, per device, decides each goal as ``met``, ``missed`` or ``not measured`` (a row it needs is
+absent). The goals, as the issues state them for the 7B/3B shapes (all ratios, so they read the same
+on an H100 or an H200; ``limit_frac`` is the weight-read floor over the measured step time):
+
+- #2: the fused sampler at batch 64 reaches >= 80% of the copy bandwidth and is >= 5x eager PyTorch;
+- #3: engine antidistillation ``(d)`` at batch 1 and 32, and engine temperature ``(c)`` at batch 1
+  and 32, reach >= 85% of their limits; ``(d)``'s step time over ``(c)``'s is at most 1.05x the
+  ratio of their limits (about 1.81); ``(d)`` is >= 6.5x Hugging Face ``generate`` with the logits
+  processor at batch 1;
+- #4: the exact-D engine with the low-rank gradient of the smallest rank meeting the fidelity
+  target costs at most 1.45x temperature sampling per step, at each batch measured; the full-rank
+  jvp engine against the finite-difference pair is reported, with no target.
+
+Prints one table per device and writes ``goals-<device>.md`` beside the results.
+
+Usage: ``python bench/goals.py [--results bench/results]`` (no GPU needed).
+"""
+import argparse
+import json
+import pathlib
+import sys
+from dataclasses import dataclass
+
+
+@dataclass
+class Goal:
+    """One goal at one batch size: ``measured`` against ``target`` (``met`` None: nothing to decide)."""
+
+    issue: str
+    goal: str
+    batch: int
+    measured: float | None
+    target: str
+    met: bool | None
+
+    @property
+    def verdict(self) -> str:
+        if self.measured is None:
+            return "not measured"
+        return {True: "met", False: "missed", None: "reported"}[self.met]
+
+
+def find(rows: list[dict], variant: str, batch: int) -> dict | None:
+    return next((r for r in rows if r["variant"] == variant and r["batch"] == batch), None)
+
+
+def at_least(issue, goal, batch, value, bound) -> Goal:
+    return Goal(issue, goal, batch, value, f">= {bound:g}", None if value is None else value >= bound)
+
+
+def decode_goals(rows: list[dict], rank: int | None) -> list[Goal]:
+    """Issue #3's and #4's goals over one device's decode rows; ``rank``: the low-rank gradient's
+    rank that the fidelity target selects (None: unknown)."""
+    goals = []
+    for batch in (1, 32):
+        d, c = find(rows, "engine_antidistill", batch), find(rows, "engine_temperature", batch)
+        goals += [at_least("#3", "(d) engine antidistill, fraction of its limit", batch, d and d["limit_frac"], 0.85),
+                  at_least("#3", "(c) engine temperature, fraction of its limit", batch, c and c["limit_frac"], 0.85)]
+        ratio = bound = None
+        if d and c:
+            ratio, bound = d["ms_step"] / c["ms_step"], 1.05 * d["limit_ms"] / c["limit_ms"]
+        goals.append(Goal("#3", "(d)/(c) step time, against 1.05x their limits' ratio", batch, ratio,
+                          "-" if bound is None else f"<= {bound:.3f}", None if ratio is None else ratio <= bound))
+    d, hf = find(rows, "engine_antidistill", 1), find(rows, "hf_antidistill", 1)
+    speedup = d and hf and d["tok_s"] / hf["tok_s"]
+    goals.append(at_least("#3", "(d) tok/s over HF generate + processor", 1, speedup, 6.5))
+    for batch in sorted({r["batch"] for r in rows}):
+        c = find(rows, "engine_temperature", batch)
+        low = find(rows, f"engine_jvp_r{rank}", batch) if rank else None
+        ratio = low and c and low["ms_step"] / c["ms_step"]
+        goals.append(Goal("#4", f"exact-D rank {rank} step time over temperature", batch, ratio, "<= 1.45",
+                          None if ratio is None else ratio <= 1.45))
+        jvp, fd = find(rows, "engine_jvp", batch), find(rows, "engine_antidistill", batch)
+        if jvp and fd:
+            goals.append(Goal("#4", "exact-D (full g) step time over finite-difference pair", batch,
+                              jvp["ms_step"] / fd["ms_step"], "-", None))
+    return goals
+
+
+def sampler_goals(rows: list[dict]) -> list[Goal]:
+    """Issue #2's goals over one device's sampler rows (the fused antidistillation draw at batch 64)."""
+    fused = find(rows, "fused", 64)
+    return [at_least("#2", "fused sampler, fraction of copy bandwidth", 64, fused and fused["bandwidth_frac"], 0.8),
+            at_least("#2", "fused sampler, speed-up over eager PyTorch", 64, fused and fused["speedup_vs_eager"], 5)]
+
+
+def table(goals: list[Goal]) -> str:
+    lines = ["| issue | goal | batch | measured | target | verdict |", "|---|---|---|---|---|---|"]
+    for g in goals:
+        measured = "-" if g.measured is None else f"{g.measured:.3f}"
+        lines.append(f"| {g.issue} | {g.goal} | {g.batch} | {measured} | {g.target} | {g.verdict} |")
+    return "\n".join(lines)
+
+
+def load_rows(results: pathlib.Path, pattern: str) -> dict[str, list[dict]]:
+    """Rows of the files matching ``pattern`` (smoke ``-tiny`` files skipped), grouped by device."""
+    by_device = {}
+    for path in sorted(results.glob(pattern)):
+        if path.stem.endswith("-tiny"):
+            continue
+        for row in json.loads(path.read_text()):
+            by_device.setdefault(row["device"], []).append(row)
+    return by_device
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    fidelity = args.results / "low_rank_fidelity_smollm2_cpu.json"
+    rank = json.loads(fidelity.read_text()).get("first_rank_reaching_cosine_target") if fidelity.exists() else None
+    decode, sampler = load_rows(args.results, "decode-*.json"), load_rows(args.results, "sampler-*.json")
+    if not decode and not sampler:
+        print(f"no decode-*.json or sampler-*.json in {args.results}: nothing to check", file=sys.stderr)
+        return 2
+    for device in sorted(set(decode) | set(sampler)):
+        text = (f"# Goals on {device}\n\nFrom {args.results}; the low-rank rank ({rank}) is the smallest "
+                f"whose D keeps cosine >= 0.95 ({fidelity.name}).\n\n"
+                + table(sampler_goals(sampler.get(device, [])) + decode_goals(decode.get(device, []), rank)) + "\n")
+        print(text)
+        (args.results / f"goals-{device.replace(' ', '_')}.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

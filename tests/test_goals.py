@@ -1,0 +1,71 @@
+"""bench/goals.py decides each issue goal from result rows: hand-made rows on both sides of every
+threshold, a smoke file that must be ignored, and a device missing rows."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def goals():
+    spec = importlib.util.spec_from_file_location("goals_bench", ROOT / "bench" / "goals.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def decode_row(device, batch, variant, ms_step, limit_ms, tok_s=None):
+    return dict(device=device, batch=batch, variant=variant, tok_s=tok_s or batch * 1e3 / ms_step, ms_step=ms_step,
+                limit_ms=limit_ms, limit_frac=limit_ms / ms_step, attention="adfast split-K", engine_gb=1.0)
+
+
+def write(path: Path, rows):
+    path.write_text(json.dumps(rows))
+
+
+def test_each_goal_is_decided_from_the_rows(goals, tmp_path):
+    gpu = "NVIDIA H200"
+    write(tmp_path / "decode-NVIDIA_H200.json", [
+        decode_row(gpu, 1, "engine_antidistill", 10.0, 9.1, tok_s=100.0),  # 0.91 of its limit
+        decode_row(gpu, 1, "engine_temperature", 6.0, 5.07),  # 0.845: below 0.85
+        decode_row(gpu, 1, "hf_antidistill", 70.0, 9.1, tok_s=15.0),  # 100 / 15 = 6.67x
+        decode_row(gpu, 1, "engine_jvp_r8", 8.5, 7.1),  # 8.5 / 6 = 1.417x temperature
+        decode_row(gpu, 1, "engine_jvp", 11.0, 9.1),
+        decode_row(gpu, 32, "engine_antidistill", 12.0, 9.1),  # 0.758
+        decode_row(gpu, 32, "engine_temperature", 5.5, 5.03),  # 0.915
+        decode_row(gpu, 32, "engine_jvp_r8", 8.0, 7.1),  # 1.4545x
+    ])
+    write(tmp_path / "decode-NVIDIA_H200-tiny.json", [decode_row(gpu, 1, "engine_temperature", 1.0, 5.03)])
+    write(tmp_path / "sampler-NVIDIA_H200.json", [
+        dict(device=gpu, batch=64, variant="fused", bandwidth_frac=0.81, speedup_vs_eager=4.9),
+        dict(device=gpu, batch=1, variant="fused", bandwidth_frac=0.1, speedup_vs_eager=9.0)])
+    write(tmp_path / "low_rank_fidelity_smollm2_cpu.json", {"first_rank_reaching_cosine_target": 8})
+    write(tmp_path / "decode-other.json", [decode_row("other", 1, "engine_antidistill", 10.0, 9.5)])
+
+    assert goals.main(["--results", str(tmp_path)]) == 0
+    report = (tmp_path / "goals-NVIDIA_H200.md").read_text()
+    rows = [line.split(" | ") for line in report.splitlines() if line.startswith("| #")]
+    verdicts = [(issue.strip("| "), batch, verdict.strip(" |")) for issue, _, batch, _, _, verdict in rows]
+    assert verdicts == [
+        ("#2", "64", "met"), ("#2", "64", "missed"),
+        ("#3", "1", "met"), ("#3", "1", "missed"), ("#3", "1", "met"),  # (d)/(c) 1.667 <= 1.05 * 9.1 / 5.07 = 1.885
+        ("#3", "32", "missed"), ("#3", "32", "met"), ("#3", "32", "missed"),  # 2.182 > 1.885
+        ("#3", "1", "met"),
+        ("#4", "1", "met"), ("#4", "1", "reported"), ("#4", "32", "missed")]
+    measured = [float(r[3]) for r in rows]
+    assert measured[4] == pytest.approx(10 / 6, abs=1e-3) and rows[4][4] == "<= 1.885"
+    assert measured[8] == pytest.approx(100 / 15, abs=1e-3)
+    assert measured[10] == pytest.approx(11 / 10, abs=1e-3)
+
+    other = [line for line in (tmp_path / "goals-other.md").read_text().splitlines() if line.startswith("| #")]
+    assert [line.split(" | ")[-1] for line in other].count("met |") == 1  # (d) at batch 1: 0.95 of its limit
+    assert all(line.endswith("not measured |") for line in other if "(d) engine antidistill" not in line
+               or "| 32 |" in line)
+
+
+def test_nothing_to_check_is_an_error(goals, tmp_path, capsys):
+    assert goals.main(["--results", str(tmp_path)]) == 2
+    assert "nothing to check" in capsys.readouterr().err
