@@ -54,7 +54,7 @@ stage_quick() {
     step 60 profile.log python3 bench/profile_step.py --variant engine_antidistill --batch 1
     step 40 sampler.log python3 bench/sampler.py --batches 1 64
     step 80 eps-random.log python3 bench/eps_sweep_random.py --holdout 8 --test 4
-    step 20 goals.log python3 bench/goals.py
+    step 10 goals.log python3 bench/goals.py
 }
 
 stage_kernels() {
@@ -94,7 +94,7 @@ for stage in "$@"; do
         jvp) stage_jvp ;;
         eps) stage_eps ;;
         profile) stage_profile ;;
-        all) stage_kernels; stage_decode; stage_jvp; stage_eps; stage_profile; step 20 goals.log python3 bench/goals.py ;;
+        all) stage_kernels; stage_decode; stage_jvp; stage_eps; stage_profile; step 10 goals.log python3 bench/goals.py ;;
         *) echo "unknown stage $stage (quick, kernels, decode, jvp, eps, profile, all)"; exit 2 ;;
     esac
 done
