@@ -255,11 +255,11 @@ def compile_all(arch: int = 90, sms: int = 132, cases=None, jobs: int = 1,
         return _compile_cases(arch, sms, _default_cases() if cases is None else cases)
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         shares = list(pool.map(_compile_share, [(arch, sms, jobs, i) for i in range(jobs)]))
-    order = {label: i for i, (label, _) in enumerate(_default_cases())}
+    order = {label: i for share_order, _, _ in shares for label, i in share_order.items()}
     compiled = {}  # (kernel, hash) -> its first case's CompiledKernel: two shares may meet a specialisation
-    for k in sorted((k for share, _ in shares for k in share), key=lambda k: order[k.case]):
+    for k in sorted((k for _, share, _ in shares for k in share), key=lambda k: order[k.case]):
         compiled.setdefault((k.kernel, k.hash), k)
-    failures = sorted((f for _, share in shares for f in share), key=lambda f: order[f[0]])
+    failures = sorted((f for _, _, share in shares for f in share), key=lambda f: order[f[0]])
     return list(compiled.values()), failures
 
 
@@ -268,9 +268,11 @@ def _default_cases():
 
 
 def _compile_share(args: tuple[int, int, int, int]):
-    """Share ``index`` of ``jobs`` of the default cases (every ``jobs``-th), compiled in a worker process."""
+    """Share ``index`` of ``jobs`` of the default cases (every ``jobs``-th), compiled in a worker
+    process: ``({case: its place among all cases}, compiled, failures)``."""
     arch, sms, jobs, index = args
-    return _compile_cases(arch, sms, _default_cases()[index::jobs])
+    cases = _default_cases()[index::jobs]
+    return ({label: index + i * jobs for i, (label, _) in enumerate(cases)}, *_compile_cases(arch, sms, cases))
 
 
 def _compile_cases(arch: int, sms: int, cases) -> tuple[list[CompiledKernel], list[tuple[str, str]]]:
