@@ -14,10 +14,25 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import numpy  # noqa: E402
 import pytest  # noqa: E402
+import triton  # noqa: E402
+from packaging.version import Version  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 VOCAB = 96
+
+
+def pytest_configure(config):
+    """Refuse to start where the Triton interpreter cannot run: before triton 3.7 it converts
+    one-element arrays to Python ints, which numpy 2.4 and later refuse."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    if Version(triton.__version__) < Version("3.7") and Version(numpy.__version__) >= Version("2.4"):
+        raise pytest.UsageError(
+            f"triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1, how the kernels are tested "
+            f"without a CUDA device) fails with numpy {numpy.__version__} ('only 0-dimensional arrays can "
+            f"be converted to Python scalars'); install numpy<2.4 or triton>=3.7")
 
 
 def tiny_qwen2(vocab: int = VOCAB, seed: int = 0, **overrides) -> Qwen2ForCausalLM:
