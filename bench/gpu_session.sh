@@ -9,8 +9,8 @@
 #             batch 1 and 32 (temperature, antidistill, exact-D jvp, low-rank jvp r8 and r128); a
 #             profile of the antidistill step at batch 1; the sampler at batch 1 and 64; the eps
 #             curve of a random 3B-shaped proxy; bench/goals.py's verdict on each issue goal
-#   kernels   GPU tests (pytest -m gpu, and the attention and layer kernel tests, which run on
-#             CUDA tensors where a GPU exists); bench/sampler.py at batch 1 to 64       (~3 min)
+#   kernels   the whole test suite (the GPU tests, and the kernel tests on CUDA tensors instead of
+#             the interpreter); bench/sampler.py at batch 1 to 64                       (~5 min)
 #   decode    bench/decode.py: HF generate and engine temperature/antidistill/permutation (~6 min)
 #   jvp       bench/decode.py --append: engine temperature, exact-D jvp, low-rank jvp r8..r512 (~6 min);
 #             on a fresh machine, first copy the returned decode-*.json into bench/results/
@@ -43,10 +43,6 @@ step() {
     collect
 }
 
-KERNEL_TESTS="tests/test_decode_attention.py tests/test_decode_attention_jvp.py tests/test_rms_norm_kernel.py
-              tests/test_low_rank_term_kernel.py
-              tests/test_silu_mul_kernel.py tests/test_rotary_cache_kernel.py"
-
 stage_quick() {
     step 170 gpu-tests.log python3 -m pytest -q --maxfail=3 -m gpu tests
     step 200 decode.log python3 bench/decode.py --append --batches 1 32 --jvp-ranks 8 128 \
@@ -58,9 +54,7 @@ stage_quick() {
 }
 
 stage_kernels() {
-    step 240 gpu-tests.log python3 -m pytest -q -m gpu tests
-    # shellcheck disable=SC2086
-    step 120 gpu-tests.log python3 -m pytest -q $KERNEL_TESTS
+    step 360 gpu-tests.log python3 -m pytest -q -n 8 --dist loadfile tests
     step 200 sampler.log python3 bench/sampler.py
 }
 

@@ -21,6 +21,8 @@ from packaging.version import Version  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 VOCAB = 96
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+"""Where tests run the Triton kernels: the GPU where one exists, else CPU tensors in the interpreter."""
 
 
 def pytest_configure(config):

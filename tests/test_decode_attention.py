@@ -3,11 +3,11 @@ straight from the cache, and against adfast.decoder.attend (SDPA path). Position
 NaN / huge values: any read of them would poison the output."""
 import pytest
 import torch
+from conftest import KERNEL_DEVICE as DEVICE
 
 from adfast.decoder import attend
 from adfast.kernels.decode_attention import decode_attention
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MAX_SEQ = 40
 MAX_BATCH = 5
 SMALL_BLOCK = 8 if DEVICE == "cpu" else 16  # tl.dot needs every dimension >= 16 on a GPU

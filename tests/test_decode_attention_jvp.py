@@ -17,6 +17,7 @@ converts round-to-nearest there and keeps 5e-3 (largest needed 1.4e-3).
 """
 import pytest
 import torch
+from conftest import KERNEL_DEVICE as DEVICE
 
 from adfast.decoder import attend_jvp
 from adfast.kernels.decode_attention import decode_attention
@@ -25,7 +26,6 @@ from adfast.kernels.decode_attention_jvp import decode_attention_jvp
 # torch.func.jvp's first use imports torch's jvp decompositions, which call torch.jit.script
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MAX_SEQ = 40
 MAX_BATCH = 6
 # Permuted slots (slot 2 unused). With num_splits=3 (chunk 16): length 1 (one partial block), 40

@@ -438,6 +438,8 @@ def test_cuda_graph_replay_equals_eager_jvp(teachers, rank, dtype):
         for a, b in zip(graphed, eager):
             assert a.mean_logprob == pytest.approx(b.mean_logprob, abs=1e-5)
     assert engines[True]._graphs and not engines[False]._graphs
+    filtered = [engines[graph].generate(PROMPTS, top_k=3, top_p=0.9, **kw) for graph in (False, True)]
+    assert [r.tokens for r in filtered[0]] == [r.tokens for r in filtered[1]]
 
 
 @cuda_test

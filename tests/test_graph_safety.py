@@ -134,6 +134,8 @@ def test_the_detector_catches_each_kind_of_sync():
     assert detector.seen == []
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs only where no GPU exists (conftest); "
+                    "on a GPU the graph tests capture these launchers, which fails on any host sync")
 @pytest.mark.parametrize("engine_kind, setting", [("fd-narrow-proxy", "permutation"), ("jvp-rank4", "top-k-top-p")])
 def test_triton_launchers_never_wait_on_the_device(engine_kind, setting, watched_decode, monkeypatch):
     """The sampler's Triton launchers (run here by the interpreter) and the decode-attention launcher."""

@@ -1,4 +1,5 @@
-"""The decoder with its fused Triton layer kernels (run by the interpreter) against its PyTorch path.
+"""The decoder with its fused Triton layer kernels against its PyTorch path (on KERNEL_DEVICE: the
+compiled kernels on a GPU, the interpreter on CPU).
 
 Each kernel has its own tests against the PyTorch functions of adfast.layer_ops and float64 /
 autograd references; these check the wiring: the same decoder run with ``fused=True`` and
@@ -8,7 +9,7 @@ stacked copies (proxy pair), Qwen2 (qkv bias, untied) and Llama (tied, llama3 ro
 """
 import pytest
 import torch
-from conftest import VOCAB, tiny_llama, tiny_qwen2
+from conftest import KERNEL_DEVICE, VOCAB, tiny_llama, tiny_qwen2
 
 from adfast.decoder import Decoder
 from adfast.gradient import ProxyGradient, model_identity
@@ -56,7 +57,7 @@ TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rto
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_decoder_equals_pytorch_decoder(family, copies, dtype):
     model = (tiny_qwen2 if family == "qwen2" else tiny_llama)()
-    decoder = Decoder.from_hf([model] * copies, dtype=dtype)
+    decoder = Decoder.from_hf([model] * copies, dtype=dtype, device=KERNEL_DEVICE)
     assert_same_runs(run(decoder, True, False), run(decoder, False, False), TOLERANCE[dtype])
 
 
@@ -64,12 +65,12 @@ def test_fused_decoder_equals_pytorch_decoder(family, copies, dtype):
 def test_fused_tangent_decoder_equals_pytorch_decoder(family):
     model = (tiny_qwen2 if family == "qwen2" else tiny_llama)()
     g = torch.Generator().manual_seed(5)
-    decoder = Decoder.from_hf([model])
+    decoder = Decoder.from_hf([model], device=KERNEL_DEVICE)
     decoder.set_tangent({name: torch.randn(p.shape, generator=g) for name, p in model.named_parameters()})
     assert_same_runs(run(decoder, True, True), run(decoder, False, True), TOLERANCE[torch.float32])
 
 
-def low_rank_tangent_decoder(model, device="cpu") -> Decoder:
+def low_rank_tangent_decoder(model, device) -> Decoder:
     """A one-copy float32 decoder along the rank-4 factors of a random gradient: every fused weight's
     ``x G^T`` is one product ``z U^T`` that the next layer op adds (block-diagonal ``U`` for wqkv and
     w_gate_up)."""
@@ -86,7 +87,7 @@ def low_rank_tangent_decoder(model, device="cpu") -> Decoder:
 def test_fused_low_rank_tangent_decoder_equals_pytorch_decoder(family):
     """The kernels add the low-rank terms of wqkv, wo, w_gate_up and w_down as they load the tangent
     (adfast.kernels.low_rank_term); the PyTorch path adds them with a matmul: same outputs."""
-    decoder = low_rank_tangent_decoder((tiny_qwen2 if family == "qwen2" else tiny_llama)())
+    decoder = low_rank_tangent_decoder((tiny_qwen2 if family == "qwen2" else tiny_llama)(), KERNEL_DEVICE)
     assert_same_runs(run(decoder, True, True), run(decoder, False, True), TOLERANCE[torch.float32])
 
 
@@ -104,7 +105,8 @@ def test_layer_ops_choice():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_fused_decoder_equals_pytorch_decoder(dtype):
-    """On the GPU: the compiled kernels (and CUDA decode attention) against the PyTorch chains."""
+    """On the GPU: the compiled kernels (and CUDA decode attention) against the PyTorch chains; the
+    GPU-marked subset of the tests above, which run on the GPU too where one exists."""
     model = tiny_llama()
     decoder = Decoder.from_hf([model] * 2, dtype=dtype, device="cuda")
     assert_same_runs(run(decoder, True, False), run(decoder, False, False), TOLERANCE[dtype])

@@ -13,6 +13,7 @@ expanded over the copies (stride 0), as the decoder passes them, stored as the d
 """
 import pytest
 import torch
+from conftest import KERNEL_DEVICE as DEVICE
 
 from adfast.kernels.low_rank_term import MAX_RANK
 from adfast.kernels.rms_norm import add_rms_norm_jvp
@@ -20,7 +21,6 @@ from adfast.kernels.rotary_cache import rope_and_cache_write_jvp
 from adfast.kernels.silu_mul import silu_mul_jvp
 from adfast.layer_ops import LOW_RANK_MAX_RANK, TORCH, LowRankTerm
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on CPU, the compiled kernels on a GPU
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
        torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}

@@ -23,13 +23,12 @@ and summation errors scale with them, not with ``|dy|``.
 """
 import pytest
 import torch
-from conftest import assert_within
+from conftest import KERNEL_DEVICE as DEVICE, assert_within
 from torch.func import jvp
 
 from adfast import layer_ops
 from adfast.kernels.rms_norm import MAX_HIDDEN, add_rms_norm, add_rms_norm_jvp
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-6
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 1, 576), (2, 3, 200), (2, 1, 48), (1, 4, 48)]  # (C, N, E): E not a power of two

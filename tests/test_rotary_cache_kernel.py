@@ -9,11 +9,11 @@ one bf16 ulp, 2^-7 relative, rather than half of one).
 """
 import pytest
 import torch
+from conftest import KERNEL_DEVICE as DEVICE
 
 from adfast.kernels.rotary_cache import rope_and_cache_write, rope_and_cache_write_jvp
 from adfast.layer_ops import TORCH
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on CPU, the compiled kernel on a GPU
 SENTINEL = 7.5
 MAX_BATCH, MAX_SEQ = 5, 12
 

@@ -10,11 +10,30 @@ import math
 
 import pytest
 import torch
+from conftest import KERNEL_DEVICE
 
 import adfast
 
 BACKENDS = ["torch", "triton"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def on_backend(function, *args, backend, **kwargs):
+    """``function(*args, backend=backend, **kwargs)`` on the backend's device: the kernels ("triton")
+    on KERNEL_DEVICE (the GPU where one exists, else CPU tensors in the interpreter), the twin
+    ("torch") on CPU. Tensor arguments go there and the results come back to CPU."""
+    device = KERNEL_DEVICE if backend == "triton" else "cpu"
+    move = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
+    out = function(*map(move, args), backend=backend, **{k: move(v) for k, v in kwargs.items()})
+    return tuple(x.cpu() for x in out) if isinstance(out, tuple) else out.cpu()
+
+
+def sample(*args, **kwargs):
+    return on_backend(adfast.sample, *args, **kwargs)
+
+
+def adjusted_logits(*args, **kwargs):
+    return on_backend(adfast.adjusted_logits, *args, **kwargs)
 
 
 def make_logits(batch, vocab_t, vocab_p, dtype, eps, seed=0, scale=3.0):
@@ -69,7 +88,7 @@ def test_adjusted_logits_matches_float64(backend, dtype, vocab_t, vocab_p):
     t, p, m = make_logits(3, vocab_t, vocab_p, dtype, eps, seed=vocab_p)
     tau = torch.tensor([0.7, 0.0, 1.3])
     lam = torch.tensor([0.05, -0.02, 0.1])
-    out = adfast.adjusted_logits(t, p, m, tau=tau, lam=lam, eps=eps, backend=backend)
+    out = adjusted_logits(t, p, m, tau=tau, lam=lam, eps=eps, backend=backend)
     ref = reference_adjusted(t, p, m, tau, lam, eps)
     assert out.dtype == torch.float32 and out.shape == (3, vocab_t)
     torch.testing.assert_close(out.double(), ref, atol=adjusted_tolerance(t, p, lam, eps), rtol=0)
@@ -81,7 +100,7 @@ def test_adjusted_logits_matches_float64(backend, dtype, vocab_t, vocab_p):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_temperature_mode_ignores_proxies(backend):
     t, p, m = make_logits(2, 150, 150, torch.float32, 1e-3)
-    out = adfast.adjusted_logits(t, None, None, tau=0.5, lam=3.0, eps=1e-3, mode="temperature", backend=backend)
+    out = adjusted_logits(t, None, None, tau=0.5, lam=3.0, eps=1e-3, mode="temperature", backend=backend)
     torch.testing.assert_close(out.double(), torch.log_softmax(t.double(), 1) / 0.5, atol=1e-5, rtol=0)
 
 
@@ -89,12 +108,12 @@ def test_temperature_mode_ignores_proxies(backend):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_logprobs_are_teacher_unadjusted(backend, dtype):
     t, p, m = make_logits(4, 177, 170, dtype, 1e-2)
-    tokens, logprobs = adfast.sample(t, p, m, tau=1.0, lam=0.05, eps=1e-2, seed=3, return_logprobs=True,
-                                     backend=backend)
+    tokens, logprobs = sample(t, p, m, tau=1.0, lam=0.05, eps=1e-2, seed=3, return_logprobs=True,
+                              backend=backend)
     ref = torch.log_softmax(t.double(), 1).gather(1, tokens[:, None])[:, 0]
     torch.testing.assert_close(logprobs.double(), ref, atol=1e-5, rtol=0)
-    tokens_k, logprobs_k = adfast.sample(t, p, m, tau=1.0, lam=0.05, eps=1e-2, seed=3, top_k=7,
-                                         return_logprobs=True, backend=backend)
+    tokens_k, logprobs_k = sample(t, p, m, tau=1.0, lam=0.05, eps=1e-2, seed=3, top_k=7,
+                                  return_logprobs=True, backend=backend)
     ref_k = torch.log_softmax(t.double(), 1).gather(1, tokens_k[:, None])[:, 0]
     torch.testing.assert_close(logprobs_k.double(), ref_k, atol=1e-5, rtol=0)
 
@@ -104,12 +123,12 @@ def test_logprobs_are_teacher_unadjusted(backend, dtype):
 def test_greedy_is_exact_argmax(backend, mode):
     t, p, m = make_logits(16, 211, 200, torch.bfloat16, 1e-2, seed=7)
     lam = torch.linspace(-0.2, 0.2, 16)
-    tokens = adfast.sample(t, p, m, tau=0.0, lam=lam, eps=1e-2, mode=mode, seed=1, backend=backend)
+    tokens = sample(t, p, m, tau=0.0, lam=lam, eps=1e-2, mode=mode, seed=1, backend=backend)
     ref = reference_adjusted(t, p if mode == "antidistill" else None, m, 0.0, lam, 1e-2)
     top2 = ref.topk(2, dim=1).values
     assert bool((top2[:, 0] - top2[:, 1] > 1e-4).all()), "test data has near ties"
     assert torch.equal(tokens, ref.argmax(1))
-    again = adfast.sample(t, p, m, tau=0.0, lam=lam, eps=1e-2, mode=mode, seed=99, backend=backend)
+    again = sample(t, p, m, tau=0.0, lam=lam, eps=1e-2, mode=mode, seed=99, backend=backend)
     assert torch.equal(tokens, again), "greedy must not depend on the seed"
 
 
@@ -117,7 +136,7 @@ def draws(backend, t, p, m, n, **kw):
     """``n`` draws from one logits row: the row repeated n times (one Philox stream per row)."""
     # (rows are independent draws: each row has its own Philox counter)
     rep = lambda x: None if x is None else x.expand(n, -1).contiguous()  # noqa: E731
-    return adfast.sample(rep(t), rep(p), rep(m), backend=backend, **kw)
+    return sample(rep(t), rep(p), rep(m), backend=backend, **kw)
 
 
 @pytest.mark.parametrize("tau,lam", [(1.0, 0.5), (0.6, -0.4), (1.7, 0.0)])
@@ -163,11 +182,11 @@ def test_backends_draw_identical_tokens(vocab_t, vocab_p, dtype, top_k, top_p):
         for offset in (0, 5, 2**40 + 1):
             kw = dict(tau=tau, lam=lam, eps=1e-1, mode=mode, seed=1234, offset=offset, top_k=top_k, top_p=top_p,
                       return_logprobs=True)
-            x_torch, lp_torch = adfast.sample(t, p, m, backend="torch", **kw)
-            x_triton, lp_triton = adfast.sample(t, p, m, backend="triton", **kw)
+            x_torch, lp_torch = sample(t, p, m, backend="torch", **kw)
+            x_triton, lp_triton = sample(t, p, m, backend="triton", **kw)
             assert torch.equal(x_torch, x_triton), (mode, offset)
             torch.testing.assert_close(lp_torch, lp_triton, atol=1e-5, rtol=0)
-            differs += int((x_torch != adfast.sample(t, p, m, backend="torch", **{**kw, "offset": offset + 1})[0]).sum())
+            differs += int((x_torch != sample(t, p, m, backend="torch", **{**kw, "offset": offset + 1})[0]).sum())
     assert differs > 0, "the draws do not depend on the offset"
 
 
@@ -175,13 +194,13 @@ def test_backends_draw_identical_tokens(vocab_t, vocab_p, dtype, top_k, top_p):
 def test_seed_and_offset_determine_the_draw(backend):
     t, p, m = make_logits(32, 120, 120, torch.float32, 1e-2, scale=0.5)
     kw = dict(tau=1.0, lam=0.05, eps=1e-2, backend=backend)
-    first = adfast.sample(t, p, m, seed=5, offset=3, **kw)
-    assert torch.equal(first, adfast.sample(t, p, m, seed=5, offset=3, **kw))
-    assert torch.equal(first, adfast.sample(t, p, m, seed=5, offset=torch.tensor(3), **kw))
-    assert not torch.equal(first, adfast.sample(t, p, m, seed=5, offset=4, **kw))
-    assert not torch.equal(first, adfast.sample(t, p, m, seed=6, offset=3, **kw))
+    first = sample(t, p, m, seed=5, offset=3, **kw)
+    assert torch.equal(first, sample(t, p, m, seed=5, offset=3, **kw))
+    assert torch.equal(first, sample(t, p, m, seed=5, offset=torch.tensor(3), **kw))
+    assert not torch.equal(first, sample(t, p, m, seed=5, offset=4, **kw))
+    assert not torch.equal(first, sample(t, p, m, seed=6, offset=3, **kw))
     g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
-    assert torch.equal(adfast.sample(t, p, m, generator=g1, **kw), adfast.sample(t, p, m, generator=g2, **kw))
+    assert torch.equal(sample(t, p, m, generator=g1, **kw), sample(t, p, m, generator=g2, **kw))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -192,8 +211,8 @@ def test_permutation_keeps_each_rows_multiset_of_abs_d(backend):
     d_true = (reference_adjusted(t, p, m, tau, lam, eps) - teacher_part)[:, :140] / lam
     signs = []
     for offset in range(3):
-        out = adfast.adjusted_logits(t, p, m, tau=tau, lam=lam, eps=eps, mode="permutation", seed=42,
-                                     offset=offset, backend=backend)
+        out = adjusted_logits(t, p, m, tau=tau, lam=lam, eps=eps, mode="permutation", seed=42,
+                              offset=offset, backend=backend)
         d_perm = (out.double() - teacher_part)[:, :140] / lam
         tol = 20 * adjusted_tolerance(t, p, lam, eps) / lam
         torch.testing.assert_close(d_perm.abs().sort(1).values, d_true.abs().sort(1).values, atol=tol, rtol=0)
@@ -213,8 +232,8 @@ def test_reference_implementation_mapping(backend):
     eps, tau, lam_ref = 1e-2, 0.6, 0.03
     t, p, m = make_logits(3, 90, 90, torch.float32, eps, seed=4)
     theirs = torch.softmax((t.double() + lam_ref * (p.double() - m.double()) / (2 * eps)) / tau, 1)
-    ours = torch.softmax(adfast.adjusted_logits(t, p, m, tau=tau, lam=lam_ref / tau, eps=eps,
-                                                backend=backend).double(), 1)
+    ours = torch.softmax(adjusted_logits(t, p, m, tau=tau, lam=lam_ref / tau, eps=eps,
+                                         backend=backend).double(), 1)
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-4)
 
 
@@ -222,7 +241,7 @@ def test_reference_implementation_mapping(backend):
 def test_minus_inf_teacher_logits_are_banned_tokens(backend):
     t, p, m = make_logits(64, 50, 50, torch.float32, 1e-2, scale=0.1)
     t[:, :25] = -math.inf
-    tokens = adfast.sample(t, p, m, tau=1.0, lam=0.1, eps=1e-2, seed=0, backend=backend)
+    tokens = sample(t, p, m, tau=1.0, lam=0.1, eps=1e-2, seed=0, backend=backend)
     assert bool((tokens >= 25).all())
 
 
@@ -237,9 +256,9 @@ def test_non_finite_logits_are_refused(backend, where, value, message):
     t, p, m = make_logits(3, 70, 70, torch.float32, 1e-2)
     {"teacher": t, "plus": p, "minus": m}[where][1, 33] = value
     with pytest.raises(ValueError, match=message):
-        adfast.sample(t, p, m, tau=1.0, lam=0.1, eps=1e-2, seed=0, backend=backend)
+        sample(t, p, m, tau=1.0, lam=0.1, eps=1e-2, seed=0, backend=backend)
     with pytest.raises(ValueError, match=message):
-        adfast.adjusted_logits(t, p, m, tau=1.0, lam=0.1, eps=1e-2, backend=backend)
+        adjusted_logits(t, p, m, tau=1.0, lam=0.1, eps=1e-2, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -247,9 +266,9 @@ def test_all_masked_row_is_refused(backend):
     t, p, m = make_logits(2, 40, 40, torch.float32, 1e-2)
     t[0] = -math.inf
     with pytest.raises(ValueError, match="every token has -inf score \\(rows \\[0\\]\\)"):
-        adfast.sample(t, p, m, tau=1.0, lam=0.1, eps=1e-2, seed=0, backend=backend)
+        sample(t, p, m, tau=1.0, lam=0.1, eps=1e-2, seed=0, backend=backend)
     with pytest.raises(ValueError, match="every token has -inf score \\(rows \\[0\\]\\)"):
-        adfast.adjusted_logits(t, p, m, tau=1.0, lam=0.1, eps=1e-2, backend=backend)
+        adjusted_logits(t, p, m, tau=1.0, lam=0.1, eps=1e-2, backend=backend)
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -333,7 +352,7 @@ def test_adjusted_logits_with_exact_delta_matches_float64(backend, dtype, vocab_
     delta = make_delta(3, vocab_p, dtype, seed=vocab_p)
     tau = torch.tensor([0.7, 0.0, 1.3])
     lam = torch.tensor([0.5, -2.0, 1.0])
-    out = adfast.adjusted_logits(t, delta=delta, tau=tau, lam=lam, backend=backend)
+    out = adjusted_logits(t, delta=delta, tau=tau, lam=lam, backend=backend)
     ref = reference_adjusted_exact(t, delta, tau, lam)
     assert out.dtype == torch.float32 and out.shape == (3, vocab_t)
     size = 1.0 + float(t.float().abs().max()) + math.log(vocab_t)
@@ -342,7 +361,7 @@ def test_adjusted_logits_with_exact_delta_matches_float64(backend, dtype, vocab_
     tail = torch.log_softmax(t.double(), 1)[:, vocab_p:] / torch.tensor([0.7, 1.0, 1.3])[:, None].double()
     torch.testing.assert_close(out[:, vocab_p:].double(), tail, atol=1e-5, rtol=0)
     # eps plays no part with an exact D
-    torch.testing.assert_close(adfast.adjusted_logits(t, delta=delta, tau=tau, lam=lam, eps=123.0, backend=backend),
+    torch.testing.assert_close(adjusted_logits(t, delta=delta, tau=tau, lam=lam, eps=123.0, backend=backend),
                                out, atol=0, rtol=0)
 
 
@@ -359,11 +378,11 @@ def test_backends_draw_identical_tokens_with_exact_delta(vocab_t, vocab_p, dtype
         for offset in (0, 5, 2**40 + 1):
             kw = dict(delta=delta, tau=tau, lam=lam, mode=mode, seed=1234, offset=offset, top_k=top_k, top_p=top_p,
                       return_logprobs=True)
-            x_torch, lp_torch = adfast.sample(t, backend="torch", **kw)
-            x_triton, lp_triton = adfast.sample(t, backend="triton", **kw)
+            x_torch, lp_torch = sample(t, backend="torch", **kw)
+            x_triton, lp_triton = sample(t, backend="triton", **kw)
             assert torch.equal(x_torch, x_triton), (mode, offset)
             torch.testing.assert_close(lp_torch, lp_triton, atol=1e-5, rtol=0)
-            differs += int((x_torch != adfast.sample(t, backend="torch", **{**kw, "offset": offset + 1})[0]).sum())
+            differs += int((x_torch != sample(t, backend="torch", **{**kw, "offset": offset + 1})[0]).sum())
     assert differs > 0, "the draws do not depend on the offset"
 
 
@@ -374,8 +393,8 @@ def test_exact_delta_greedy_is_exact_argmax(backend, mode):
     delta = make_delta(5, 140, torch.float32, seed=5)
     lam = torch.tensor([0.0, 0.5, 2.0, -1.0, 5.0])
     kw = dict(delta=delta, tau=0.0, lam=lam, mode=mode, seed=9, offset=2, backend=backend)
-    objective = adfast.adjusted_logits(t, **kw)
-    assert torch.equal(adfast.sample(t, **kw), objective.argmax(1))
+    objective = adjusted_logits(t, **kw)
+    assert torch.equal(sample(t, **kw), objective.argmax(1))
     if mode == "antidistill":
         assert torch.equal(objective.argmax(1), reference_adjusted_exact(t, delta, 0.0, lam).argmax(1))
 
@@ -391,8 +410,8 @@ def test_exact_delta_equals_pair_given_its_difference(backend, vocab_t, vocab_p)
     lam = torch.tensor([0.05, -0.02, 0.1])
     for mode in ("antidistill", "permutation", "temperature"):
         kw = dict(tau=tau, lam=lam, mode=mode, seed=3, offset=1, backend=backend)
-        from_pair = adfast.adjusted_logits(t, p, m, eps=eps, **kw)
-        exact = adfast.adjusted_logits(t, delta=delta, **kw)
+        from_pair = adjusted_logits(t, p, m, eps=eps, **kw)
+        exact = adjusted_logits(t, delta=delta, **kw)
         torch.testing.assert_close(exact, from_pair, atol=adjusted_tolerance(t, p, lam, eps), rtol=0)
 
 
@@ -410,11 +429,11 @@ def test_exact_delta_row_constants_change_no_draw(backend, top_k, top_p):
     differs = 0
     for mode in adfast.MODES:
         for offset in range(3):
-            tokens, logprobs = adfast.sample(t, delta=delta, mode=mode, seed=11, offset=offset, **kw)
-            tokens_shifted, logprobs_shifted = adfast.sample(t, delta=shifted, mode=mode, seed=11, offset=offset, **kw)
+            tokens, logprobs = sample(t, delta=delta, mode=mode, seed=11, offset=offset, **kw)
+            tokens_shifted, logprobs_shifted = sample(t, delta=shifted, mode=mode, seed=11, offset=offset, **kw)
             assert torch.equal(tokens, tokens_shifted), (mode, offset)
             assert torch.equal(logprobs, logprobs_shifted)
-            bumped_tokens = adfast.sample(t, delta=bumped, mode=mode, seed=11, offset=offset, **kw)[0]
+            bumped_tokens = sample(t, delta=bumped, mode=mode, seed=11, offset=offset, **kw)[0]
             differs += int((bumped_tokens != tokens).sum())
     assert differs > 0
 
@@ -424,8 +443,8 @@ def test_exact_delta_temperature_mode_ignores_it(backend):
     t = torch.randn(4, 80, generator=torch.Generator().manual_seed(1))
     delta = make_delta(4, 80, torch.float32)
     kw = dict(tau=torch.tensor([1.0, 0.0, 0.5, 2.0]), lam=5.0, mode="temperature", seed=2, backend=backend)
-    assert torch.equal(adfast.sample(t, delta=delta, **kw), adfast.sample(t, **kw))
-    torch.testing.assert_close(adfast.adjusted_logits(t, delta=delta, **kw), adfast.adjusted_logits(t, **kw))
+    assert torch.equal(sample(t, delta=delta, **kw), sample(t, **kw))
+    torch.testing.assert_close(adjusted_logits(t, delta=delta, **kw), adjusted_logits(t, **kw))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -435,9 +454,9 @@ def test_non_finite_delta_is_refused(backend):
         delta = make_delta(3, 60, torch.float32)
         delta[1, 33] = value
         with pytest.raises(ValueError, match="proxy logits \\(or delta\\) contain NaN or \\+-inf \\(rows \\[1\\]\\)"):
-            adfast.sample(t, delta=delta, tau=1.0, lam=0.1, seed=0, backend=backend)
+            sample(t, delta=delta, tau=1.0, lam=0.1, seed=0, backend=backend)
         with pytest.raises(ValueError, match="proxy logits \\(or delta\\)"):
-            adfast.adjusted_logits(t, delta=delta, tau=1.0, lam=0.1, backend=backend)
+            adjusted_logits(t, delta=delta, tau=1.0, lam=0.1, backend=backend)
 
 
 def test_exact_delta_errors():

@@ -26,13 +26,12 @@ rounding errors scale with the terms, not with ``|da|``).
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_within
+from conftest import KERNEL_DEVICE as DEVICE, assert_within
 from torch.func import jvp
 
 from adfast import layer_ops
 from adfast.kernels.silu_mul import silu_mul, silu_mul_jvp
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 1, 200), (2, 3, 48), (2, 1, 100), (1, 4, 37)]  # (C, N, I): several column blocks, masked tails
 REF_K = {torch.float32: 8, torch.float16: 1, torch.bfloat16: 2}
