@@ -144,8 +144,8 @@ def read_config(path) -> dict:
     if path.suffix == ".toml":
         try:
             import tomllib
-        except ImportError:  # Python 3.10
-            raise ImportError("TOML configs need Python >= 3.11 (tomllib); use a JSON config") from None
+        except ImportError:  # Python 3.10: the same parser as the tomli package (a dependency there)
+            import tomli as tomllib
         with open(path, "rb") as f:
             raw = tomllib.load(f)
     elif path.suffix == ".json":
