@@ -273,7 +273,7 @@ def main(argv=None) -> int:
 
 def plot(rows, path):
     """tok/s against batch per variant, to ``path`` (PNG); a note instead where matplotlib is missing
-    (the GPU image has none: ``--plot-only`` redraws from the JSON elsewhere)."""
+    (``--plot-only`` redraws from the JSON elsewhere)."""
     try:
         import matplotlib
     except ImportError:

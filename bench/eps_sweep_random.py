@@ -19,8 +19,7 @@ model's sweet spot can lie higher (bfloat16's is at 0.1 on the 0.5B shape).
 
 Writes ``<out>/eps_sweep_<proxy>_random_<device>.json`` (``<proxy>``: ``qwen2_5_3b``,
 ``qwen2_5_0_5b`` or ``tiny``; rows, recommended ``eps`` per dtype, settings, timings) and ``.md``,
-and the ``.png`` where matplotlib is importable (``--plot-only JSON`` draws it later from the JSON:
-the GPU image has no matplotlib).
+and the ``.png`` where matplotlib is importable (``--plot-only JSON`` draws it later from the JSON).
 
 Usage: ``python bench/eps_sweep_random.py [--proxy qwen2.5-3b|qwen2.5-0.5b|tiny] [--holdout 16]
 [--test 8] [--out bench/results]``

@@ -17,7 +17,8 @@
 #   eps       bench/eps_sweep_random.py: eps curve of a random-weight Qwen2.5-3B-shaped proxy (~2 min)
 #   profile   bench/profile_step.py: where the step's time goes, each engine variant at batch 1 and 32 (~6 min)
 #   all       kernels, decode, jvp, eps and profile in a row (more than one call's limit: for a machine of your own)
-# The GPU image has no matplotlib: draw the plots afterwards with --plot-only (see each script).
+# Plots (PNG) are drawn where matplotlib is installed (the GPU image has it) and come back with the
+# JSON; --plot-only (see each script) redraws them from the JSON elsewhere.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 [ $# -ge 1 ] || { sed -n 2,20p "$0"; exit 2; }
@@ -28,7 +29,7 @@ status=0
 
 collect() {
     if [ -n "${OUT:-}" ]; then
-        cp bench/results/*.json bench/results/*.md bench/results/*.log "$OUT"/ 2>/dev/null || true
+        cp bench/results/*.json bench/results/*.md bench/results/*.png bench/results/*.log "$OUT"/ 2>/dev/null || true
     fi
 }
 
