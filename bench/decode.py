@@ -25,7 +25,7 @@ embeddings) over the device-to-device copy bandwidth measured in the same run.
 it is installed, else ours); ``engine_gb`` (engine rows on CUDA): the device memory the engine
 holds beyond the shared teacher decoder (proxy copies, or proxy and tangent; KV caches; graphs).
 Writes ``bench/results/decode-<device>.json`` (rows: ``device, batch, variant, tok_s, ms_step,
-limit_ms, limit_frac, attention, engine_gb``; rewritten after every row, so a
+limit_ms, limit_frac, attention, engine_gb, new_tokens``; rewritten after every row, so a
 run cut short keeps what it measured; ``--append`` merges into the rows already there) and a PNG
 of tok/s against batch (with matplotlib; ``--plot-only`` draws it from the JSON later).
 
@@ -205,7 +205,7 @@ def main(argv=None) -> int:
         attention = "transformers sdpa" if variant.startswith("hf_") else engine_attention
         row = dict(device=name, batch=batch, variant=variant, tok_s=batch * args.new_tokens / seconds,
                    ms_step=ms_step, limit_ms=limit_ms, limit_frac=limit_ms / ms_step, attention=attention,
-                   engine_gb=engine_gb)
+                   engine_gb=engine_gb, new_tokens=args.new_tokens)
         rows[:] = [r for r in rows if (r["batch"], r["variant"]) != (batch, variant)] + [row]
         stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
         print(f"B={batch:3d} {variant:20s} {row['tok_s']:9.1f} tok/s {ms_step:8.2f} ms/step "

@@ -5,10 +5,12 @@
 # (bench/decode.py rewrites its JSON per row: a step cut short still returns the rows it finished).
 #
 # Usage (repo root, on the GPU machine): bash bench/gpu_session.sh STAGE [STAGE ...]
-#   quick     the one call a 15-minute device budget allows (~9.5 min): GPU tests; engine rows at
-#             batch 1 and 32 (temperature, antidistill, exact-D jvp, low-rank jvp r8 and r128); a
-#             profile of the antidistill step at batch 1; the sampler at batch 1 and 64; the eps
-#             curve of a random 3B-shaped proxy; bench/goals.py's verdict on each issue goal
+#   quick     the one call a 15-minute device budget allows (~9.5 min): the GPU tests with the eps
+#             curve of a random 3B-shaped proxy beside them (neither is timed); the sampler at batch 1
+#             to 64; the engine rows at batch 1 to 64 (temperature, antidistill, permutation, exact-D
+#             jvp, low-rank jvp r8 to r512); Hugging Face generate rows (128 new tokens, the issue's
+#             reference protocol); a profile of the antidistill step at batch 1; bench/goals.py's
+#             verdict on each issue goal
 #   kernels   the whole test suite (the GPU tests, and the kernel tests on CUDA tensors instead of
 #             the interpreter); bench/sampler.py at batch 1 to 64                       (~5 min)
 #   decode    bench/decode.py: HF generate and engine temperature/antidistill/permutation (~6 min)
@@ -27,9 +29,16 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 mkdir -p bench/results
 status=0
 
+started=$(mktemp)  # results written after this are this session's
+
+# collect: the files this session wrote under bench/results, as one archive in $OUT (the device tool
+# returns at most 8 files), and the goals tables beside it to read at once.
 collect() {
     if [ -n "${OUT:-}" ]; then
-        cp bench/results/*.json bench/results/*.md bench/results/*.png bench/results/*.log "$OUT"/ 2>/dev/null || true
+        local part="$OUT/partial-$BASHPID.tgz"  # one per process: the eps step collects from the background
+        find bench/results -type f -newer "$started" -printf '%P\n' | tar czf "$part" -C bench/results -T - \
+            && mv "$part" "$OUT/results.tgz"
+        cp bench/results/goals-*.md "$OUT"/ 2>/dev/null || true
     fi
 }
 
@@ -42,15 +51,19 @@ step() {
     local rc=${PIPESTATUS[0]}
     [ "$rc" -eq 0 ] || { echo "== exit $rc: $*" | tee -a "$log"; status=1; }
     collect
+    return "$rc"
 }
 
 stage_quick() {
-    step 170 gpu-tests.log python3 -m pytest -q --maxfail=3 -m gpu tests
-    step 200 decode.log python3 bench/decode.py --append --batches 1 32 --jvp-ranks 8 128 \
-        --variants engine_temperature engine_antidistill engine_jvp engine_jvp_lowrank
-    step 60 profile.log python3 bench/profile_step.py --variant engine_antidistill --batch 1
-    step 40 sampler.log python3 bench/sampler.py --batches 1 64
-    step 80 eps-random.log python3 bench/eps_sweep_random.py --holdout 8 --test 4
+    step 140 eps-random.log python3 bench/eps_sweep_random.py --holdout 8 --test 4 >/dev/null &
+    local eps=$!
+    step 140 gpu-tests.log python3 -m pytest -q -n 4 --dist loadfile --tb=short --durations=15 -m gpu tests
+    wait "$eps" || status=1
+    step 60 sampler.log python3 bench/sampler.py
+    step 185 decode.log python3 bench/decode.py --append --jvp-ranks 8 32 128 512 --variants engine_temperature \
+        engine_antidistill engine_permutation engine_jvp engine_jvp_lowrank
+    step 100 decode-hf.log python3 bench/decode.py --append --new-tokens 128 --variants hf_antidistill hf_temperature
+    step 50 profile.log python3 bench/profile_step.py --variant engine_antidistill --batch 1
     step 10 goals.log python3 bench/goals.py
 }
 
