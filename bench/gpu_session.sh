@@ -13,6 +13,8 @@
 #             verdict on each issue goal
 #   kernels   the whole test suite (the GPU tests, and the kernel tests on CUDA tensors instead of
 #             the interpreter); bench/sampler.py at batch 1 to 64                       (~5 min)
+#   sampler   bench/sampler_tune.py (the fused sampler's launch plans), bench/sampler.py, the sampler's
+#             tests on the GPU, the engine's GPU tests, goals                        (~3.5 min)
 #   decode    bench/decode.py: HF generate and engine temperature/antidistill/permutation (~6 min)
 #   jvp       bench/decode.py --append: engine temperature, exact-D jvp, low-rank jvp r8..r512 (~6 min);
 #             on a fresh machine, first copy the returned decode-*.json into bench/results/
@@ -72,6 +74,14 @@ stage_kernels() {
     step 200 sampler.log python3 bench/sampler.py
 }
 
+stage_sampler() {
+    step 45 sampler.log python3 bench/sampler_tune.py --blocks 1024
+    step 30 sampler.log python3 bench/sampler.py
+    step 70 gpu-tests.log python3 -m pytest -q -n 8 --tb=short tests/test_sampling.py
+    step 45 gpu-tests.log python3 -m pytest -q -n 4 --tb=short -m gpu tests/test_engine.py
+    step 10 goals.log python3 bench/goals.py
+}
+
 stage_decode() {
     step 540 decode.log python3 bench/decode.py --append --variants hf_temperature hf_antidistill \
         engine_temperature engine_antidistill engine_permutation
@@ -98,12 +108,13 @@ for stage in "$@"; do
     case "$stage" in
         quick) stage_quick ;;
         kernels) stage_kernels ;;
+        sampler) stage_sampler ;;
         decode) stage_decode ;;
         jvp) stage_jvp ;;
         eps) stage_eps ;;
         profile) stage_profile ;;
         all) stage_kernels; stage_decode; stage_jvp; stage_eps; stage_profile; step 10 goals.log python3 bench/goals.py ;;
-        *) echo "unknown stage $stage (quick, kernels, decode, jvp, eps, profile, all)"; exit 2 ;;
+        *) echo "unknown stage $stage (quick, kernels, sampler, decode, jvp, eps, profile, all)"; exit 2 ;;
     esac
 done
 exit $status

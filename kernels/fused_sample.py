@@ -29,10 +29,19 @@ reported ``D`` itself comes from :mod:`adfast.kernels.adjusted_logits`, where al
 are applied.
 
 Work split. Stage 1 runs a ``[B, S]`` grid, each program streaming one vocabulary chunk and
-writing a partial (online max / sum-exp of t, p, m; best prefix and tail scores and indices;
-bad-input bits); stage 2 runs ``[B]`` programs that merge the S partials. S is chosen so the
-grid fills the GPU even at batch 1. Each logit is read once (stage 2 reads one teacher logit
-per row). Ties go to the smallest index.
+writing a partial (max / sum-exp of t, p, m; best prefix and tail scores and indices; bad-input
+bits); stage 2 runs ``[B]`` programs that merge the S partials. S is chosen so the grid fills the
+GPU even at batch 1. Each logit is read once (stage 2 reads one teacher logit per row). Ties go to
+the smallest index. Inside the loop every lane of the block keeps its own running state (a
+max / sum-exp pair per input with one exponential per logit, :func:`adfast.kernels.online_lse.lse_lane_update`;
+its best score and index; a NaN sentinel ``(p - m) * 0`` summed for the proxies' bad-input bit),
+and the lanes are folded once after the loop: the loop body has no cross-thread reduction and no
+barrier. The entries the proxies cover and the teacher-only tail (``v >= V_P``) run as two loops,
+so neither tests per logit which side it is on. Per logit that leaves the Philox RNG (a quarter
+of a call), the Gumbel transform (an accurate inner log, a hardware outer log:
+:func:`adfast.kernels.gumbel.gumbel_block`), one exponential per online log-sum-exp, and a few
+arithmetic operations; at about 80 instructions per logit (sm_90, three inputs, from the
+compiled SASS) the kernel is bound by instruction issue rather than by memory bandwidth.
 
 Bad-input bits per row: 1 = teacher NaN or +inf, 2 = proxy (or exact ``D``) NaN or +-inf,
 4 = every score -inf.
@@ -42,10 +51,16 @@ import triton
 import triton.language as tl
 
 from .gumbel import gumbel_block, split_offset
-from .online_lse import lse_merge, lse_update
+from .online_lse import LANE_FLOOR, lse_lane_update, lse_lanes_reduce, lse_merge
 from .proxy_block import load_proxy_block
+from . import split as launch_plan
 from .split import plan_splits
 
+
+# GPU launch defaults of stage 1 (bench/sampler_tune.py measures the alternatives): warps per
+# program (BLOCK = 1024 logits a loop step, so 8 warps give each thread 4 logits of each input) and
+# programs per SM that the [B, S] grid aims at.
+NUM_WARPS, PROGRAMS_PER_SM = 8, 4
 
 # Stage-1 partial layout: float32 [B, S, 8] and int32 [B, S, 3].
 F_TMAX, F_TSUM, F_PMAX, F_PSUM, F_MMAX, F_MSUM, F_BEST_PRE, F_BEST_TAIL = (tl.constexpr(i) for i in range(8))
@@ -53,10 +68,19 @@ I_IDX_PRE, I_IDX_TAIL, I_BAD = (tl.constexpr(i) for i in range(3))
 
 
 @triton.jit
-def _argmax_update(best, best_idx, z, start):
-    blk_best = tl.max(z, axis=0)
-    best_idx = tl.where(blk_best > best, start + tl.argmax(z, axis=0), best_idx)
-    return tl.maximum(best, blk_best), best_idx
+def _lane_argmax(best, best_idx, z, offs):
+    """Each lane keeps its best score and its index; a lane sees increasing indices, so a strict
+    ``>`` keeps the smallest index of a tie."""
+    up = z > best
+    return tl.where(up, z, best), tl.where(up, offs, best_idx)
+
+
+@triton.jit
+def _lanes_argmax(best, best_idx):
+    """The block's best score and its smallest index (-1 when every score is -inf)."""
+    top = tl.max(best, axis=0)
+    idx = tl.min(tl.where((best == top) & (best_idx >= 0), best_idx, 2147483647), axis=0)
+    return top, tl.where(idx == 2147483647, -1, idx)
 
 
 @triton.jit
@@ -64,7 +88,7 @@ def _fused_sample_partials(
     teacher_ptr, plus_ptr, minus_ptr, perm_ptr, tau_ptr, coef_ptr, offset_ptr, fpart_ptr, ipart_ptr,
     stride_t, stride_p, stride_perm, vocab_t, vocab_p, chunk, num_splits, seed,
     HAS_PROXY: tl.constexpr, SHIFT: tl.constexpr, PERMUTE: tl.constexpr, BLOCK: tl.constexpr,
-    EXACT_D: tl.constexpr = False,
+    EXACT_D: tl.constexpr = False, FAST_LOG: tl.constexpr = False,
 ):
     row = tl.program_id(0)
     split = tl.program_id(1)
@@ -76,41 +100,59 @@ def _fused_sample_partials(
     coef = tl.load(coef_ptr + row)
     off_lo, off_hi = split_offset(offset_ptr)
     t_row = teacher_ptr + row.to(tl.int64) * stride_t
-    prefix_end = vocab_p if SHIFT else vocab_t
+    lanes = tl.arange(0, BLOCK)
 
-    t_max, t_sum = -float("inf"), 0.0
-    p_max, p_sum = -float("inf"), 0.0
-    m_max, m_sum = -float("inf"), 0.0
-    best_pre, idx_pre = -float("inf"), -1
-    best_tail, idx_tail = -float("inf"), -1
-    bad = 0
-    for start in range(lo, hi, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        mask = offs < hi
+    # Lane-wise running state (module docstring: no cross-thread reduction inside the loops).
+    floor = tl.full([BLOCK], LANE_FLOOR, tl.float32)
+    t_max, t_sum = floor, tl.zeros([BLOCK], tl.float32)
+    p_max, p_sum = floor, tl.zeros([BLOCK], tl.float32)
+    m_max, m_sum = floor, tl.zeros([BLOCK], tl.float32)
+    best, idx = tl.full([BLOCK], -float("inf"), tl.float32), tl.full([BLOCK], -1, tl.int32)
+    proxy_check = tl.zeros([BLOCK], tl.float32)  # NaN once a proxy (or D) entry is NaN or +-inf
+
+    # Entries the proxies cover: teacher, both proxy rows (or D), and the noise.
+    if HAS_PROXY:
+        proxy_end = vocab_p
+    else:
+        proxy_end = lo
+    for start in range(lo, tl.minimum(hi, proxy_end), BLOCK):
+        offs = start + lanes
+        mask = offs < tl.minimum(hi, proxy_end)
         t = tl.load(t_row + offs, mask=mask, other=-float("inf")).to(tl.float32)
-        bad = bad | tl.max(((t != t) | (t == float("inf"))).to(tl.int32), axis=0)
-        t_max, t_sum = lse_update(t_max, t_sum, t)
-        z = t * inv_tau
-        if HAS_PROXY:
-            pmask = mask & (offs < vocab_p)
-            if EXACT_D:
-                p, m = load_proxy_block(plus_ptr, minus_ptr, perm_ptr, row, stride_p, stride_perm, offs, pmask,
-                                        PERMUTE, False)
-            else:
-                p, m = load_proxy_block(plus_ptr, minus_ptr, perm_ptr, row, stride_p, stride_perm, offs, pmask,
-                                        PERMUTE, True)
-            proxy_bad = (p != p) | (m != m) | (tl.abs(p) == float("inf")) | (tl.abs(m) == float("inf"))
-            bad = bad | (2 * tl.max(proxy_bad.to(tl.int32), axis=0))
-            z = z + coef * (p - m)
-            if SHIFT:
-                p_max, p_sum = lse_update(p_max, p_sum, tl.where(pmask, p, -float("inf")))
-                m_max, m_sum = lse_update(m_max, m_sum, tl.where(pmask, m, -float("inf")))
-        z = z + noise_scale * gumbel_block(seed, start, row, off_lo, off_hi, BLOCK)
-        in_prefix = offs < prefix_end
-        best_pre, idx_pre = _argmax_update(best_pre, idx_pre, tl.where(mask & in_prefix, z, -float("inf")), start)
+        t_max, t_sum = lse_lane_update(t_max, t_sum, t)
+        p, m = load_proxy_block(plus_ptr, minus_ptr, perm_ptr, row, stride_p, stride_perm, offs, mask,
+                                PERMUTE, not EXACT_D)
+        diff = p - m
+        proxy_check = diff * 0.0 + proxy_check
         if SHIFT:
-            best_tail, idx_tail = _argmax_update(best_tail, idx_tail, tl.where(mask & ~in_prefix, z, -float("inf")),
-                                                 start)
+            p_max, p_sum = lse_lane_update(p_max, p_sum, tl.where(mask, p, -float("inf")))
+            m_max, m_sum = lse_lane_update(m_max, m_sum, tl.where(mask, m, -float("inf")))
+        z = t * inv_tau + coef * diff + noise_scale * gumbel_block(seed, start, row, off_lo, off_hi, BLOCK, FAST_LOG)
+        best, idx = _lane_argmax(best, idx, z, offs)
+
+    # Entries beyond the proxies' vocabulary (the teacher's alone), from the 4-aligned block that
+    # holds the first of them; kept apart from the prefix when the proxy normalisers shift it.
+    tail_best, tail_idx = best, idx
+    if SHIFT:
+        tail_best, tail_idx = tl.full([BLOCK], -float("inf"), tl.float32), tl.full([BLOCK], -1, tl.int32)
+    tail_from = tl.maximum(lo, proxy_end)
+    for start in range(tl.maximum(lo, proxy_end // 4 * 4), hi, BLOCK):
+        offs = start + lanes
+        mask = (offs >= tail_from) & (offs < hi)
+        t = tl.load(t_row + offs, mask=mask, other=-float("inf")).to(tl.float32)
+        t_max, t_sum = lse_lane_update(t_max, t_sum, t)
+        z = t * inv_tau + noise_scale * gumbel_block(seed, start, row, off_lo, off_hi, BLOCK, FAST_LOG)
+        tail_best, tail_idx = _lane_argmax(tail_best, tail_idx, z, offs)
+    if not SHIFT:
+        best, idx = tail_best, tail_idx
+
+    t_max, t_sum = lse_lanes_reduce(t_max, t_sum)
+    p_max, p_sum = lse_lanes_reduce(p_max, p_sum)
+    m_max, m_sum = lse_lanes_reduce(m_max, m_sum)
+    best_pre, idx_pre = _lanes_argmax(best, idx)
+    best_tail, idx_tail = _lanes_argmax(tail_best, tail_idx)
+    proxy_sum = tl.sum(proxy_check, axis=0)
+    bad = tl.where((t_sum != t_sum) | (t_max == float("inf")), 1, 0) | tl.where(proxy_sum != proxy_sum, 2, 0)
 
     fpart = fpart_ptr + (row * num_splits + split) * 8
     tl.store(fpart + F_TMAX, t_max)
@@ -165,10 +207,13 @@ def _fused_sample_merge(
     tl.store(bad_ptr + row, bad)
 
 
-def fused_sample(teacher, plus, minus, perm, tau, coef, seed: int, offset, num_splits=None):
+def fused_sample(teacher, plus, minus, perm, tau, coef, seed: int, offset, num_splits=None, *, block=None,
+                 num_warps=None, programs_per_sm=PROGRAMS_PER_SM):
     """Launch the two stages. Shapes: teacher ``[B, V_T]``, plus/minus ``[B, V_P]`` or None,
     perm ``[B, V_P]`` int or None, tau/coef float32 ``[B]``, offset int64 ``[1]`` on the device.
     ``plus`` given with ``minus=None`` is the exact-D input: ``plus`` holds ``D`` (module docstring).
+    ``num_splits``, ``block``, ``num_warps``, ``programs_per_sm``: stage 1's launch plan
+    (:func:`adfast.kernels.split.plan_splits`; defaults above).
 
     Returns ``(tokens int64 [B], teacher_logprobs float32 [B], bad int32 [B])``.
     """
@@ -177,7 +222,8 @@ def fused_sample(teacher, plus, minus, perm, tau, coef, seed: int, offset, num_s
     exact = has_proxy and minus is None
     vocab_p = plus.shape[1] if has_proxy else 0
     shift = has_proxy and not exact and vocab_p < vocab_t
-    plan = plan_splits(batch, vocab_t, teacher.device, num_splits)
+    plan = plan_splits(batch, vocab_t, teacher.device, num_splits, block=block, num_warps=num_warps or NUM_WARPS,
+                       programs_per_sm=programs_per_sm)
     dev = teacher.device
     fpart = torch.empty(batch, plan.splits, 8, device=dev, dtype=torch.float32)
     ipart = torch.empty(batch, plan.splits, 3, device=dev, dtype=torch.int32)
@@ -190,7 +236,7 @@ def fused_sample(teacher, plus, minus, perm, tau, coef, seed: int, offset, num_s
         teacher.stride(0), plus.stride(0) if has_proxy else 0, perm.stride(0) if perm is not None else 0,
         vocab_t, vocab_p, plan.chunk, plan.splits, seed,
         HAS_PROXY=has_proxy, SHIFT=shift, PERMUTE=perm is not None, BLOCK=plan.block, EXACT_D=exact,
-        num_warps=plan.num_warps,
+        FAST_LOG=launch_plan.multiprocessor_count(dev) is not None, num_warps=plan.num_warps,
     )
     _fused_sample_merge[(batch,)](
         teacher, coef, fpart, ipart, tokens, logprobs, bad, teacher.stride(0), plan.splits,

@@ -27,18 +27,21 @@ class SplitPlan:
     num_warps: int
 
 
-def plan_splits(batch: int, vocab: int, device: torch.device, splits: int | None = None) -> SplitPlan:
-    """Cut each row into enough chunks that ``batch * splits`` programs cover the GPU about four
-    times over (at least ``4 * block`` logits each), or into ``splits`` chunks when given.
-    On CPU tensors (Triton interpreter) a small block keeps test vocabularies split in several chunks.
+def plan_splits(batch: int, vocab: int, device: torch.device, splits: int | None = None, *,
+                block: int | None = None, num_warps: int | None = None, programs_per_sm: int = 4) -> SplitPlan:
+    """Cut each row into enough chunks that ``batch * splits`` programs cover the GPU
+    ``programs_per_sm`` times over (at least ``4 * block`` logits each), or into ``splits`` chunks
+    when given; ``block`` (logits a program handles per loop step) and ``num_warps`` override the
+    GPU defaults (1024, 4). On CPU tensors (Triton interpreter) a small block keeps test
+    vocabularies split in several chunks.
     """
     sms = multiprocessor_count(device)
     if sms is not None:
-        block, num_warps = 1024, 4
+        block, num_warps = block or 1024, num_warps or 4
         if splits is None:
-            splits = max(1, min(-(-4 * sms // batch), vocab // (4 * block)))
+            splits = max(1, min(-(-programs_per_sm * sms // batch), vocab // (4 * block)))
     else:
-        block, num_warps = 64, 4
+        block, num_warps = block or 64, num_warps or 4
         splits = splits or max(1, min(4, vocab // (2 * block)))
     chunk = -(-vocab // splits)
     chunk = -(-chunk // block) * block

@@ -1,0 +1,71 @@
+"""The fused sampler's launch plan on a CUDA device: stage-1 block, warps and programs per SM, timed.
+
+For each batch size and each combination of ``--blocks`` (logits a program handles per loop
+step), ``--warps`` and ``--programs-per-sm`` (how many programs per SM the ``[B, S]`` grid aims
+at), times :func:`adfast.kernels.fused_sample.fused_sample` in antidistill mode on the sampler
+benchmark's inputs (Qwen2.5 vocabularies, bf16; a replayed CUDA graph, median of
+``triton.testing.do_bench``) and reports the fraction of the device-to-device copy bandwidth it
+reaches, counting each logit read once. The row marked ``default`` is the plan
+:data:`adfast.kernels.fused_sample.NUM_WARPS` / ``PROGRAMS_PER_SM`` picks.
+Writes ``bench/results/sampler_tune-<device>.json`` (rows: ``device, batch, block, num_warps,
+programs_per_sm, splits, us, bandwidth_frac, default``).
+
+Usage: ``python bench/sampler_tune.py [--batches 1 64] [--blocks 1024 2048] [--warps 4 8 16]
+[--programs-per-sm 2 4 8 16]``
+"""
+import argparse
+import itertools
+import json
+import pathlib
+import sys
+
+import torch
+
+from adfast.kernels import fused_sample as fs
+from adfast.kernels.split import plan_splits
+from sampler import VOCAB_P, VOCAB_T, copy_bandwidth, graph_time_ms
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--blocks", type=int, nargs="+", default=[1024, 2048])
+    parser.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--programs-per-sm", type=int, nargs="+", default=[2, 4, 8, 16])
+    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/sampler_tune.py times GPU kernels and needs a CUDA device", file=sys.stderr)
+        return 2
+    device = torch.cuda.get_device_name()
+    bandwidth = copy_bandwidth()
+    print(f"{device}: copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    rows = []
+    for batch in args.batches:
+        t = torch.randn(batch, VOCAB_T, device="cuda", dtype=torch.bfloat16) * 3
+        p = torch.randn(batch, VOCAB_P, device="cuda", dtype=torch.bfloat16) * 3
+        m = p + 1e-2 * torch.randn_like(p)
+        tau = torch.full((batch,), 0.7, device="cuda")
+        coef = torch.full((batch,), 0.5 / 2e-4, device="cuda")
+        offset = torch.zeros(1, dtype=torch.int64, device="cuda")
+        nbytes = batch * (VOCAB_T + 2 * VOCAB_P) * 2 + batch * 12
+        for block, warps, per_sm in itertools.product(args.blocks, args.warps, args.programs_per_sm):
+            plan = plan_splits(batch, VOCAB_T, t.device, block=block, num_warps=warps, programs_per_sm=per_sm)
+            ms, _ = graph_time_ms(lambda: fs.fused_sample(t, p, m, None, tau, coef, 1, offset, block=block,
+                                                          num_warps=warps, programs_per_sm=per_sm))
+            default = block == 1024 and warps == fs.NUM_WARPS and per_sm == fs.PROGRAMS_PER_SM
+            frac = nbytes / (ms * 1e-3) / bandwidth
+            rows.append(dict(device=device, batch=batch, block=block, num_warps=warps, programs_per_sm=per_sm,
+                             splits=plan.splits, us=ms * 1e3, bandwidth_frac=frac, default=default))
+            print(f"B={batch:3d} block {block:5d} warps {warps:2d} programs/SM {per_sm:2d} (S={plan.splits:3d}) "
+                  f"{ms * 1e3:7.1f} us {frac:6.1%} of copy{'  (default)' if default else ''}", flush=True)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"sampler_tune-{device.replace(' ', '_')}.json"
+    path.write_text(json.dumps(rows, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
