@@ -11,7 +11,10 @@ instead of launched. Outputs stay uninitialised; nothing runs.
 
 For each compiled specialisation it reports the kernel, the case that produced it, its
 ``constexpr`` values, warps, shared memory, and (from the bundled ``cuobjdump``) registers per
-thread and local-memory bytes per thread, which are register spills when non-zero.
+thread, local-memory bytes per thread, which are register spills when non-zero, and the SASS
+instructions of its largest loop (one iteration: divided by the elements a thread handles per
+iteration, the instruction cost of an element, which bounds a kernel that issue rather than memory
+limits).
 
 Usage: ``python -m adfast.compile_check [--arch 90] [--sms 132] [--jobs N] [--json PATH]``; exit
 status 1 when a kernel fails to compile or spills. ``--jobs`` (default: the CPU count) shares the
@@ -58,6 +61,7 @@ class CompiledKernel:
     shared_bytes: int
     registers: int | None
     local_bytes: int | None
+    loop_instructions: int | None  # SASS instructions in the kernel's largest loop (one iteration)
     hash: str  # Triton's key of the specialisation
 
 
@@ -82,20 +86,43 @@ class _CudaTarget:
         return torch.device("cpu")
 
 
-def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
-    """``(registers, local bytes)`` per thread from ``cuobjdump --dump-resource-usage``; Nones without it."""
+def _cuobjdump(cubin: bytes, flag: str) -> str | None:
+    """``cuobjdump FLAG`` of ``cubin`` with the tool Triton bundles; None without it."""
     import triton.backends.nvidia as nvidia
 
     tool = pathlib.Path(nvidia.__file__).parent / "bin" / "cuobjdump"
     if not tool.exists():
-        return None, None
+        return None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True,
-                              check=True).stdout
+        return subprocess.run([str(tool), flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
+    """``(registers, local bytes)`` per thread from ``cuobjdump --dump-resource-usage``; Nones without it."""
+    text = _cuobjdump(cubin, "--dump-resource-usage")
+    if text is None:
+        return None, None
     regs, local = re.search(r"REG:(\d+)", text), re.search(r"LOCAL:(\d+)", text)
     return (int(regs.group(1)) if regs else None), (int(local.group(1)) if local else None)
+
+
+def loop_instructions(sass: str) -> int | None:
+    """Instructions in the largest loop of a SASS listing: over each backward branch (``BRA`` to a
+    lower address), the instructions from its target to the branch itself; None without loops."""
+    address = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+    sizes, index = [], {}
+    for line in sass.splitlines():
+        m = address.search(line)
+        if not m:
+            continue
+        here = int(m.group(1), 16)
+        index[here] = len(index)
+        branch = re.search(r"\bBRA\s+0x([0-9a-f]+)", m.group(2))
+        if branch and int(branch.group(1), 16) < here and int(branch.group(1), 16) in index:
+            sizes.append(index[here] - index[int(branch.group(1), 16)] + 1)
+    return max(sizes) if sizes else None
 
 
 @contextlib.contextmanager
@@ -117,8 +144,10 @@ def _compile_instead_of_launch(arch: int, sms: int, compiled: list, case: list):
             constexprs = {self.arg_names[path[0]]: value for path, value in kernel.src.constants.items()
                           if len(path) == 1 and self.arg_names[path[0]].isupper()}
             registers, local = _resource_usage(kernel.asm["cubin"])
+            sass = _cuobjdump(kernel.asm["cubin"], "-sass")
             compiled.append(CompiledKernel(self.fn.__name__, case[0], constexprs, kernel.metadata.num_warps,
-                                           kernel.metadata.shared, registers, local, kernel.hash))
+                                           kernel.metadata.shared, registers, local,
+                                           None if sass is None else loop_instructions(sass), kernel.hash))
         return kernel
 
     triton.runtime.driver.set_active(_CudaTarget(arch))
@@ -299,10 +328,10 @@ def main(argv=None) -> int:
     compiled, failures = compile_all(args.arch, args.sms, jobs=args.jobs)
     print(f"triton {triton.__version__}, sm_{args.arch}, {args.sms} SMs: {len(compiled)} specialisations compiled, "
           f"{len(failures)} cases failed")
-    print(f"{'kernel':<24} {'warps':>5} {'regs':>5} {'local':>5} {'smem':>6}  constexprs (first case)")
+    print(f"{'kernel':<24} {'warps':>5} {'regs':>5} {'local':>5} {'smem':>6} {'loop':>5}  constexprs (first case)")
     for k in compiled:
-        print(f"{k.kernel:<24} {k.num_warps:>5} {k.registers!s:>5} {k.local_bytes!s:>5} {k.shared_bytes:>6}  "
-              f"{k.constexprs} ({k.case})")
+        print(f"{k.kernel:<24} {k.num_warps:>5} {k.registers!s:>5} {k.local_bytes!s:>5} {k.shared_bytes:>6} "
+              f"{k.loop_instructions!s:>5}  {k.constexprs} ({k.case})")
     spills = [k for k in compiled if k.local_bytes]
     for k in spills:
         print(f"SPILL: {k.kernel} uses {k.local_bytes} bytes of local memory per thread ({k.case})")

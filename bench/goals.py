@@ -8,7 +8,12 @@ Reads, from ``--results`` (default ``bench/results``):
   full-gradient D),
 
 and, per device, decides each goal as ``met``, ``missed`` or ``not measured`` (a row it needs is
-absent). The goals, as the issues state them for the 7B/3B shapes (all ratios, so they read the same
+absent). Where ``profile-<device>-<variant>-b<batch>.json`` files (:mod:`bench.profile_step`)
+exist, it adds where each profiled step's time goes: the step's span and the union of its kernel
+intervals (so ``span - busy`` is time with no kernel running), the summed time of the matmul
+kernels (cuBLAS: ``nvjet``, ``gemm``, ``cutlass``, split-K reductions) and of all other kernels,
+the launches per step, and the weight-read limit of the same variant and batch. With two streams
+(antidistillation: teacher and proxies overlap) the sums exceed ``busy``. The goals, as the issues state them for the 7B/3B shapes (all ratios, so they read the same
 on an H100 or an H200; ``limit_frac`` is the weight-read floor over the measured step time):
 
 - #2: the fused sampler at batch 64 reaches >= 80% of the copy bandwidth and is >= 5x eager PyTorch;
@@ -93,6 +98,25 @@ def sampler_goals(rows: list[dict]) -> list[Goal]:
             at_least("#2", "fused sampler, speed-up over eager PyTorch", 64, fused and fused["speedup_vs_eager"], 5)]
 
 
+MATMUL_MARKERS = ("nvjet", "gemm", "cutlass", "splitKreduce")
+
+
+def step_breakdown(profiles: list[dict], rows: list[dict]) -> str:
+    """A markdown table of where each profiled step's time goes (module docstring)."""
+    lines = ["| variant | batch | span ms | busy ms | no kernel ms | matmul kernels ms | other kernels ms | "
+             "launches | limit ms |", "|---|---|---|---|---|---|---|---|---|"]
+    for prof in sorted(profiles, key=lambda p: (p["variant"], p["batch"])):
+        matmul = sum(k["ms_per_step"] for k in prof["kernels"] if any(m in k["name"] for m in MATMUL_MARKERS))
+        total = sum(k["ms_per_step"] for k in prof["kernels"])
+        launches = sum(k["launches_per_step"] for k in prof["kernels"])
+        row = find(rows, prof["variant"], prof["batch"])
+        limit = "-" if row is None else f"{row['limit_ms']:.2f}"
+        lines.append(f"| {prof['variant']} | {prof['batch']} | {prof['span_ms']:.2f} | {prof['busy_ms']:.2f} | "
+                     f"{prof['span_ms'] - prof['busy_ms']:.2f} | {matmul:.2f} | {total - matmul:.2f} | "
+                     f"{launches:.0f} | {limit} |")
+    return "\n".join(lines)
+
+
 def table(goals: list[Goal]) -> str:
     lines = ["| issue | goal | batch | measured | target | verdict |", "|---|---|---|---|---|---|"]
     for g in goals:
@@ -122,10 +146,17 @@ def main(argv=None) -> int:
     if not decode and not sampler:
         print(f"no decode-*.json or sampler-*.json in {args.results}: nothing to check", file=sys.stderr)
         return 2
+    profiles = {}
+    for path in sorted(args.results.glob("profile-*.json")):
+        prof = json.loads(path.read_text())
+        profiles.setdefault(prof["device"], []).append(prof)
     for device in sorted(set(decode) | set(sampler)):
         text = (f"# Goals on {device}\n\nFrom {args.results}; the low-rank rank ({rank}) is the smallest "
                 f"whose D keeps cosine >= 0.95 ({fidelity.name}).\n\n"
                 + table(sampler_goals(sampler.get(device, [])) + decode_goals(decode.get(device, []), rank)) + "\n")
+        if profiles.get(device):
+            text += ("\n## Where the profiled steps' time goes (bench/profile_step.py, ms per step)\n\n"
+                     + step_breakdown(profiles[device], decode.get(device, [])) + "\n")
         print(text)
         (args.results / f"goals-{device.replace(' ', '_')}.md").write_text(text)
     return 0

@@ -40,8 +40,8 @@ barrier. The entries the proxies cover and the teacher-only tail (``v >= V_P``) 
 so neither tests per logit which side it is on. Per logit that leaves the Philox RNG (a quarter
 of a call), the Gumbel transform (an accurate inner log, a hardware outer log:
 :func:`adfast.kernels.gumbel.gumbel_block`), one exponential per online log-sum-exp, and a few
-arithmetic operations; at about 80 instructions per logit (sm_90, three inputs, from the
-compiled SASS) the kernel is bound by instruction issue rather than by memory bandwidth.
+arithmetic operations; at about 83 instructions per vocabulary entry (sm_90, three inputs, from the
+compiled SASS: ``python -m adfast.compile_check``) the kernel is bound by instruction issue rather than by memory bandwidth.
 
 Bad-input bits per row: 1 = teacher NaN or +inf, 2 = proxy (or exact ``D``) NaN or +-inf,
 4 = every score -inf.

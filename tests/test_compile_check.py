@@ -111,3 +111,29 @@ def test_a_kernel_the_interpreter_accepts_but_the_compiler_rejects_is_reported(t
     assert result["compiled"] == ["double_kernel"]
     assert [label for label, _ in result["failures"]] == ["bad"]
     assert "SCALE" in result["failures"][0][1]
+
+
+def test_fused_sampler_loop_stays_within_its_instruction_budget(report):
+    """Stage 1 of the fused sampler is bound by instruction issue (kernels/fused_sample.py): its loop
+    costs about 83 SASS instructions a vocabulary entry with three inputs; the design it replaced,
+    with cross-thread reductions in every iteration, cost 160. The bound catches such a regression."""
+    for k in report[1]["compiled"]:
+        if k["kernel"] == "_fused_sample_partials" and k["loop_instructions"] is not None:
+            logits_per_thread = k["constexprs"]["BLOCK"] / (32 * k["num_warps"])
+            assert k["loop_instructions"] / logits_per_thread <= 110, k
+
+
+def test_loop_instructions_counts_the_largest_backward_branch():
+    from adfast.compile_check import loop_instructions
+
+    listing = "\n".join([
+        "        /*0000*/                   MOV R1, c[0x0][0x28] ;",
+        "        /*0010*/                   IADD3 R2, R1, 0x1, RZ ;",  # outer loop from here
+        "        /*0020*/                   FADD R3, R3, 1 ;",  # inner loop from here
+        "        /*0030*/               @P0 BRA 0x20 ;",  # inner: 2 instructions
+        "        /*0040*/              @!P1 BRA 0x10 ;",  # outer: 4 instructions
+        "        /*0050*/               @P2 BRA 0x70 ;",  # forward: not a loop
+        "        /*0060*/                   EXIT ;",
+    ])
+    assert loop_instructions(listing) == 4
+    assert loop_instructions("        /*0000*/                   EXIT ;") is None

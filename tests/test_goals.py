@@ -69,3 +69,18 @@ def test_each_goal_is_decided_from_the_rows(goals, tmp_path):
 def test_nothing_to_check_is_an_error(goals, tmp_path, capsys):
     assert goals.main(["--results", str(tmp_path)]) == 2
     assert "nothing to check" in capsys.readouterr().err
+
+
+def test_profiles_are_broken_down_beside_the_goals(goals, tmp_path):
+    gpu = "NVIDIA H200"
+    write(tmp_path / "decode-NVIDIA_H200.json", [decode_row(gpu, 1, "engine_temperature", 4.0, 3.3)])
+    (tmp_path / "profile-NVIDIA_H200-engine_temperature-b1.json").write_text(json.dumps(dict(
+        device=gpu, variant="engine_temperature", batch=1, steps=4, busy_ms=3.5, span_ms=3.9, idle_frac=0.1,
+        kernels=[dict(name="nvjet_sm90_tst_384x8", launches_per_step=28.0, ms_per_step=2.5),
+                 dict(name="void cublasLt::splitKreduce_kernel<32>", launches_per_step=28.0, ms_per_step=0.25),
+                 dict(name="_add_rms_norm", launches_per_step=57.0, ms_per_step=0.5)])))
+    write(tmp_path / "decode-other.json", [decode_row("other", 1, "engine_temperature", 4.0, 3.3)])
+    assert goals.main(["--results", str(tmp_path)]) == 0
+    report = (tmp_path / "goals-NVIDIA_H200.md").read_text()
+    assert "| engine_temperature | 1 | 3.90 | 3.50 | 0.40 | 2.75 | 0.50 | 113 | 3.30 |" in report
+    assert "Where the profiled steps" not in (tmp_path / "goals-other.md").read_text()
