@@ -59,6 +59,24 @@ def graph_time_ms(fn) -> tuple[float, bool]:
     return triton.testing.do_bench(graph.replay, warmup=50, rep=300, return_mode="median"), True
 
 
+def device_and_bandwidth(script: str) -> tuple[str, float] | None:
+    """The CUDA device's name and its copy bandwidth (printed); None, after saying why, without one."""
+    if not torch.cuda.is_available():
+        print(f"{script} times GPU kernels and needs a CUDA device", file=sys.stderr)
+        return None
+    device, bandwidth = torch.cuda.get_device_name(), copy_bandwidth()
+    print(f"{device}: copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    return device, bandwidth
+
+
+def qwen_logits(batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The benchmark's bf16 inputs on the GPU: teacher ``[B, 152064]``, plus ``[B, 151936]`` (scale 3)
+    and minus (plus moved by 1e-2 noise, as a nearby perturbed copy would be)."""
+    t = torch.randn(batch, VOCAB_T, device="cuda", dtype=torch.bfloat16) * 3
+    p = torch.randn(batch, VOCAB_P, device="cuda", dtype=torch.bfloat16) * 3
+    return t, p, p + 1e-2 * torch.randn_like(p)
+
+
 def eager_sample(t, p, m, tau, lam, eps):
     a = torch.log_softmax(t.float(), -1) / tau
     d = (torch.log_softmax(p.float(), -1) - torch.log_softmax(m.float(), -1)) / (2 * eps)
@@ -71,17 +89,13 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench/sampler.py measures GPU kernels and needs a CUDA device", file=sys.stderr)
+    found = device_and_bandwidth("bench/sampler.py")
+    if found is None:
         return 2
-    device = torch.cuda.get_device_name()
-    bandwidth = copy_bandwidth()
-    print(f"{device}: copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    device, bandwidth = found
     rows = []
     for batch in args.batches:
-        t = torch.randn(batch, VOCAB_T, device="cuda", dtype=torch.bfloat16) * 3
-        p = torch.randn(batch, VOCAB_P, device="cuda", dtype=torch.bfloat16) * 3
-        m = p + 1e-2 * torch.randn_like(p)
+        t, p, m = qwen_logits(batch)
         offset = torch.zeros(1, dtype=torch.int64, device="cuda")
         kw = dict(tau=0.7, lam=0.5, eps=1e-4, seed=1, offset=offset, check=False)
         in_bytes = batch * (VOCAB_T + 2 * VOCAB_P) * 2

@@ -23,7 +23,7 @@ import sys
 import torch
 
 from adfast.kernels.split import plan_splits
-from sampler import VOCAB_P, VOCAB_T, copy_bandwidth, graph_time_ms
+from sampler import VOCAB_P, VOCAB_T, device_and_bandwidth, graph_time_ms, qwen_logits
 
 fs = importlib.import_module("adfast.kernels.fused_sample")  # the module: adfast.kernels exports a function of that name
 
@@ -36,17 +36,13 @@ def main(argv=None) -> int:
     parser.add_argument("--programs-per-sm", type=int, nargs="+", default=[2, 4, 8, 16])
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench/sampler_tune.py times GPU kernels and needs a CUDA device", file=sys.stderr)
+    found = device_and_bandwidth("bench/sampler_tune.py")
+    if found is None:
         return 2
-    device = torch.cuda.get_device_name()
-    bandwidth = copy_bandwidth()
-    print(f"{device}: copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    device, bandwidth = found
     rows = []
     for batch in args.batches:
-        t = torch.randn(batch, VOCAB_T, device="cuda", dtype=torch.bfloat16) * 3
-        p = torch.randn(batch, VOCAB_P, device="cuda", dtype=torch.bfloat16) * 3
-        m = p + 1e-2 * torch.randn_like(p)
+        t, p, m = qwen_logits(batch)
         tau = torch.full((batch,), 0.7, device="cuda")
         coef = torch.full((batch,), 0.5 / 2e-4, device="cuda")
         offset = torch.zeros(1, dtype=torch.int64, device="cuda")
