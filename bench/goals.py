@@ -13,7 +13,9 @@ exist, it adds where each profiled step's time goes: the step's span and the uni
 intervals (so ``span - busy`` is time with no kernel running), the summed time of the matmul
 kernels (cuBLAS: ``nvjet``, ``gemm``, ``cutlass``, split-K reductions) and of all other kernels,
 the launches per step, and the weight-read limit of the same variant and batch. With two streams
-(antidistillation: teacher and proxies overlap) the sums exceed ``busy``. The goals, as the issues state them for the 7B/3B shapes (all ratios, so they read the same
+(antidistillation: teacher and proxies overlap) the sums exceed ``busy``.
+
+The goals, as the issues state them for the 7B/3B shapes (all ratios, so they read the same
 on an H100 or an H200; ``limit_frac`` is the weight-read floor over the measured step time):
 
 - #2: the fused sampler at batch 64 reaches >= 80% of the copy bandwidth and is >= 5x eager PyTorch;

@@ -25,7 +25,8 @@ import torch
 from adfast.kernels.split import plan_splits
 from sampler import VOCAB_P, VOCAB_T, device_and_bandwidth, graph_time_ms, qwen_logits
 
-fs = importlib.import_module("adfast.kernels.fused_sample")  # the module: adfast.kernels exports a function of that name
+# the module itself: adfast.kernels exports a function of the same name
+fs = importlib.import_module("adfast.kernels.fused_sample")
 
 
 def main(argv=None) -> int:

@@ -41,7 +41,8 @@ so neither tests per logit which side it is on. Per logit that leaves the Philox
 of a call), the Gumbel transform (an accurate inner log, a hardware outer log:
 :func:`adfast.kernels.gumbel.gumbel_block`), one exponential per online log-sum-exp, and a few
 arithmetic operations; at about 83 instructions per vocabulary entry (sm_90, three inputs, from the
-compiled SASS: ``python -m adfast.compile_check``) the kernel is bound by instruction issue rather than by memory bandwidth.
+compiled SASS: ``python -m adfast.compile_check``) the kernel is bound by instruction issue rather
+than by memory bandwidth.
 
 Bad-input bits per row: 1 = teacher NaN or +inf, 2 = proxy (or exact ``D``) NaN or +-inf,
 4 = every score -inf.
@@ -50,10 +51,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import split as launch_plan
 from .gumbel import gumbel_block, split_offset
 from .online_lse import LANE_FLOOR, lse_lane_update, lse_lanes_reduce, lse_merge
 from .proxy_block import load_proxy_block
-from . import split as launch_plan
 from .split import plan_splits
 
 
@@ -111,24 +112,23 @@ def _fused_sample_partials(
     proxy_check = tl.zeros([BLOCK], tl.float32)  # NaN once a proxy (or D) entry is NaN or +-inf
 
     # Entries the proxies cover: teacher, both proxy rows (or D), and the noise.
+    proxy_end = lo
     if HAS_PROXY:
         proxy_end = vocab_p
-    else:
-        proxy_end = lo
-    for start in range(lo, tl.minimum(hi, proxy_end), BLOCK):
-        offs = start + lanes
-        mask = offs < tl.minimum(hi, proxy_end)
-        t = tl.load(t_row + offs, mask=mask, other=-float("inf")).to(tl.float32)
-        t_max, t_sum = lse_lane_update(t_max, t_sum, t)
-        p, m = load_proxy_block(plus_ptr, minus_ptr, perm_ptr, row, stride_p, stride_perm, offs, mask,
-                                PERMUTE, not EXACT_D)
-        diff = p - m
-        proxy_check = diff * 0.0 + proxy_check
-        if SHIFT:
-            p_max, p_sum = lse_lane_update(p_max, p_sum, tl.where(mask, p, -float("inf")))
-            m_max, m_sum = lse_lane_update(m_max, m_sum, tl.where(mask, m, -float("inf")))
-        z = t * inv_tau + coef * diff + noise_scale * gumbel_block(seed, start, row, off_lo, off_hi, BLOCK, FAST_LOG)
-        best, idx = _lane_argmax(best, idx, z, offs)
+        for start in range(lo, tl.minimum(hi, proxy_end), BLOCK):
+            offs = start + lanes
+            mask = offs < tl.minimum(hi, proxy_end)
+            t = tl.load(t_row + offs, mask=mask, other=-float("inf")).to(tl.float32)
+            t_max, t_sum = lse_lane_update(t_max, t_sum, t)
+            p, m = load_proxy_block(plus_ptr, minus_ptr, perm_ptr, row, stride_p, stride_perm, offs, mask,
+                                    PERMUTE, not EXACT_D)
+            diff = p - m
+            proxy_check = diff * 0.0 + proxy_check
+            if SHIFT:
+                p_max, p_sum = lse_lane_update(p_max, p_sum, tl.where(mask, p, -float("inf")))
+                m_max, m_sum = lse_lane_update(m_max, m_sum, tl.where(mask, m, -float("inf")))
+            noise = gumbel_block(seed, start, row, off_lo, off_hi, BLOCK, FAST_LOG)
+            best, idx = _lane_argmax(best, idx, t * inv_tau + coef * diff + noise_scale * noise, offs)
 
     # Entries beyond the proxies' vocabulary (the teacher's alone), from the 4-aligned block that
     # holds the first of them; kept apart from the prefix when the proxy normalisers shift it.
