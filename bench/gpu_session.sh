@@ -11,6 +11,9 @@
 #             jvp, low-rank jvp r8 to r512); Hugging Face generate rows (128 new tokens, the issue's
 #             reference protocol); a profile of the antidistill step at batch 1; bench/goals.py's
 #             verdict on each issue goal
+#   followup  after quick and sampler (one H200, 2026-12-04): the whole test suite on the GPU, the
+#             engine's temperature and antidistillation rows at batch 1 and 32 again (the sampler
+#             was rewritten after they ran), a profile of antidistillation at batch 1, goals (~8 min)
 #   kernels   the whole test suite (the GPU tests, and the kernel tests on CUDA tensors instead of
 #             the interpreter); bench/sampler.py at batch 1 to 64                       (~5 min)
 #   sampler   bench/sampler_tune.py (the fused sampler's launch plans), bench/sampler.py, the sampler's
@@ -82,6 +85,14 @@ stage_sampler() {
     step 10 goals.log python3 bench/goals.py
 }
 
+stage_followup() {
+    step 300 gpu-tests.log python3 -m pytest -q -n 8 --dist loadfile --tb=short tests
+    step 120 decode.log python3 bench/decode.py --append --batches 1 32 --variants engine_temperature \
+        engine_antidistill
+    step 50 profile.log python3 bench/profile_step.py --variant engine_antidistill --batch 1
+    step 10 goals.log python3 bench/goals.py
+}
+
 stage_decode() {
     step 540 decode.log python3 bench/decode.py --append --variants hf_temperature hf_antidistill \
         engine_temperature engine_antidistill engine_permutation
@@ -109,12 +120,13 @@ for stage in "$@"; do
         quick) stage_quick ;;
         kernels) stage_kernels ;;
         sampler) stage_sampler ;;
+        followup) stage_followup ;;
         decode) stage_decode ;;
         jvp) stage_jvp ;;
         eps) stage_eps ;;
         profile) stage_profile ;;
         all) stage_kernels; stage_decode; stage_jvp; stage_eps; stage_profile; step 10 goals.log python3 bench/goals.py ;;
-        *) echo "unknown stage $stage (quick, kernels, sampler, decode, jvp, eps, profile, all)"; exit 2 ;;
+        *) echo "unknown stage $stage (quick, followup, kernels, sampler, decode, jvp, eps, profile, all)"; exit 2 ;;
     esac
 done
 exit $status
