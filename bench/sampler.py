@@ -77,6 +77,12 @@ def qwen_logits(batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return t, p, p + 1e-2 * torch.randn_like(p)
 
 
+def fused_bytes(batch: int) -> int:
+    """Bytes the fused antidistillation draw must move: each bf16 logit of the three inputs read once,
+    and per row the token (int64) and the teacher log-prob (float32) written."""
+    return batch * (VOCAB_T + 2 * VOCAB_P) * 2 + batch * 12
+
+
 def eager_sample(t, p, m, tau, lam, eps):
     a = torch.log_softmax(t.float(), -1) / tau
     d = (torch.log_softmax(p.float(), -1) - torch.log_softmax(m.float(), -1)) / (2 * eps)
@@ -100,7 +106,7 @@ def main(argv=None) -> int:
         kw = dict(tau=0.7, lam=0.5, eps=1e-4, seed=1, offset=offset, check=False)
         in_bytes = batch * (VOCAB_T + 2 * VOCAB_P) * 2
         variants = {
-            "fused": (lambda: adfast.sample(t, p, m, **kw), in_bytes + batch * 12),
+            "fused": (lambda: adfast.sample(t, p, m, **kw), fused_bytes(batch)),
             "fused_temperature": (lambda: adfast.sample(t, None, None, mode="temperature", **kw),
                                   batch * VOCAB_T * 2 + batch * 12),
             "adjusted": (lambda: adfast.adjusted_logits(t, p, m, **kw), 2 * in_bytes + batch * VOCAB_T * 4),

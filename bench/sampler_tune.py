@@ -23,7 +23,7 @@ import sys
 import torch
 
 from adfast.kernels.split import plan_splits
-from sampler import VOCAB_P, VOCAB_T, device_and_bandwidth, graph_time_ms, qwen_logits
+from sampler import VOCAB_T, device_and_bandwidth, fused_bytes, graph_time_ms, qwen_logits
 
 # the module itself: adfast.kernels exports a function of the same name
 fs = importlib.import_module("adfast.kernels.fused_sample")
@@ -47,12 +47,13 @@ def main(argv=None) -> int:
         tau = torch.full((batch,), 0.7, device="cuda")
         coef = torch.full((batch,), 0.5 / 2e-4, device="cuda")
         offset = torch.zeros(1, dtype=torch.int64, device="cuda")
-        nbytes = batch * (VOCAB_T + 2 * VOCAB_P) * 2 + batch * 12
+        nbytes = fused_bytes(batch)
+        default_block = plan_splits(batch, VOCAB_T, t.device).block
         for block, warps, per_sm in itertools.product(args.blocks, args.warps, args.programs_per_sm):
             plan = plan_splits(batch, VOCAB_T, t.device, block=block, num_warps=warps, programs_per_sm=per_sm)
             ms, _ = graph_time_ms(lambda: fs.fused_sample(t, p, m, None, tau, coef, 1, offset, block=block,
                                                           num_warps=warps, programs_per_sm=per_sm))
-            default = block == 1024 and warps == fs.NUM_WARPS and per_sm == fs.PROGRAMS_PER_SM
+            default = (block, warps, per_sm) == (default_block, fs.NUM_WARPS, fs.PROGRAMS_PER_SM)
             frac = nbytes / (ms * 1e-3) / bandwidth
             rows.append(dict(device=device, batch=batch, block=block, num_warps=warps, programs_per_sm=per_sm,
                              splits=plan.splits, us=ms * 1e3, bandwidth_frac=frac, default=default))
