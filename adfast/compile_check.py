@@ -266,6 +266,27 @@ def _layer_cases():
     return cases
 
 
+def _linear_cases():
+    """``(label, thunk)`` pairs driving :func:`adfast.kernels.decode_linear.decode_linear` on the
+    decode-time linear layers of the teacher and the proxy pair (with the qkv bias) at 1, 32 and 64
+    rows, bf16 and fp32."""
+    from .kernels.decode_linear import decode_linear
+
+    cases = []
+    for label, copies, hidden, inter, heads, kv_heads, head_dim in LAYER_SHAPES[:2]:
+        qkv = (heads + 2 * kv_heads) * head_dim
+        for dtype in (torch.bfloat16, torch.float32):
+            for rows in (1, 32, 64):
+                for layer, outputs, inputs, bias in (("qkv", qkv, hidden, True), ("o", hidden, heads * head_dim, False),
+                                                     ("gate_up", 2 * inter, hidden, False),
+                                                     ("down", hidden, inter, False)):
+                    name = f"{label} {layer} {str(dtype).split('.')[1]} M{rows}"
+                    x, w = torch.empty(copies, rows, inputs, dtype=dtype), torch.empty(copies, outputs, inputs, dtype=dtype)
+                    b = torch.empty(copies, outputs, dtype=dtype) if bias else None
+                    cases.append((f"decode_linear {name}", lambda x=x, w=w, b=b: decode_linear(x, w, b)))
+    return cases
+
+
 def compile_all(arch: int = 90, sms: int = 132, cases=None, jobs: int = 1,
                 ) -> tuple[list[CompiledKernel], list[tuple[str, str]]]:
     """Compile every case for ``sm_<arch>`` with GPU plans for ``sms`` SMs (H100 SXM: 132).
@@ -293,7 +314,7 @@ def compile_all(arch: int = 90, sms: int = 132, cases=None, jobs: int = 1,
 
 
 def _default_cases():
-    return _sampling_cases() + _attention_cases() + _layer_cases()
+    return _sampling_cases() + _attention_cases() + _layer_cases() + _linear_cases()
 
 
 def _compile_share(args: tuple[int, int, int, int]):

@@ -65,6 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels.decode_linear import MAX_ROWS as DECODE_LINEAR_MAX_ROWS, counters_for, decode_linear
 from .layer_ops import LOW_RANK_MAX_RANK, LowRankTerm, compute_dtype, layer_ops
 from .low_rank import LowRankGradient
 
@@ -211,6 +212,20 @@ def matmul_t(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if x.shape[0] == 1:
         return F.linear(x[0], w[0])[None]
     return torch.bmm(x, w.transpose(1, 2))
+
+
+def uses_decode_linear(x: torch.Tensor, kernel: bool | None) -> bool:
+    """Whether :meth:`Decoder.forward` runs its layers' linears on ``x [C, N, in]`` with the
+    decode-time Triton GEMM (:mod:`adfast.kernels.decode_linear`) rather than :func:`linear`.
+
+    ``kernel=None``: on CUDA fp16/bf16 activations with at most ``DECODE_LINEAR_MAX_ROWS`` (64) rows, the
+    decode steps, where cuBLAS's tiles leave SMs idle and it adds split-K reduction and bias-copy
+    kernels; True forces the kernel wherever the rows fit (on CPU tensors it needs
+    ``TRITON_INTERPRET=1``: tests), False keeps :func:`linear`.
+    """
+    if kernel is None:
+        kernel = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+    return kernel and x.shape[1] <= DECODE_LINEAR_MAX_ROWS
 
 
 def add_matmul_t_(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
@@ -613,6 +628,10 @@ class Decoder(nn.Module):
         # The layers' elementwise chains: None runs the Triton kernels on CUDA and PyTorch elsewhere;
         # True / False force one (adfast.layer_ops.layer_ops).
         self.fused: bool | None = None
+        # The layers' linears at decode: None / True / False as uses_decode_linear's `kernel`; its
+        # split-K tickets (one buffer: a decoder runs on one stream at a time) come with setup_cache.
+        self.linear_kernel: bool | None = None
+        self.linear_counters: torch.Tensor | None = None
 
     # ----------------------------------------------------------------------------------- loading
 
@@ -827,7 +846,16 @@ class Decoder(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)
         self.register_buffer("rope_cos", angles.cos(), persistent=False)
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        widest = max(cfg.hidden_size, 2 * cfg.intermediate_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim)
+        self.linear_counters = counters_for(self.num_copies, widest, device)
         return self.cache
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """A layer's ``x W^T + b``: the decode-time Triton GEMM where :func:`uses_decode_linear`
+        says so (same function; float32 accumulation, one rounding), else :func:`linear`."""
+        if uses_decode_linear(x, self.linear_kernel):
+            return decode_linear(x, weight, bias, counters=self.linear_counters)
+        return linear(x, weight, bias)
 
     # ----------------------------------------------------------------------------------- forward
 
@@ -935,12 +963,13 @@ class Decoder(nn.Module):
         mlp_out = None  # each layer's MLP output joins the residual stream in the next norm
         for i, layer in enumerate(self.layers):
             x, h = ops.add_rms_norm(x, layer.attention_norm, eps, mlp_out)
-            q = ops.rope_and_cache_write(linear(h, layer.wqkv, layer.bqkv), cos, sin, cache.k[i], cache.v[i], slots,
-                                         write_pos, heads, kv_heads)
+            q = ops.rope_and_cache_write(self._linear(h, layer.wqkv, layer.bqkv), cos, sin, cache.k[i], cache.v[i],
+                                         slots, write_pos, heads, kv_heads)
             out = attend(q, cache.k[i], cache.v[i], slots, query_pos, lengths)
-            x, h = ops.add_rms_norm(x, layer.ffn_norm, eps,
-                                    linear(out.reshape(copies, batch * seq, heads * head_dim), layer.wo, layer.bo))
-            mlp_out = linear(ops.silu_mul(linear(h, layer.w_gate_up, layer.b_gate_up)), layer.w_down, layer.b_down)
+            x, h = ops.add_rms_norm(x, layer.ffn_norm, eps, self._linear(
+                out.reshape(copies, batch * seq, heads * head_dim), layer.wo, layer.bo))
+            mlp_out = self._linear(ops.silu_mul(self._linear(h, layer.w_gate_up, layer.b_gate_up)), layer.w_down,
+                                   layer.b_down)
         cache.lengths[slots] = (start + n).clamp(max=cache.max_seq_len)
 
         x, mlp_out = self._output_rows(x, mlp_out, n=n, last_only=last_only)

@@ -11,6 +11,10 @@ Variants, each at batch sizes 1, 8, 32, 64 (prompt 128 random tokens, 256 new to
   each rank of ``--jvp-ranks`` (rows ``engine_jvp_r<rank>``): the tangent kept factored, ``r (m + n)``
   numbers per factored ``[m, n]`` weight instead of ``m n``.
 
+Engine rows run the decoders' layer linears in adfast's decode-time kernel
+(:mod:`adfast.kernels.decode_linear`), the engine's default on CUDA; ``--linear cublas`` runs them
+in cuBLAS instead, in rows named ``<variant>_cublas``.
+
 Models have the real architectures with random bf16 weights (throughput does not depend on the
 values): a Qwen2.5-7B-shaped teacher and a Qwen2.5-3B-shaped proxy pair (``--shapes real``, a CUDA
 device), or tiny ones (``--shapes tiny``, any device: a smoke test of this script).
@@ -152,6 +156,9 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--jvp-ranks", type=int, nargs="+", default=None,
                         help="ranks of engine_jvp_lowrank (default: 8 32 128 512 real, 4 16 tiny)")
+    parser.add_argument("--linear", choices=["kernel", "cublas"], default="kernel",
+                        help="the engine's layer linears at decode: adfast's kernel (the default) or cuBLAS "
+                             "(rows named <variant>_cublas)")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
@@ -184,6 +191,8 @@ def main(argv=None) -> int:
     teacher_bytes, proxy_bytes = weight_bytes(teacher), weight_bytes(pair.plus)
     # One teacher Decoder shared by every engine (each engine would otherwise copy the 15 GB teacher).
     teacher_decoder = Decoder.from_hf([teacher], dtype=dtype, device=device)
+    linear_kernel = None if args.linear == "kernel" else False  # None: the decoder's default
+    teacher_decoder.linear_kernel = linear_kernel
     if not any(v.startswith("hf_") for v in args.variants):
         del teacher
         gc.collect()
@@ -200,6 +209,8 @@ def main(argv=None) -> int:
     def record(batch, variant, seconds, bytes_per_step, engine_gb=None):
         """Add a row (replacing an earlier one of the same batch and variant) and rewrite the JSON now,
         so that a run cut short keeps every row it finished."""
+        if variant.startswith("engine_") and args.linear == "cublas":
+            variant += "_cublas"
         ms_step = 1e3 * seconds / args.new_tokens
         limit_ms = 1e3 * bytes_per_step / bandwidth
         attention = "transformers sdpa" if variant.startswith("hf_") else engine_attention
@@ -228,6 +239,8 @@ def main(argv=None) -> int:
         """Time ``engine`` at every batch size; ``engine_gb``: device memory allocated since ``before``
         (taken just before the engine was built) after the row: its proxy copies or proxy and
         tangent, KV caches and captured graphs, not the shared teacher decoder."""
+        if engine.proxies is not None:
+            engine.proxies.linear_kernel = linear_kernel
         for batch in args.batches:
             kw = dict(tau=TAU, lam=LAM, mode=mode, seed=0)
             engine.generate(prompts(batch), max_new_tokens=4, **kw)  # warm-up: graph capture

@@ -14,6 +14,10 @@
 #   followup  after quick and sampler (one H200, 2026-12-04): the whole test suite on the GPU, the
 #             engine's temperature and antidistillation rows at batch 1 and 32 again (the sampler
 #             was rewritten after they ran), a profile of antidistillation at batch 1, goals (~8 min)
+#   linear    the decode-time linear kernel (adfast.kernels.decode_linear): bench/linear.py against
+#             cuBLAS per layer with a sweep of its plan; the GPU tests and its tests on the GPU; the
+#             engine's temperature and antidistillation rows at batch 1 and 32 with it and with
+#             cuBLAS; a profile of temperature at batch 1; goals                          (~9 min)
 #   kernels   the whole test suite (the GPU tests, and the kernel tests on CUDA tensors instead of
 #             the interpreter); bench/sampler.py at batch 1 to 64                       (~5 min)
 #   sampler   bench/sampler_tune.py (the fused sampler's launch plans), bench/sampler.py, the sampler's
@@ -93,6 +97,18 @@ stage_followup() {
     step 10 goals.log python3 bench/goals.py
 }
 
+stage_linear() {
+    step 150 linear.log python3 bench/linear.py --sweep
+    step 120 gpu-tests.log python3 -m pytest -q -n 8 --dist loadfile --tb=short -m gpu tests
+    step 90 gpu-tests.log python3 -m pytest -q -n 8 --tb=short tests/test_decode_linear_kernel.py tests/test_layer_ops.py
+    step 110 decode.log python3 bench/decode.py --append --batches 1 32 --variants engine_temperature \
+        engine_antidistill
+    step 100 decode.log python3 bench/decode.py --append --batches 1 32 --linear cublas --variants \
+        engine_temperature engine_antidistill
+    step 50 profile.log python3 bench/profile_step.py --variant engine_temperature --batch 1
+    step 10 goals.log python3 bench/goals.py
+}
+
 stage_decode() {
     step 540 decode.log python3 bench/decode.py --append --variants hf_temperature hf_antidistill \
         engine_temperature engine_antidistill engine_permutation
@@ -121,12 +137,13 @@ for stage in "$@"; do
         kernels) stage_kernels ;;
         sampler) stage_sampler ;;
         followup) stage_followup ;;
+        linear) stage_linear ;;
         decode) stage_decode ;;
         jvp) stage_jvp ;;
         eps) stage_eps ;;
         profile) stage_profile ;;
         all) stage_kernels; stage_decode; stage_jvp; stage_eps; stage_profile; step 10 goals.log python3 bench/goals.py ;;
-        *) echo "unknown stage $stage (quick, followup, kernels, sampler, decode, jvp, eps, profile, all)"; exit 2 ;;
+        *) echo "unknown stage $stage (quick, followup, linear, kernels, sampler, decode, jvp, eps, profile, all)"; exit 2 ;;
     esac
 done
 exit $status

@@ -38,9 +38,10 @@ def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / (ms * 1e-3)
 
 
-def graph_time_ms(fn) -> tuple[float, bool]:
+def graph_time_ms(fn, rep: int = 300) -> tuple[float, bool]:
     """Median time of one replay of ``fn`` captured as a CUDA graph, and True; if ``fn`` cannot be
-    captured (the eager baseline's ``torch.multinomial`` on some builds), its eager time and False."""
+    captured (the eager baseline's ``torch.multinomial`` on some builds), its eager time and False.
+    ``rep``: milliseconds of replays ``triton.testing.do_bench`` times."""
     import triton.testing
 
     stream = torch.cuda.Stream()
@@ -55,8 +56,8 @@ def graph_time_ms(fn) -> tuple[float, bool]:
     except RuntimeError as error:
         print(f"  not capturable ({str(error).splitlines()[0]}): timed eagerly", flush=True)
         torch.cuda.synchronize()
-        return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median"), False
-    return triton.testing.do_bench(graph.replay, warmup=50, rep=300, return_mode="median"), True
+        return triton.testing.do_bench(fn, warmup=50, rep=rep, return_mode="median"), False
+    return triton.testing.do_bench(graph.replay, warmup=50, rep=rep, return_mode="median"), True
 
 
 def device_and_bandwidth(script: str) -> tuple[str, float] | None:

@@ -16,7 +16,7 @@ import pytest
 
 KERNELS = {"_fused_sample_partials", "_fused_sample_merge", "_adjusted_partials", "_adjusted_write",
            "_decode_partials", "_decode_merge", "_decode_jvp_partials", "_decode_jvp_merge",
-           "_add_rms_norm", "_add_rms_norm_jvp", "_silu_mul", "_rope_and_cache_write"}
+           "_add_rms_norm", "_add_rms_norm_jvp", "_silu_mul", "_rope_and_cache_write", "_decode_linear"}
 
 
 def run_python(code: str, tmp_path) -> subprocess.CompletedProcess:
@@ -70,6 +70,10 @@ def test_gpu_plans_were_compiled(report):
     assert {c["IEEE"] for c in partials} == {True, False}
     assert {(c["GROUP"], c["HEAD_DIM"], c["HEAD_PAD"]) for c in partials} == {
         (7, 128, 128), (8, 128, 128), (3, 64, 64), (2, 8, 16)}
+    linears = {(c["BLOCK_M"], c["BLOCK_K"], c["SPLIT"], c["PRECISION"])
+               for c in (k["constexprs"] for k in compiled if k["kernel"] == "_decode_linear")}
+    assert linears >= {(16, 256, True, "tf32"), (16, 256, False, "tf32"), (32, 128, True, "tf32"),
+                       (64, 128, True, "tf32"), (16, 256, True, "ieee")}  # split-K and not, 1 / 32 / 64 rows
     modes = {(c["HAS_PROXY"], c["SHIFT"], c["PERMUTE"], c["EXACT_D"])
              for c in (k["constexprs"] for k in compiled if k["kernel"] == "_fused_sample_partials")}
     assert modes == {(False, False, False, False), (True, True, False, False), (True, False, False, False),

@@ -20,9 +20,10 @@ PROMPTS = [[5, 7, 9, 11, 2], [3], [13, 14, 15]]
 SLOTS = torch.tensor([2, 0, 1])
 
 
-def run(decoder: Decoder, fused: bool, tangent: bool, steps: int = 2):
-    """Prefill PROMPTS, then ``steps`` decode steps of fixed tokens: every step's logits (and tangent logits)."""
-    decoder.fused = fused
+def run(decoder: Decoder, fused: bool, tangent: bool, steps: int = 2, linear_kernel: bool = False):
+    """Prefill PROMPTS, then ``steps`` decode steps of fixed tokens: every step's logits (and tangent
+    logits); ``linear_kernel``: the layers' linears in the decode-time GEMM kernel."""
+    decoder.fused, decoder.linear_kernel = fused, linear_kernel
     decoder.setup_cache(4, 12)
     device = decoder.embed.device
     ids = torch.zeros(len(PROMPTS), max(map(len, PROMPTS)), dtype=torch.int64)
@@ -59,6 +60,17 @@ def test_fused_decoder_equals_pytorch_decoder(family, copies, dtype):
     model = (tiny_qwen2 if family == "qwen2" else tiny_llama)()
     decoder = Decoder.from_hf([model] * copies, dtype=dtype, device=KERNEL_DEVICE)
     assert_same_runs(run(decoder, True, False), run(decoder, False, False), TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+@pytest.mark.parametrize("copies", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_linear_decoder_equals_pytorch_decoder(family, copies, dtype):
+    """The layers' linears (prefill of 15 rows and decode steps, all within the kernel's 64 rows) in
+    adfast.kernels.decode_linear, with the bias in its epilogue: the same logits and caches."""
+    model = (tiny_qwen2 if family == "qwen2" else tiny_llama)()
+    decoder = Decoder.from_hf([model] * copies, dtype=dtype, device=KERNEL_DEVICE)
+    assert_same_runs(run(decoder, True, False, linear_kernel=True), run(decoder, False, False), TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
