@@ -127,13 +127,14 @@ def loop_instructions(sass: str) -> int | None:
 
 @contextlib.contextmanager
 def _compile_instead_of_launch(arch: int, sms: int, compiled: list, case: list):
-    """Within the block, every Triton launch compiles for ``sm_<arch>`` with GPU plans for ``sms`` SMs."""
+    """Within the block, every Triton launch compiles for ``sm_<arch>`` with GPU plans for ``sms`` SMs
+    and, as on a Hopper GPU, programmatic dependent launch (:func:`adfast.kernels.split.dependent_launch`)."""
     import triton
     from triton.runtime.jit import JITFunction
 
     from .kernels import split
 
-    run, count = JITFunction.run, split.multiprocessor_count
+    run, count, dependent = JITFunction.run, split.multiprocessor_count, split.dependent_launch
     seen = set()
 
     def compile_only(self, *args, grid, warmup, **kwargs):
@@ -152,10 +153,11 @@ def _compile_instead_of_launch(arch: int, sms: int, compiled: list, case: list):
 
     triton.runtime.driver.set_active(_CudaTarget(arch))
     JITFunction.run, split.multiprocessor_count = compile_only, lambda device: sms
+    split.dependent_launch = lambda device: {"PDL": True, "launch_pdl": True}  # as on Hopper
     try:
         yield
     finally:
-        JITFunction.run, split.multiprocessor_count = run, count
+        JITFunction.run, split.multiprocessor_count, split.dependent_launch = run, count, dependent
         if torch.cuda.is_available():  # without a GPU there is no real driver to go back to
             triton.runtime.driver.reset_active()
 

@@ -192,6 +192,11 @@ def rope_inv_freq(config: DecoderConfig, dtype: torch.dtype) -> torch.Tensor:
     return inv_freq
 
 
+DECODE_LINEAR_ROWS = 32
+"""The most rows the decoder gives the decode-time GEMM by default: at 64 rows cuBLAS was faster on
+every layer of the 7B teacher and 3B pair on an H200 (``bench/linear.py``)."""
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight^T + bias`` per copy (one batched matmul over the copy dimension; one GEMM for
     one copy, as :func:`matmul_t`).
@@ -218,13 +223,13 @@ def uses_decode_linear(x: torch.Tensor, kernel: bool | None) -> bool:
     """Whether :meth:`Decoder.forward` runs its layers' linears on ``x [C, N, in]`` with the
     decode-time Triton GEMM (:mod:`adfast.kernels.decode_linear`) rather than :func:`linear`.
 
-    ``kernel=None``: on CUDA fp16/bf16 activations with at most ``DECODE_LINEAR_MAX_ROWS`` (64) rows, the
-    decode steps, where cuBLAS's tiles leave SMs idle and it adds split-K reduction and bias-copy
-    kernels; True forces the kernel wherever the rows fit (on CPU tensors it needs
-    ``TRITON_INTERPRET=1``: tests), False keeps :func:`linear`.
+    ``kernel=None``: on CUDA fp16/bf16 activations with at most :data:`DECODE_LINEAR_ROWS` rows,
+    the decode steps, where cuBLAS's tiles leave SMs idle and it adds split-K reduction and
+    bias-copy kernels; True forces the kernel wherever it takes the rows (up to 64; on CPU tensors
+    it needs ``TRITON_INTERPRET=1``: tests), False keeps :func:`linear`.
     """
     if kernel is None:
-        kernel = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+        return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.shape[1] <= DECODE_LINEAR_ROWS
     return kernel and x.shape[1] <= DECODE_LINEAR_MAX_ROWS
 
 

@@ -13,7 +13,9 @@ Variants, each at batch sizes 1, 8, 32, 64 (prompt 128 random tokens, 256 new to
 
 Engine rows run the decoders' layer linears in adfast's decode-time kernel
 (:mod:`adfast.kernels.decode_linear`), the engine's default on CUDA; ``--linear cublas`` runs them
-in cuBLAS instead, in rows named ``<variant>_cublas``.
+in cuBLAS instead, in rows named ``<variant>_cublas``. Our kernels launch with programmatic
+dependent launch on Hopper GPUs (:func:`adfast.kernels.split.dependent_launch`); rows run with
+``ADFAST_PDL=0`` (or on a GPU without it) are named ``<variant>_nopdl``.
 
 Models have the real architectures with random bf16 weights (throughput does not depend on the
 values): a Qwen2.5-7B-shaped teacher and a Qwen2.5-3B-shaped proxy pair (``--shapes real``, a CUDA
@@ -50,6 +52,7 @@ import adfast
 from adfast.decoder import Decoder, decode_attention_backend
 from adfast.gradient import model_identity
 from adfast.hf import AntidistillationLogitsProcessor
+from adfast.kernels.split import dependent_launch
 from adfast.low_rank import LowRankGradient
 
 SHAPES = {
@@ -192,6 +195,7 @@ def main(argv=None) -> int:
     # One teacher Decoder shared by every engine (each engine would otherwise copy the 15 GB teacher).
     teacher_decoder = Decoder.from_hf([teacher], dtype=dtype, device=device)
     linear_kernel = None if args.linear == "kernel" else False  # None: the decoder's default
+    pdl_off = device.type == "cuda" and not dependent_launch(device)
     teacher_decoder.linear_kernel = linear_kernel
     if not any(v.startswith("hf_") for v in args.variants):
         del teacher
@@ -209,8 +213,8 @@ def main(argv=None) -> int:
     def record(batch, variant, seconds, bytes_per_step, engine_gb=None):
         """Add a row (replacing an earlier one of the same batch and variant) and rewrite the JSON now,
         so that a run cut short keeps every row it finished."""
-        if variant.startswith("engine_") and args.linear == "cublas":
-            variant += "_cublas"
+        if variant.startswith("engine_"):
+            variant += ("_cublas" if args.linear == "cublas" else "") + ("_nopdl" if pdl_off else "")
         ms_step = 1e3 * seconds / args.new_tokens
         limit_ms = 1e3 * bytes_per_step / bandwidth
         attention = "transformers sdpa" if variant.startswith("hf_") else engine_attention

@@ -18,6 +18,10 @@
 #             cuBLAS per layer with a sweep of its plan; the GPU tests and its tests on the GPU; the
 #             engine's temperature and antidistillation rows at batch 1 and 32 with it and with
 #             cuBLAS; a profile of temperature at batch 1; goals                          (~9 min)
+#   pdl       after linear: programmatic dependent launch in every kernel of the step and the tuned
+#             linear plans: the GPU tests and the kernel tests on the GPU; engine temperature and
+#             antidistillation rows at batch 1 and 32 (default, --linear cublas, ADFAST_PDL=0); profiles
+#             of both at batch 1; bench/linear.py at 1 and 32 rows; goals                 (~7 min)
 #   kernels   the whole test suite (the GPU tests, and the kernel tests on CUDA tensors instead of
 #             the interpreter); bench/sampler.py at batch 1 to 64                       (~5 min)
 #   sampler   bench/sampler_tune.py (the fused sampler's launch plans), bench/sampler.py, the sampler's
@@ -109,6 +113,23 @@ stage_linear() {
     step 10 goals.log python3 bench/goals.py
 }
 
+stage_pdl() {
+    step 150 gpu-tests.log python3 -m pytest -q -n 8 --dist loadfile --tb=short -m gpu tests
+    step 90 gpu-tests.log python3 -m pytest -q -n 8 --tb=short tests/test_decode_linear_kernel.py \
+        tests/test_layer_ops.py tests/test_sampling.py
+    step 90 decode.log python3 bench/decode.py --append --batches 1 32 --variants engine_temperature \
+        engine_antidistill
+    step 80 decode.log python3 bench/decode.py --append --batches 1 32 --linear cublas --variants \
+        engine_temperature engine_antidistill
+    step 80 decode.log env ADFAST_PDL=0 python3 bench/decode.py --append --batches 1 32 --variants \
+        engine_temperature engine_antidistill
+    step 45 profile.log python3 bench/profile_step.py --variant engine_temperature --batch 1
+    step 10 goals.log python3 bench/goals.py
+    step 60 linear.log python3 bench/linear.py --rows 1 32
+    step 45 profile.log python3 bench/profile_step.py --variant engine_antidistill --batch 1
+    step 10 goals.log python3 bench/goals.py
+}
+
 stage_decode() {
     step 540 decode.log python3 bench/decode.py --append --variants hf_temperature hf_antidistill \
         engine_temperature engine_antidistill engine_permutation
@@ -138,12 +159,13 @@ for stage in "$@"; do
         sampler) stage_sampler ;;
         followup) stage_followup ;;
         linear) stage_linear ;;
+        pdl) stage_pdl ;;
         decode) stage_decode ;;
         jvp) stage_jvp ;;
         eps) stage_eps ;;
         profile) stage_profile ;;
         all) stage_kernels; stage_decode; stage_jvp; stage_eps; stage_profile; step 10 goals.log python3 bench/goals.py ;;
-        *) echo "unknown stage $stage (quick, followup, linear, kernels, sampler, decode, jvp, eps, profile, all)"; exit 2 ;;
+        *) echo "unknown stage $stage (quick, followup, linear, pdl, kernels, sampler, decode, jvp, eps, profile, all)"; exit 2 ;;
     esac
 done
 exit $status

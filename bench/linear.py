@@ -41,8 +41,9 @@ LAYERS = [("teacher-7b", 1, "qkv", 4608, 3584, True), ("teacher-7b", 1, "o", 358
           ("proxy-pair-3b", 2, "qkv", 2560, 2048, True), ("proxy-pair-3b", 2, "o", 2048, 2048, False),
           ("proxy-pair-3b", 2, "gate_up", 22016, 2048, False), ("proxy-pair-3b", 2, "down", 2048, 11008, False),
           ("proxy-pair-3b", 2, "lm_head", 151936, 2048, False)]
-SWEEP = [dict(block_n=16), dict(block_n=64), dict(block_k=128), dict(block_k=512), dict(programs_per_sm=2),
-         dict(programs_per_sm=8), dict(num_stages=2), dict(num_stages=4), dict(num_warps=8)]
+SWEEP = [dict(block_n=16), dict(block_n=64), dict(block_k=128), dict(block_k=256), dict(block_k=512),
+         dict(programs_per_sm=2), dict(programs_per_sm=4), dict(programs_per_sm=8), dict(num_stages=2),
+         dict(num_stages=4), dict(num_warps=8)]
 FLOOR_BYTES = 256 << 20
 
 

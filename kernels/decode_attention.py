@@ -50,6 +50,7 @@ tests fast while still crossing block and split boundaries.
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import split as launch_plan
 
@@ -81,7 +82,11 @@ def _decode_partials(
     sv_c, sv_s, sv_n, sv_j,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # programmatic dependent launch (split.dependent_launch): the kernel before is done
+        gdc_wait()
+        gdc_launch_dependents()
     pid, split, j, b, c, length, slot, lo, hi = _program_rows(lengths_ptr, slots_ptr, batch, kv_heads, chunk)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_PAD)
@@ -143,7 +148,11 @@ def _decode_merge(
     batch, heads, chunk, num_splits,
     so_c, so_b, so_h,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # programmatic dependent launch (split.dependent_launch): the kernel before is done
+        gdc_wait()
+        gdc_launch_dependents()
     h, cb, b, c, kv_heads, j, g, live = _merge_head(lengths_ptr, batch, heads, chunk, GROUP)
     s = tl.arange(0, SPLITS_PAD)
     smask = s < live
@@ -221,12 +230,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, HEAD_PAD=head_pad,
         BLOCK_N=block_n, IEEE=k_cache.dtype == torch.float32 or interpreted, num_warps=num_warps,
+        **launch_plan.dependent_launch(q.device),
     )
     _decode_merge[(num_copies * batch * heads,)](
         part_m, part_l, part_acc, lengths, out,
         batch, heads, chunk, splits,
         out.stride(0), out.stride(1), out.stride(3),
         GROUP=group, HEAD_DIM=head_dim, HEAD_PAD=head_pad, SPLITS_PAD=max(2, triton.next_power_of_2(splits)),
-        num_warps=4,
+        num_warps=4, **launch_plan.dependent_launch(q.device),
     )
     return out

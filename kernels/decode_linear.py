@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import split as launch_plan
 
@@ -43,6 +44,8 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_ROWS = 64
 """The most rows (``C``-wise ``M``) the kernel takes: beyond it a GEMM is no longer a weight read."""
 MIN_BLOCK_N = 16
+PREFETCH_STEPS = 2
+"""``BLOCK_K`` steps of its weight rows a program prefetches to L2 before waiting on the kernel before it (PDL)."""
 
 
 @triton.jit
@@ -52,7 +55,8 @@ def _decode_linear(
     sx_c, sx_m, sw_c, sw_n, sb_c,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, PREFETCH_LINES: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     j = tl.program_id(0)
     s = tl.program_id(1)
@@ -65,6 +69,15 @@ def _decode_linear(
     x_rows = x_ptr + c * sx_c + rm[:, None] * sx_m
     w_rows = w_ptr + c * sw_c + rn[:, None].to(tl.int64) * sw_n
     k_end = tl.minimum((s + 1) * k_split, K)
+    if PDL:  # programmatic dependent launch (split.dependent_launch)
+        # The weights are no kernel's output: pull this program's first PREFETCH_LINES 128-byte lines
+        # of each weight row into L2 while the kernel before finishes, then wait for it.
+        line = s * k_split + tl.arange(0, PREFETCH_LINES) * (1024 // w_ptr.dtype.element_ty.primitive_bitwidth)
+        ahead = n_mask[:, None] & (line < k_end)[None, :]
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [tl.where(ahead, w_rows + line[None, :], w_ptr)],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+        gdc_wait()
+        gdc_launch_dependents()
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k in range(s * k_split, k_end, BLOCK_K):
         kk = k + rk
@@ -115,24 +128,27 @@ class LinearPlan:
 def plan_linear(copies: int, rows: int, outputs: int, inputs: int, device: torch.device, *,
                 block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
                 num_warps: int | None = None, num_stages: int | None = None,
-                programs_per_sm: int = 4) -> LinearPlan:
+                programs_per_sm: int | None = None) -> LinearPlan:
     """The launch plan for ``[C, M, K] x [C, N, K]^T``; keyword arguments override its choices.
 
-    GPU: ``BLOCK_N = 32`` output columns by ``BLOCK_K = 256`` inputs (16 KiB of bf16 weight per
-    pipeline stage; 128 inputs past 16 rows, to keep the row tile in shared memory), 4 warps, 3
-    stages; ``K`` split so that ``C ceil(N / BLOCK_N) SPLIT_K`` programs cover the SMs
-    ``programs_per_sm`` times over, each with at least two ``BLOCK_K`` steps. Interpreter (CPU
-    tensors): 16 x 32 tiles and up to 3 splits, so that test shapes cross tiles, splits and
-    masked tails.
+    GPU: ``BLOCK_N = 32`` output columns; ``K`` split so that ``C ceil(N / BLOCK_N) SPLIT_K``
+    programs cover the SMs ``programs_per_sm`` times over (2 up to 16 rows, else 4), each with at
+    least two 128-input steps; ``BLOCK_K = 128`` inputs a step, or 256 for an unsplit ``K <= 2048``
+    at up to 16 rows; 4 warps, 3 stages. These are the best single changes to a first plan (256
+    inputs, 4 programs per SM) measured per layer of the 7B teacher and the 3B pair at 1 and 32
+    rows on an H200 (``bench/linear.py --sweep``: e.g. the 7B's down projection at one row 52 ->
+    39 us). Interpreter (CPU tensors): 16 x 32 tiles and up to 3 splits, so that test shapes cross
+    tiles, splits and masked tails.
     """
     block_m = max(16, triton.next_power_of_2(rows))
     sms = launch_plan.multiprocessor_count(device)
     if sms is not None:
         block_n = block_n or 32
-        block_k = block_k or (256 if block_m <= 16 else 128)
+        programs_per_sm = programs_per_sm or (2 if block_m <= 16 else 4)
         tiles = copies * triton.cdiv(outputs, block_n)
         if split_k is None:
-            split_k = max(1, min(-(-programs_per_sm * sms // tiles), inputs // (2 * block_k)))
+            split_k = max(1, min(-(-programs_per_sm * sms // tiles), inputs // (2 * (block_k or 128))))
+        block_k = block_k or (256 if split_k == 1 and inputs <= 2048 and block_m <= 16 else 128)
         num_warps, num_stages = num_warps or 4, num_stages or 3
     else:
         block_n, block_k = block_n or 16, block_k or 32
@@ -205,7 +221,8 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), 0 if bias is None else bias.stride(0),
         HAS_BIAS=bias is not None, SPLIT=plan.split_k > 1, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         BLOCK_K=plan.block_k, PRECISION="ieee" if x.dtype == torch.float32 or interpreted else "tf32",
-        UPCAST=interpreted,
+        UPCAST=interpreted, PREFETCH_LINES=max(1, PREFETCH_STEPS * plan.block_k * x.element_size() // 128),
         num_warps=plan.num_warps, num_stages=plan.num_stages,
+        **launch_plan.dependent_launch(x.device),
     )
     return y

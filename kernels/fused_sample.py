@@ -50,6 +50,7 @@ Bad-input bits per row: 1 = teacher NaN or +inf, 2 = proxy (or exact ``D``) NaN 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import split as launch_plan
 from .gumbel import gumbel_block, split_offset
@@ -90,7 +91,11 @@ def _fused_sample_partials(
     stride_t, stride_p, stride_perm, vocab_t, vocab_p, chunk, num_splits, seed,
     HAS_PROXY: tl.constexpr, SHIFT: tl.constexpr, PERMUTE: tl.constexpr, BLOCK: tl.constexpr,
     EXACT_D: tl.constexpr = False, FAST_LOG: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # programmatic dependent launch (split.dependent_launch): the kernel before is done
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0)
     split = tl.program_id(1)
     lo = split * chunk
@@ -182,7 +187,11 @@ def _first_best(score_ptr, idx_ptr, s, smask):
 def _fused_sample_merge(
     teacher_ptr, coef_ptr, fpart_ptr, ipart_ptr, tokens_ptr, logprobs_ptr, bad_ptr, stride_t, num_splits,
     SHIFT: tl.constexpr, SPLITS: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # programmatic dependent launch (split.dependent_launch): the kernel before is done
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0)
     s = tl.arange(0, SPLITS)
     smask = s < num_splits
@@ -237,9 +246,10 @@ def fused_sample(teacher, plus, minus, perm, tau, coef, seed: int, offset, num_s
         vocab_t, vocab_p, plan.chunk, plan.splits, seed,
         HAS_PROXY=has_proxy, SHIFT=shift, PERMUTE=perm is not None, BLOCK=plan.block, EXACT_D=exact,
         FAST_LOG=launch_plan.multiprocessor_count(dev) is not None, num_warps=plan.num_warps,
+        **launch_plan.dependent_launch(dev),
     )
     _fused_sample_merge[(batch,)](
         teacher, coef, fpart, ipart, tokens, logprobs, bad, teacher.stride(0), plan.splits,
-        SHIFT=shift, SPLITS=triton.next_power_of_2(plan.splits),
+        SHIFT=shift, SPLITS=triton.next_power_of_2(plan.splits), **launch_plan.dependent_launch(dev),
     )
     return tokens, logprobs, bad

@@ -57,7 +57,9 @@ rounded to nearest in both), so interpreted bf16 results can be one ulp off the 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from . import split as launch_plan
 from .low_rank_term import add_low_rank, check_low_rank, low_rank_args
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -88,7 +90,11 @@ def _add_rms_norm(
     rows, hidden, hidden_f, eps,
     sx_c, sx_n, sr_c, sr_n, sw_c,
     HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # programmatic dependent launch (split.dependent_launch): the kernel before is done
+        gdc_wait()
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     c = pid // rows
     n = pid % rows
@@ -110,7 +116,11 @@ def _add_rms_norm_jvp(
     rows, hidden, hidden_f, eps,
     sx_c, sx_n, sr_c, sr_n, sdx_c, sdx_n, sdr_c, sdr_n, sw_c, sdw_c, sz_c, sz_n, sz_r, su_c, su_m, su_r,
     HAS_RES: tl.constexpr, HAS_DRES: tl.constexpr, RANK: tl.constexpr, BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # programmatic dependent launch (split.dependent_launch): the kernel before is done
+        gdc_wait()
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     c = pid // rows
     n = pid % rows
@@ -192,7 +202,7 @@ def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         x, res, weight, s, y,
         rows, hidden, float(hidden), float(eps),
         x.stride(0), x.stride(1), res.stride(0), res.stride(1), weight.stride(0),
-        HAS_RES=residual is not None, BLOCK=block, num_warps=num_warps,
+        HAS_RES=residual is not None, BLOCK=block, num_warps=num_warps, **launch_plan.dependent_launch(x.device),
     )
     return s, y
 
@@ -237,6 +247,6 @@ def add_rms_norm_jvp(x: torch.Tensor, dx: torch.Tensor, weight: torch.Tensor, dw
         x.stride(0), x.stride(1), res.stride(0), res.stride(1), dx.stride(0), dx.stride(1),
         dres.stride(0), dres.stride(1), weight.stride(0), dweight.stride(0), sz_c, sz_n, sz_r, su_c, su_m, su_r,
         HAS_RES=residual is not None, HAS_DRES=dresidual is not None, RANK=rank, BLOCK=block,
-        num_warps=num_warps,
+        num_warps=num_warps, **launch_plan.dependent_launch(x.device),
     )
     return s, ds, y, dy

@@ -39,7 +39,9 @@ is CUDA-graph safe.
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from . import split as launch_plan
 from .low_rank_term import add_low_rank, check_low_rank, low_rank_args
 
 
@@ -116,7 +118,11 @@ def _rope_and_cache_write(
     HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
     H_PAD: tl.constexpr, KV_PAD: tl.constexpr, HALF_PAD: tl.constexpr, TANGENT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr, RANK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # programmatic dependent launch (split.dependent_launch): the kernel before is done
+        gdc_wait()
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     c = pid // tokens
     n = pid % tokens  # token row b T + t
@@ -224,7 +230,7 @@ def _launch(qkv, dqkv, cos, sin, k_cache, v_cache, dk_cache, dv_cache, slots, wr
         su_r,
         HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, HALF=half, H_PAD=pad(heads), KV_PAD=pad(kv_heads),
         HALF_PAD=pad(half), TANGENT=tangent, HAS_BIAS=bias is not None, HAS_DBIAS=tangent and dbias is not None,
-        RANK=rank, num_warps=4,
+        RANK=rank, num_warps=4, **launch_plan.dependent_launch(qkv.device),
     )
     return (q, dq) if tangent else q
 

@@ -51,6 +51,7 @@ one ulp off the GPU's.
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.language.extra import libdevice
 
 from . import split as launch_plan
@@ -65,7 +66,11 @@ def _silu_mul(
     rows_per_copy, inter,
     sg_c, sg_n, sdg_c, sdg_n, sz_c, sz_n, sz_r, su_c, su_m, su_r,
     TANGENT: tl.constexpr, RANK: tl.constexpr, BLOCK: tl.constexpr, LIBDEVICE_EXP: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # programmatic dependent launch (split.dependent_launch): the kernel before is done
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0)
     col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = col < inter
@@ -154,6 +159,7 @@ def _launch(gate_up, dgate_up, block, low_rank=None):
         gate_up.stride(0), gate_up.stride(1), dgu.stride(0), dgu.stride(1), sz_c, sz_n, sz_r, su_c, su_m, su_r,
         TANGENT=dgate_up is not None, RANK=rank, BLOCK=block,
         LIBDEVICE_EXP=launch_plan.multiprocessor_count(gate_up.device) is not None, num_warps=num_warps,
+        **launch_plan.dependent_launch(gate_up.device),
     )
     return a, da
 

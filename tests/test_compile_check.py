@@ -70,10 +70,11 @@ def test_gpu_plans_were_compiled(report):
     assert {c["IEEE"] for c in partials} == {True, False}
     assert {(c["GROUP"], c["HEAD_DIM"], c["HEAD_PAD"]) for c in partials} == {
         (7, 128, 128), (8, 128, 128), (3, 64, 64), (2, 8, 16)}
-    linears = {(c["BLOCK_M"], c["BLOCK_K"], c["SPLIT"], c["PRECISION"])
+    linears = {(c["BLOCK_M"], c["BLOCK_K"], c["SPLIT"], c["PRECISION"], c["PDL"])
                for c in (k["constexprs"] for k in compiled if k["kernel"] == "_decode_linear")}
-    assert linears >= {(16, 256, True, "tf32"), (16, 256, False, "tf32"), (32, 128, True, "tf32"),
-                       (64, 128, True, "tf32"), (16, 256, True, "ieee")}  # split-K and not, 1 / 32 / 64 rows
+    assert linears >= {(16, 128, True, "tf32", True), (16, 256, False, "tf32", True), (32, 128, True, "tf32", True),
+                       (64, 128, True, "tf32", True), (16, 128, True, "ieee", True)}  # split-K or not, 1/32/64 rows
+    assert all(k["constexprs"]["PDL"] for k in compiled if "PDL" in k["constexprs"]), "as on Hopper"
     modes = {(c["HAS_PROXY"], c["SHIFT"], c["PERMUTE"], c["EXACT_D"])
              for c in (k["constexprs"] for k in compiled if k["kernel"] == "_fused_sample_partials")}
     assert modes == {(False, False, False, False), (True, True, False, False), (True, False, False, False),

@@ -235,6 +235,28 @@ def test_cuda_graph_replay_equals_eager(teachers, pair, dtype):
     assert [r.tokens for r in filtered[0]] == [r.tokens for r in filtered[1]]
 
 
+@cuda_test
+def test_dependent_launch_changes_no_result(teachers, pair, monkeypatch):
+    """Programmatic dependent launch (on by default on Hopper: our kernels start while the one before
+    them finishes and wait for it inside) gives the same tokens and log-probs as ordinary launches,
+    in captured graphs, with the layers' linears in the decode-time kernel (bf16)."""
+    from adfast.kernels.split import dependent_launch
+
+    kw = dict(max_new_tokens=MAX_NEW, tau=[1.0, 0.0, 0.7, 1.0, 1.3, 1.0], lam=[0.5, 1.0, 0.0, 2.0, 1.0, 0.5],
+              seed=3, stop_token_ids=[5])
+
+    def run():
+        engine = Engine(teachers["qwen2"], pair, max_batch_size=4, max_seq_len=16, device="cuda",
+                        dtype=torch.bfloat16)
+        return [(r.tokens, r.mean_logprob) for mode in ("antidistill", "temperature")
+                for r in engine.generate(PROMPTS, mode=mode, **kw)]
+
+    with_pdl = run()
+    monkeypatch.setenv("ADFAST_PDL", "0")
+    assert not dependent_launch(torch.device("cuda"))
+    assert run() == with_pdl
+
+
 # ------------------------------------------------------------------------------- torchrun sharding
 
 DIST_PROMPTS = PROMPTS[:5]
