@@ -192,11 +192,6 @@ def rope_inv_freq(config: DecoderConfig, dtype: torch.dtype) -> torch.Tensor:
     return inv_freq
 
 
-DECODE_LINEAR_ROWS = 32
-"""The most rows the decoder gives the decode-time GEMM by default: at 64 rows cuBLAS was faster on
-every layer of the 7B teacher and 3B pair on an H200 (``bench/linear.py``)."""
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight^T + bias`` per copy (one batched matmul over the copy dimension; one GEMM for
     one copy, as :func:`matmul_t`).
@@ -217,20 +212,6 @@ def matmul_t(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if x.shape[0] == 1:
         return F.linear(x[0], w[0])[None]
     return torch.bmm(x, w.transpose(1, 2))
-
-
-def uses_decode_linear(x: torch.Tensor, kernel: bool | None) -> bool:
-    """Whether :meth:`Decoder.forward` runs its layers' linears on ``x [C, N, in]`` with the
-    decode-time Triton GEMM (:mod:`adfast.kernels.decode_linear`) rather than :func:`linear`.
-
-    ``kernel=None``: on CUDA fp16/bf16 activations with at most :data:`DECODE_LINEAR_ROWS` rows,
-    the decode steps, where cuBLAS's tiles leave SMs idle and it adds split-K reduction and
-    bias-copy kernels; True forces the kernel wherever it takes the rows (up to 64; on CPU tensors
-    it needs ``TRITON_INTERPRET=1``: tests), False keeps :func:`linear`.
-    """
-    if kernel is None:
-        return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.shape[1] <= DECODE_LINEAR_ROWS
-    return kernel and x.shape[1] <= DECODE_LINEAR_MAX_ROWS
 
 
 def add_matmul_t_(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
@@ -633,9 +614,12 @@ class Decoder(nn.Module):
         # The layers' elementwise chains: None runs the Triton kernels on CUDA and PyTorch elsewhere;
         # True / False force one (adfast.layer_ops.layer_ops).
         self.fused: bool | None = None
-        # The layers' linears at decode: None / True / False as uses_decode_linear's `kernel`; its
-        # split-K tickets (one buffer: a decoder runs on one stream at a time) come with setup_cache.
-        self.linear_kernel: bool | None = None
+        # The layers' linears: True runs calls of at most 64 rows (decode steps, short prefills) in
+        # the decode-time Triton GEMM (adfast.kernels.decode_linear; on CPU tensors it needs
+        # TRITON_INTERPRET=1), False (the default: cuBLAS was faster in the engine, bench/linear.py)
+        # runs them all as `linear`. The kernel's split-K tickets (one buffer: a decoder runs on one
+        # stream at a time) come with setup_cache.
+        self.linear_kernel = False
         self.linear_counters: torch.Tensor | None = None
 
     # ----------------------------------------------------------------------------------- loading
@@ -856,9 +840,10 @@ class Decoder(nn.Module):
         return self.cache
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """A layer's ``x W^T + b``: the decode-time Triton GEMM where :func:`uses_decode_linear`
-        says so (same function; float32 accumulation, one rounding), else :func:`linear`."""
-        if uses_decode_linear(x, self.linear_kernel):
+        """A layer's ``x W^T + b``: with :attr:`linear_kernel` and at most 64 rows the decode-time
+        Triton GEMM (the same function: float32 accumulation, bias added before one rounding),
+        else :func:`linear`."""
+        if self.linear_kernel and x.shape[1] <= DECODE_LINEAR_MAX_ROWS:
             return decode_linear(x, weight, bias, counters=self.linear_counters)
         return linear(x, weight, bias)
 

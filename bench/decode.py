@@ -11,11 +11,10 @@ Variants, each at batch sizes 1, 8, 32, 64 (prompt 128 random tokens, 256 new to
   each rank of ``--jvp-ranks`` (rows ``engine_jvp_r<rank>``): the tangent kept factored, ``r (m + n)``
   numbers per factored ``[m, n]`` weight instead of ``m n``.
 
-Engine rows run the decoders' layer linears in adfast's decode-time kernel
-(:mod:`adfast.kernels.decode_linear`), the engine's default on CUDA; ``--linear cublas`` runs them
-in cuBLAS instead, in rows named ``<variant>_cublas``. Our kernels launch with programmatic
-dependent launch on Hopper GPUs (:func:`adfast.kernels.split.dependent_launch`); rows run with
-``ADFAST_PDL=0`` (or on a GPU without it) are named ``<variant>_nopdl``.
+Engine rows run the decoders' layer linears in cuBLAS (the engine's default); ``--linear kernel``
+runs them in adfast's decode-time kernel (:mod:`adfast.kernels.decode_linear`), in rows named
+``<variant>_kernel``; rows run with ``ADFAST_PDL=1`` on a Hopper GPU (programmatic dependent
+launch of our kernels, :func:`adfast.kernels.split.dependent_launch`) end in ``_pdl``.
 
 Models have the real architectures with random bf16 weights (throughput does not depend on the
 values): a Qwen2.5-7B-shaped teacher and a Qwen2.5-3B-shaped proxy pair (``--shapes real``, a CUDA
@@ -31,8 +30,9 @@ embeddings) over the device-to-device copy bandwidth measured in the same run.
 it is installed, else ours); ``engine_gb`` (engine rows on CUDA): the device memory the engine
 holds beyond the shared teacher decoder (proxy copies, or proxy and tangent; KV caches; graphs).
 Writes ``bench/results/decode-<device>.json`` (rows: ``device, batch, variant, tok_s, ms_step,
-limit_ms, limit_frac, attention, engine_gb, new_tokens``; rewritten after every row, so a
-run cut short keeps what it measured; ``--append`` merges into the rows already there) and a PNG
+limit_ms, limit_frac, attention, engine_gb, new_tokens, run``, ``run`` being when the process
+started: :mod:`bench.goals` flags ratios of rows from different runs, which may be different
+machines; rewritten after every row, so a run cut short keeps what it measured; ``--append`` merges into the rows already there) and a PNG
 of tok/s against batch (with matplotlib; ``--plot-only`` draws it from the JSON later).
 
 Usage: ``python bench/decode.py [--shapes real|tiny] [--batches 1 8 32 64] [--variants ...]
@@ -159,9 +159,9 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--jvp-ranks", type=int, nargs="+", default=None,
                         help="ranks of engine_jvp_lowrank (default: 8 32 128 512 real, 4 16 tiny)")
-    parser.add_argument("--linear", choices=["kernel", "cublas"], default="kernel",
-                        help="the engine's layer linears at decode: adfast's kernel (the default) or cuBLAS "
-                             "(rows named <variant>_cublas)")
+    parser.add_argument("--linear", choices=["cublas", "kernel"], default="cublas",
+                        help="the engine's layer linears at decode: cuBLAS (the default) or adfast's kernel "
+                             "(rows named <variant>_kernel)")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
@@ -179,6 +179,7 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     bandwidth = copy_bandwidth(device)
+    run = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # rows of one process share it
     print(f"{name}: copy bandwidth {bandwidth / 1e12:.3f} TB/s", flush=True)
 
     spec = SHAPES[args.shapes]
@@ -194,8 +195,8 @@ def main(argv=None) -> int:
     teacher_bytes, proxy_bytes = weight_bytes(teacher), weight_bytes(pair.plus)
     # One teacher Decoder shared by every engine (each engine would otherwise copy the 15 GB teacher).
     teacher_decoder = Decoder.from_hf([teacher], dtype=dtype, device=device)
-    linear_kernel = None if args.linear == "kernel" else False  # None: the decoder's default
-    pdl_off = device.type == "cuda" and not dependent_launch(device)
+    linear_kernel = args.linear == "kernel"
+    suffix = ("_kernel" if linear_kernel else "") + ("_pdl" if dependent_launch(device) else "")
     teacher_decoder.linear_kernel = linear_kernel
     if not any(v.startswith("hf_") for v in args.variants):
         del teacher
@@ -214,13 +215,13 @@ def main(argv=None) -> int:
         """Add a row (replacing an earlier one of the same batch and variant) and rewrite the JSON now,
         so that a run cut short keeps every row it finished."""
         if variant.startswith("engine_"):
-            variant += ("_cublas" if args.linear == "cublas" else "") + ("_nopdl" if pdl_off else "")
+            variant += suffix
         ms_step = 1e3 * seconds / args.new_tokens
         limit_ms = 1e3 * bytes_per_step / bandwidth
         attention = "transformers sdpa" if variant.startswith("hf_") else engine_attention
         row = dict(device=name, batch=batch, variant=variant, tok_s=batch * args.new_tokens / seconds,
                    ms_step=ms_step, limit_ms=limit_ms, limit_frac=limit_ms / ms_step, attention=attention,
-                   engine_gb=engine_gb, new_tokens=args.new_tokens)
+                   engine_gb=engine_gb, new_tokens=args.new_tokens, run=run)
         rows[:] = [r for r in rows if (r["batch"], r["variant"]) != (batch, variant)] + [row]
         stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
         print(f"B={batch:3d} {variant:20s} {row['tok_s']:9.1f} tok/s {ms_step:8.2f} ms/step "

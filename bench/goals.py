@@ -11,7 +11,8 @@ and, per device, decides each goal as ``met``, ``missed`` or ``not measured`` (a
 absent). Where ``profile-<device>-<variant>-b<batch>.json`` files (:mod:`bench.profile_step`)
 exist, it adds where each profiled step's time goes: the step's span and the union of its kernel
 intervals (so ``span - busy`` is time with no kernel running), the summed time of the matmul
-kernels (cuBLAS: ``nvjet``, ``gemm``, ``cutlass``, split-K reductions) and of all other kernels,
+kernels (cuBLAS: ``nvjet``, ``gemm``, ``cutlass``, split-K reductions; adfast's ``_decode_linear``)
+and of all other kernels,
 the launches per step, and the weight-read limit of the same variant and batch. With two streams
 (antidistillation: teacher and proxies overlap) the sums exceed ``busy``.
 
@@ -26,6 +27,10 @@ on an H100 or an H200; ``limit_frac`` is the weight-read floor over the measured
 - #4: the exact-D engine with the low-rank gradient of the smallest rank meeting the fidelity
   target costs at most 1.45x temperature sampling per step, at each batch measured; the full-rank
   jvp engine against the finite-difference pair is reported, with no target.
+
+A ratio of two rows that different runs of :mod:`bench.decode` measured (their ``run`` fields
+differ: other processes, maybe other machines, which have differed by ~5% in step time) carries
+"(rows of two runs)" after its verdict.
 
 Prints one table per device and writes ``goals-<device>.md`` beside the results.
 
@@ -48,16 +53,23 @@ class Goal:
     measured: float | None
     target: str
     met: bool | None
+    mixed_runs: bool = False  # a ratio of rows from different benchmark runs
 
     @property
     def verdict(self) -> str:
         if self.measured is None:
             return "not measured"
-        return {True: "met", False: "missed", None: "reported"}[self.met]
+        return {True: "met", False: "missed", None: "reported"}[self.met] + (" (rows of two runs)" if self.mixed_runs
+                                                                            else "")
 
 
 def find(rows: list[dict], variant: str, batch: int) -> dict | None:
     return next((r for r in rows if r["variant"] == variant and r["batch"] == batch), None)
+
+
+def mixed(*rows) -> bool:
+    """Whether rows (None skipped) come from different runs of bench/decode.py (their ``run`` differs)."""
+    return len({r.get("run") for r in rows if r}) > 1
 
 
 def at_least(issue, goal, batch, value, bound) -> Goal:
@@ -76,20 +88,22 @@ def decode_goals(rows: list[dict], rank: int | None) -> list[Goal]:
         if d and c:
             ratio, bound = d["ms_step"] / c["ms_step"], 1.05 * d["limit_ms"] / c["limit_ms"]
         goals.append(Goal("#3", "(d)/(c) step time, against 1.05x their limits' ratio", batch, ratio,
-                          "-" if bound is None else f"<= {bound:.3f}", None if ratio is None else ratio <= bound))
+                          "-" if bound is None else f"<= {bound:.3f}", None if ratio is None else ratio <= bound,
+                          mixed(d, c)))
     d, hf = find(rows, "engine_antidistill", 1), find(rows, "hf_antidistill", 1)
     speedup = d and hf and d["tok_s"] / hf["tok_s"]
     goals.append(at_least("#3", "(d) tok/s over HF generate + processor", 1, speedup, 6.5))
+    goals[-1].mixed_runs = mixed(d, hf)
     for batch in sorted({r["batch"] for r in rows}):
         c = find(rows, "engine_temperature", batch)
         low = find(rows, f"engine_jvp_r{rank}", batch) if rank else None
         ratio = low and c and low["ms_step"] / c["ms_step"]
         goals.append(Goal("#4", f"exact-D rank {rank} step time over temperature", batch, ratio, "<= 1.45",
-                          None if ratio is None else ratio <= 1.45))
+                          None if ratio is None else ratio <= 1.45, mixed(low, c)))
         jvp, fd = find(rows, "engine_jvp", batch), find(rows, "engine_antidistill", batch)
         if jvp and fd:
             goals.append(Goal("#4", "exact-D (full g) step time over finite-difference pair", batch,
-                              jvp["ms_step"] / fd["ms_step"], "-", None))
+                              jvp["ms_step"] / fd["ms_step"], "-", None, mixed(jvp, fd)))
     return goals
 
 
@@ -100,7 +114,7 @@ def sampler_goals(rows: list[dict]) -> list[Goal]:
             at_least("#2", "fused sampler, speed-up over eager PyTorch", 64, fused and fused["speedup_vs_eager"], 5)]
 
 
-MATMUL_MARKERS = ("nvjet", "gemm", "cutlass", "splitKreduce")
+MATMUL_MARKERS = ("nvjet", "gemm", "cutlass", "splitKreduce", "_decode_linear")
 
 
 def step_breakdown(profiles: list[dict], rows: list[dict]) -> str:

@@ -12,12 +12,13 @@ graph are traced one by one) and reduces the trace to, per step:
 - per kernel name: launches and milliseconds per step, largest first: the matmuls' share against
   the weight-read limit, and the small kernels' count and cost.
 
-Writes ``bench/results/profile-<device>-<variant>-b<batch>.json`` (``device, variant, batch,
+``--linear kernel`` and ``ADFAST_PDL=1`` profile those settings (as :mod:`bench.decode`; the
+variant's name gets ``_kernel`` / ``_pdl``). Writes ``bench/results/profile-<device>-<variant>-b<batch>.json`` (``device, variant, batch,
 steps, busy_ms, span_ms, idle_frac, kernels: [{name, launches_per_step, ms_per_step}]``).
 On CPU (``--shapes tiny``, a smoke test) the same reduction runs over the CPU operators instead.
 
 Usage: ``python bench/profile_step.py [--shapes real|tiny] [--variant engine_antidistill] [--batch 1]
-[--steps 16] [--rank 8]``; variants: engine_temperature, engine_antidistill, engine_jvp, engine_jvp_lowrank.
+[--steps 16] [--rank 8] [--linear cublas|kernel]``; variants: engine_temperature, engine_antidistill, engine_jvp, engine_jvp_lowrank.
 """
 import argparse
 import collections
@@ -30,6 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import adfast
 from adfast.decoder import Decoder
+from adfast.kernels.split import dependent_launch
 from decode import EPS, LAM, SHAPES, TAU, device_for, random_low_rank, random_model
 
 VARIANTS = ("engine_temperature", "engine_antidistill", "engine_jvp", "engine_jvp_lowrank")
@@ -81,6 +83,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--rank", type=int, default=8, help="engine_jvp_lowrank: the gradient's rank")
+    parser.add_argument("--linear", choices=["cublas", "kernel"], default="cublas",
+                        help="the layers' linears as in bench/decode.py (kernel: variant <variant>_kernel)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     device = device_for(args.shapes)
@@ -90,6 +94,9 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if on_device else torch.float32
     spec = SHAPES[args.shapes]
     engine = build_engine(args.variant, spec, args.rank, args.batch, PROMPT_LEN + args.steps + 8, dtype, device)
+    for model in (engine.teacher, engine.proxies):
+        if model is not None:
+            model.linear_kernel = args.linear == "kernel"
     prompts = torch.randint(1, spec["proxy"]["vocab_size"], (args.batch, PROMPT_LEN),
                             generator=torch.Generator().manual_seed(0)).tolist()
     mode = "temperature" if args.variant == "engine_temperature" else "antidistill"
@@ -108,6 +115,7 @@ def main(argv=None) -> int:
             torch.cuda.synchronize(device)
     name = torch.cuda.get_device_name(device) if on_device else "cpu"
     variant = args.variant if args.variant != "engine_jvp_lowrank" else f"engine_jvp_r{args.rank}"
+    variant += ("_kernel" if args.linear == "kernel" else "") + ("_pdl" if dependent_launch(device) else "")
     result = dict(device=name, variant=variant, batch=args.batch, steps=args.steps,
                   **summarize(prof.events(), args.steps, on_device))
     args.out.mkdir(parents=True, exist_ok=True)

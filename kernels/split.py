@@ -21,19 +21,20 @@ def multiprocessor_count(device: torch.device) -> int | None:
 
 def dependent_launch(device: torch.device) -> dict:
     """Launch arguments for programmatic dependent launch (PDL) on ``device``: ``{"PDL": True,
-    "launch_pdl": True}`` on a CUDA GPU of compute capability 9.0 or later (Hopper), ``{}``
-    elsewhere (the interpreter, older GPUs) or when the environment sets ``ADFAST_PDL=0``.
+    "launch_pdl": True}`` when the environment sets ``ADFAST_PDL=1`` and ``device`` is a CUDA GPU of
+    compute capability 9.0 or later (Hopper), ``{}`` otherwise (the default: it awaits a GPU
+    measurement, ``bench/gpu_session.sh pdl``).
 
     A kernel launched this way may start while the kernel before it in the stream is still
     running: every adfast kernel that takes ``PDL`` waits (``gdc_wait``) before it touches memory a
     predecessor may write or read, and then lets its own successor launch
-    (``gdc_launch_dependents``); what the early start buys is the launch and ramp-up latency of a
-    decode step's ~300 small kernels, which otherwise sits between every two of them (in a CUDA
-    graph too: the captured launches keep the attribute). Kernels that are not ours (cuBLAS,
-    torch) launch as usual and order as usual. :mod:`adfast.compile_check` replaces this function
-    to compile the PDL variants without a GPU.
+    (``gdc_launch_dependents``); what the early start can buy is the launch and ramp-up latency of
+    a decode step's ~300 small kernels, which otherwise sits between every two of them (in a CUDA
+    graph too: captured launches keep the attribute). Kernels that are not ours (cuBLAS, torch)
+    launch and order as usual. :mod:`adfast.compile_check` replaces this function to compile the
+    PDL variants without a GPU.
     """
-    if device.type != "cuda" or os.environ.get("ADFAST_PDL", "1") == "0" or _capability(device.index) < (9, 0):
+    if device.type != "cuda" or os.environ.get("ADFAST_PDL") != "1" or _capability(device.index) < (9, 0):
         return {}
     return {"PDL": True, "launch_pdl": True}
 

@@ -32,7 +32,7 @@ def test_decode_benchmark_runs_every_variant_on_tiny_shapes(tmp_path):
     assert sorted((r["variant"], r["batch"]) for r in rows) == sorted((v, b) for v in variants for b in (1, 2))
     for row in rows:
         assert set(row) == {"device", "batch", "variant", "tok_s", "ms_step", "limit_ms", "limit_frac", "attention",
-                            "engine_gb", "new_tokens"}
+                            "engine_gb", "new_tokens", "run"}
         assert row["tok_s"] > 0 and row["limit_ms"] > 0 and 0 < row["limit_frac"]
     assert result.with_suffix(".png").stat().st_size > 0
     result.with_suffix(".png").unlink()

@@ -14,9 +14,8 @@ the machine running the tests.
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import KERNEL_DEVICE as DEVICE
+from conftest import KERNEL_DEVICE as DEVICE, tiny_qwen2
 
-from adfast.decoder import uses_decode_linear
 from adfast.kernels.decode_linear import MAX_ROWS, counters_for, decode_linear, plan_linear
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -111,12 +110,25 @@ def test_plan():
         plan_linear(1, 1, 16, 16, cpu, block_n=24)
 
 
-def test_decoder_dispatch():
-    """The decoder's layers take the kernel on CUDA half-precision decode rows, or where forced."""
-    cpu = torch.zeros(1, 4, 8)
-    assert not uses_decode_linear(cpu, None) and uses_decode_linear(cpu, True)
-    assert not uses_decode_linear(torch.zeros(1, MAX_ROWS + 1, 8), True), "prefill of many rows stays cuBLAS"
-    assert not uses_decode_linear(cpu, False)
+def test_decoder_dispatch(monkeypatch):
+    """A decoder runs its layers' linears in the kernel only with ``linear_kernel`` and at most 64
+    rows: a prefill of more rows, and every call without the flag (the default), stay cuBLAS."""
+    import adfast.decoder
+
+    calls = []
+    monkeypatch.setattr(adfast.decoder, "decode_linear", lambda x, *a, **k: calls.append(x.shape[1]) or
+                        decode_linear(x, *a, **k))
+    decoder = adfast.decoder.Decoder.from_hf([tiny_qwen2()], device=DEVICE)
+    decoder.setup_cache(2, MAX_ROWS + 8)
+    slots, layers = torch.tensor([0, 1], device=DEVICE), decoder.config.num_layers
+    assert not decoder.linear_kernel
+    decoder(torch.ones(2, 3, dtype=torch.int64, device=DEVICE), slots)
+    assert calls == []
+    decoder.linear_kernel = True
+    decoder(torch.ones(2, MAX_ROWS // 2 + 1, dtype=torch.int64, device=DEVICE), slots)  # 66 rows: cuBLAS
+    assert calls == []
+    decoder(torch.ones(2, 1, dtype=torch.int64, device=DEVICE), slots)
+    assert calls == [2] * 4 * layers  # qkv, o, gate_up, down of every layer; lm_head stays cuBLAS
 
 
 def _bad_calls():
