@@ -21,11 +21,15 @@ status 1 when a kernel fails to compile or spills. ``--jobs`` (default: the CPU 
 cases out over that many fresh processes (compiling is CPU-bound; the cases are independent).
 Needs ``TRITON_INTERPRET`` unset (the interpreter replaces ``triton.jit`` at import). The cases
 cover the Qwen2.5 vocabularies (teacher 152064, proxy 151936) at batch 1 and 64 in every sampling
-mode and logit dtype, and decode attention (primal and tangent) for the 7B teacher (28 heads over
+mode and logit dtype, and decode attention (primal and tangent; the primal also with a cache
+short enough for one split) for the 7B teacher (28 heads over
 4), the 3B proxy pair (16 over 2, two copies), SmolLM2 (9 over 3, head dim 64) and the tests' tiny
 models (4 over 2, head dim 8, padded to 16) with bf16, fp16 and fp32 caches, and the fused layer
 kernels (norms, rotary with the cache write, gated activation, and their tangents, with and without
-a factored tangent's low-rank term) at the same models' widths.
+a factored tangent's low-rank term) at the same models' widths, and the decode-time linear kernel
+at every layer shape of the 7B teacher and the 3B pair (1, 32 and 64 rows, bf16 and fp32). Every
+kernel that takes it is compiled with programmatic dependent launch, as ``ADFAST_PDL=1`` launches
+it on a Hopper GPU.
 """
 from __future__ import annotations
 
@@ -211,6 +215,10 @@ def _attention_cases():
                           decode_attention(q, k, v, s, n)))
             cases.append((f"decode_attention_jvp {name}", lambda q=q, k=k, v=v, s=slots, n=lengths:
                           decode_attention_jvp(q, q, k, v, k, v, s, n)))
+        short = torch.empty(copies, batch, 257, kv_heads, head_dim, dtype=torch.bfloat16)  # one split: no merge
+        cases.append((f"decode_attention {label} bf16 256 positions",
+                      lambda q=torch.empty(copies, batch, 1, heads, head_dim, dtype=torch.bfloat16), k=short,
+                      s=torch.arange(batch), n=torch.full((batch,), 256): decode_attention(q, k, k, s, n)))
     return cases
 
 

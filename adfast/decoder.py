@@ -234,7 +234,8 @@ def decode_attention_backend(dtype: torch.dtype, cache_dtype: torch.dtype | None
 
 
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-           query_pos: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+           query_pos: torch.Tensor, lengths: torch.Tensor | None = None,
+           counters: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of new queries over their slots' cached keys and values.
 
     Args:
@@ -245,6 +246,8 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots:
             of slot ``slots[b]`` (all of them already written), scaled by ``1 / sqrt(D)``.
         lengths: ``query_pos[:, 0] + 1`` if the caller has it (a decode step computes it once for
             all layers rather than once per layer: one kernel launch instead of one per layer).
+        counters: the CUDA decode kernel's split tickets (``KVCache.attention_counters``; None
+            allocates them per call).
 
     Returns:
         ``[C, B, T, H, D]``. Head ``h`` reads key/value head ``h // (H / KV)`` (grouped-query).
@@ -272,7 +275,8 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots:
     if q.is_cuda and seq == 1:
         from .kernels.decode_attention import decode_attention
 
-        return decode_attention(q, k_cache, v_cache, slots, query_pos[:, 0] + 1 if lengths is None else lengths)
+        return decode_attention(q, k_cache, v_cache, slots, query_pos[:, 0] + 1 if lengths is None else lengths,
+                                counters=counters)
 
     def gather(cache):  # [C, max_batch, S + 1, KV, D] -> [C B, H, S, D]
         x = cache[:, slots, :max_seq_len].to(q.dtype).permute(0, 1, 3, 2, 4)
@@ -547,7 +551,8 @@ class KVCache(nn.Module):
     place. Position ``max_seq_len`` is scratch: padding tokens write there and nothing reads it,
     so writes need no data-dependent shapes. ``lengths``: int64 ``[max_batch]``, the number of
     live positions of each slot (positions ``>= lengths[s]`` hold stale data and are never read).
-    ``dk``, ``dv`` (``tangent=True``, else None): the tangents of ``k`` and ``v`` (same shape and
+    ``attention_counters``: int32 ``[C max_batch KV]``, zero between steps (the decode attention
+    kernel's split tickets). ``dk``, ``dv`` (``tangent=True``, else None): the tangents of ``k`` and ``v`` (same shape and
     layout), written by :meth:`Decoder.forward` with ``tangent=True``.
     """
 
@@ -562,6 +567,10 @@ class KVCache(nn.Module):
             self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device) if tangent else None,
                                  persistent=False)
         self.register_buffer("lengths", torch.zeros(max_batch, dtype=torch.int64, device=device), persistent=False)
+        # the split tickets of CUDA decode attention (kernels/decode_attention.py): one buffer for
+        # every layer, as a decoder's layers run one after another on one stream
+        self.register_buffer("attention_counters", torch.zeros(num_copies * max_batch * num_kv_heads,
+                                                               dtype=torch.int32, device=device), persistent=False)
 
     def reset(self, slots) -> None:
         """Empty the given slots (int64 tensor or list of ids): their next ``forward`` starts at position 0."""
@@ -955,7 +964,7 @@ class Decoder(nn.Module):
             x, h = ops.add_rms_norm(x, layer.attention_norm, eps, mlp_out)
             q = ops.rope_and_cache_write(self._linear(h, layer.wqkv, layer.bqkv), cos, sin, cache.k[i], cache.v[i],
                                          slots, write_pos, heads, kv_heads)
-            out = attend(q, cache.k[i], cache.v[i], slots, query_pos, lengths)
+            out = attend(q, cache.k[i], cache.v[i], slots, query_pos, lengths, cache.attention_counters)
             x, h = ops.add_rms_norm(x, layer.ffn_norm, eps, self._linear(
                 out.reshape(copies, batch * seq, heads * head_dim), layer.wo, layer.bo))
             mlp_out = self._linear(ops.silu_mul(self._linear(h, layer.w_gate_up, layer.b_gate_up)), layer.w_down,

@@ -89,10 +89,10 @@ def cuda_attention():
     """Route T == 1 attention to the Triton kernels, as on CUDA (the CPU path uses SDPA)."""
     attend, attend_jvp = decoder_module.attend, decoder_module.attend_jvp
 
-    def attend_like_cuda(q, k_cache, v_cache, slots, query_pos, lengths=None):
+    def attend_like_cuda(q, k_cache, v_cache, slots, query_pos, lengths=None, counters=None):
         if q.shape[2] == 1:
-            return decode_attention(q, k_cache, v_cache, slots, lengths)
-        return attend(q, k_cache, v_cache, slots, query_pos, lengths)
+            return decode_attention(q, k_cache, v_cache, slots, lengths, counters=counters)
+        return attend(q, k_cache, v_cache, slots, query_pos, lengths, counters)
 
     def attend_jvp_like_cuda(q, dq, k_cache, v_cache, dk_cache, dv_cache, slots, query_pos, lengths=None):
         if q.shape[2] == 1:

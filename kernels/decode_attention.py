@@ -14,7 +14,7 @@ Math, for copy ``c``, row ``b``, head ``h`` (kv head ``j = h // GROUP``), ``n < 
     s_n   = <q[c, b, 0, h], K[c, slots[b], n, j]> / sqrt(D)
     out   = sum_n softmax(s)_n V[c, slots[b], n, j]
 
-Stage 1 (:func:`_decode_partials`, grid ``(C * B * KV, num_splits)``): program ``(p, s)`` with
+One launch (:func:`_decode_attention`, grid ``(C * B * KV, num_splits)``): program ``(p, s)`` with
 ``p = (c * B + b) * KV + j`` takes all GROUP query heads of kv head ``j`` together as one
 ``[GROUP_PAD, HEAD_PAD]`` tile (``GROUP_PAD = max(16, next_pow2(GROUP))``, ``HEAD_PAD =
 max(16, next_pow2(D))``: any head dim, e.g. 8 or 80; padded rows and columns are zero, masked on
@@ -28,12 +28,17 @@ accumulation up to summation order. It walks positions
 ``[s * chunk, min((s + 1) * chunk, L))`` in ``BLOCK_N`` blocks (K/V loads masked to ``n < L``: a
 position ``>= L`` is never read, and a split with ``s * chunk >= L`` runs no iteration and stores
 nothing), keeping the online-softmax state (running max ``m`` in the log2 domain, sum ``l``,
-unnormalised ``acc [GROUP_PAD, D]``) in float32, and writes ``m, l [GROUP]`` and
-``acc [GROUP, D]`` to a float32 workspace. Probabilities are cast to V's dtype for the second
-``tl.dot`` (as flash-attention does), so bf16/fp16 caches see bf16/fp16 rounding of P.
+unnormalised ``acc [GROUP_PAD, D]``) in float32. Probabilities are cast to V's dtype for the
+second ``tl.dot`` (as flash-attention does), so bf16/fp16 caches see bf16/fp16 rounding of P.
 
-Stage 2 (:func:`_decode_merge`, grid ``(C * B * H,)``) reads the ``ceil(L / chunk)`` live splits
-of its head and writes ``sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s`` in q's dtype.
+With one split the program holds the whole row and writes ``acc / l`` in q's dtype. With several
+it writes ``m, l [GROUP]`` and ``acc [GROUP, D]`` to a float32 workspace, then takes a ticket from
+its kv head's counter (``atomic_add``, acquire-release at GPU scope, after a barrier: every
+thread's partial is stored first); the program that draws the last ticket merges the
+``ceil(L / chunk)`` live splits in split order (deterministic whichever program finishes last),
+``sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s``, writes it in q's dtype and sets the counter
+back to 0 for the next launch or graph replay. No second kernel: a decode step launches one
+attention kernel per layer.
 
 Bytes: the live K and V rows, ``2 * C * KV * D * itemsize * sum_b L_b`` (the blocks round up to
 ``BLOCK_N`` only in masked lanes, which load nothing), plus q and out, plus the workspace
@@ -74,14 +79,15 @@ def _program_rows(lengths_ptr, slots_ptr, batch, kv_heads, chunk):
 
 
 @triton.jit
-def _decode_partials(
-    q_ptr, k_ptr, v_ptr, slots_ptr, lengths_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+def _decode_attention(
+    q_ptr, k_ptr, v_ptr, slots_ptr, lengths_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, count_ptr, out_ptr,
     batch, kv_heads, chunk, num_splits, qk_scale,
     sq_c, sq_b, sq_h,
     sk_c, sk_s, sk_n, sk_j,
     sv_c, sv_s, sv_n, sv_j,
+    so_c, so_b, so_h,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
     if PDL:  # programmatic dependent launch (split.dependent_launch): the kernel before is done
@@ -123,54 +129,37 @@ def _decode_partials(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
-    smask = gmask & (lo + g * 0 < length)  # nothing stored by splits past the row's length
-    part = pid.to(tl.int64) * num_splits + split
-    tl.store(part_m_ptr + part * GROUP + g, m_i, mask=smask)
-    tl.store(part_l_ptr + part * GROUP + g, l_i, mask=smask)
-    tl.store(part_acc_ptr + (part * GROUP + g)[:, None] * HEAD_DIM + d[None, :], acc,
-             mask=smask[:, None] & dmask[None, :])
-
-
-@triton.jit
-def _merge_head(lengths_ptr, batch, heads, chunk, GROUP: tl.constexpr):
-    """Stage 2's program ``(c B + b) H + h``: ``h``, ``c B + b``, ``b``, ``c``, the kv head count, the kv
-    head ``j`` and member ``g`` of ``h``'s group, and the number of live splits of row ``b``."""
-    pid = tl.program_id(0)
-    h = pid % heads
-    cb = pid // heads
-    length = tl.load(lengths_ptr + cb % batch).to(tl.int32)
-    return h, cb, cb % batch, cb // batch, heads // GROUP, h // GROUP, h % GROUP, (length + chunk - 1) // chunk
-
-
-@triton.jit
-def _decode_merge(
-    part_m_ptr, part_l_ptr, part_acc_ptr, lengths_ptr, out_ptr,
-    batch, heads, chunk, num_splits,
-    so_c, so_b, so_h,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
-    PDL: tl.constexpr = False,
-):
-    if PDL:  # programmatic dependent launch (split.dependent_launch): the kernel before is done
-        gdc_wait()
-        gdc_launch_dependents()
-    h, cb, b, c, kv_heads, j, g, live = _merge_head(lengths_ptr, batch, heads, chunk, GROUP)
-    s = tl.arange(0, SPLITS_PAD)
-    smask = s < live
-    d = tl.arange(0, HEAD_PAD)
-    dmask = d < HEAD_DIM
-    part = (cb.to(tl.int64) * kv_heads + j) * num_splits + s  # [SPLITS_PAD]
-    idx = part * GROUP + g
-    m = tl.load(part_m_ptr + idx, mask=smask, other=-float("inf"))
-    l = tl.load(part_l_ptr + idx, mask=smask, other=0.0)
-    acc = tl.load(part_acc_ptr + idx[:, None] * HEAD_DIM + d[None, :], mask=smask[:, None] & dmask[None, :],
-                  other=0.0)
-    m_max = tl.max(m, axis=0)
-    w = tl.where(smask, tl.exp2(m - m_max), 0.0)
-    num = tl.sum(acc * w[:, None], axis=0)
-    den = tl.sum(l * w, axis=0)
-    out = num / den
-    o_off = c.to(tl.int64) * so_c + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h
-    tl.store(out_ptr + o_off + d, out.to(out_ptr.dtype.element_ty), mask=dmask)
+    o_rows = out_ptr + c.to(tl.int64) * so_c + b.to(tl.int64) * so_b + (j * GROUP + g).to(tl.int64) * so_h
+    o_mask = gmask[:, None] & dmask[None, :]
+    if not SPLIT:  # the one split holds the whole row
+        l_i = tl.where(gmask, l_i, 1.0)  # padded heads: no 0 / 0
+        tl.store(o_rows[:, None] + d[None, :], (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
+    else:
+        smask = gmask & (lo + g * 0 < length)  # nothing stored by splits past the row's length
+        first = pid.to(tl.int64) * num_splits
+        tl.store(part_m_ptr + (first + split) * GROUP + g, m_i, mask=smask)
+        tl.store(part_l_ptr + (first + split) * GROUP + g, l_i, mask=smask)
+        tl.store(part_acc_ptr + ((first + split) * GROUP + g)[:, None] * HEAD_DIM + d[None, :], acc,
+                 mask=smask[:, None] & dmask[None, :])
+        tl.debug_barrier()  # every thread's partial is stored before the ticket (the release) is taken
+        ticket = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if ticket == num_splits - 1:  # the last split of this kv head: merge the live ones, in split order
+            live = (length + chunk - 1) // chunk
+            m_max = tl.full([GROUP_PAD], -float("inf"), tl.float32)
+            for i in range(live):
+                m_s = tl.load(part_m_ptr + (first + i) * GROUP + g, mask=gmask, other=0.0, cache_modifier=".cg")
+                m_max = tl.maximum(m_max, m_s)
+            num = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
+            den = tl.zeros([GROUP_PAD], tl.float32)
+            for i in range(live):
+                idx = (first + i) * GROUP + g
+                w = tl.exp2(tl.load(part_m_ptr + idx, mask=gmask, other=0.0, cache_modifier=".cg") - m_max)
+                den += tl.load(part_l_ptr + idx, mask=gmask, other=0.0, cache_modifier=".cg") * w
+                num += tl.load(part_acc_ptr + idx[:, None] * HEAD_DIM + d[None, :], mask=o_mask, other=0.0,
+                               cache_modifier=".cg") * w[:, None]
+            den = tl.where(gmask, den, 1.0)
+            tl.store(o_rows[:, None] + d[None, :], (num / den[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
+            tl.atomic_xchg(count_ptr + pid, 0, sem="relaxed", scope="gpu")
 
 
 def _plan(num_programs: int, max_seq_len: int, device: torch.device, num_splits: int | None,
@@ -194,12 +183,15 @@ def _plan(num_programs: int, max_seq_len: int, device: torch.device, num_splits:
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                      lengths: torch.Tensor, num_splits: int | None = None,
-                     block_n: int | None = None) -> torch.Tensor:
+                     block_n: int | None = None, counters: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention of ``q [C, B, 1, H, D]`` over positions ``< lengths[b]`` of cache slot
     ``slots[b]`` (cache ``[C, max_batch, max_seq_len + 1, KV, D]``), grouped-query, scale
     ``1 / sqrt(D)``. Returns ``[C, B, 1, H, D]`` in q's dtype. ``lengths`` must be in
     ``[1, max_seq_len]``. ``num_splits``/``block_n`` override the plan (tests, tuning).
-    Same result as :func:`adfast.decoder.attend` with ``query_pos = (lengths - 1)[:, None]``.
+    ``counters``: the split tickets, int32, at least ``C B KV`` of them, zero at entry and left zero
+    (:func:`counters_for`; a CUDA-graph captured step passes its own, one buffer per stream); None
+    allocates zeroed ones when the plan splits. Same result as :func:`adfast.decoder.attend` with
+    ``query_pos = (lengths - 1)[:, None]``.
     """
     num_copies, batch, seq, heads, head_dim = q.shape
     assert seq == 1, "decode_attention handles one query per row (T == 1)"
@@ -217,26 +209,33 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     programs = num_copies * batch * kv_heads
     interpreted = launch_plan.multiprocessor_count(q.device) is None
     splits, chunk, block_n, num_warps = _plan(programs, max_seq_len, q.device, num_splits, block_n)
-    part_m = torch.empty(programs * splits * group, device=q.device, dtype=torch.float32)
-    part_l = torch.empty_like(part_m)
-    part_acc = torch.empty(programs * splits * group * head_dim, device=q.device, dtype=torch.float32)
     out = torch.empty((num_copies, batch, 1, heads, head_dim), device=q.device, dtype=q.dtype)
+    if splits > 1:
+        part_m = torch.empty(programs * splits * group, device=q.device, dtype=torch.float32)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty(programs * splits * group * head_dim, device=q.device, dtype=torch.float32)
+        if counters is None:
+            counters = counters_for(programs, q.device)
+        elif counters.dtype != torch.int32 or counters.numel() < programs:
+            raise ValueError(f"counters must be int32 with at least C B KV = {programs} entries, got "
+                             f"{counters.dtype} with {counters.numel()}")
+    else:
+        part_m = part_l = part_acc = counters = out  # unused: the one split writes the output
 
-    _decode_partials[(programs, splits)](
-        q, k_cache, v_cache, slots, lengths, part_m, part_l, part_acc,
+    _decode_attention[(programs, splits)](
+        q, k_cache, v_cache, slots, lengths, part_m, part_l, part_acc, counters, out,
         batch, kv_heads, chunk, splits, LOG2E / head_dim ** 0.5,
         q.stride(0), q.stride(1), q.stride(3),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, HEAD_PAD=head_pad,
-        BLOCK_N=block_n, IEEE=k_cache.dtype == torch.float32 or interpreted, num_warps=num_warps,
-        **launch_plan.dependent_launch(q.device),
-    )
-    _decode_merge[(num_copies * batch * heads,)](
-        part_m, part_l, part_acc, lengths, out,
-        batch, heads, chunk, splits,
         out.stride(0), out.stride(1), out.stride(3),
-        GROUP=group, HEAD_DIM=head_dim, HEAD_PAD=head_pad, SPLITS_PAD=max(2, triton.next_power_of_2(splits)),
-        num_warps=4, **launch_plan.dependent_launch(q.device),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, HEAD_PAD=head_pad,
+        BLOCK_N=block_n, IEEE=k_cache.dtype == torch.float32 or interpreted, SPLIT=splits > 1,
+        num_warps=num_warps, **launch_plan.dependent_launch(q.device),
     )
     return out
+
+
+def counters_for(programs: int, device) -> torch.Tensor:
+    """A zeroed int32 ticket buffer for ``programs = C B KV`` (the most rows a cache holds)."""
+    return torch.zeros(programs, dtype=torch.int32, device=device)

@@ -1,7 +1,8 @@
 """Split-K decode attention with its forward-mode tangent (JVP): one new query per row over its
 slot's live cache, and the derivative of that attention along a tangent of q, K and V.
 
-The tangent twin of :mod:`adfast.kernels.decode_attention` (same layout, plan and two stages).
+The tangent twin of :mod:`adfast.kernels.decode_attention` (same layout and plan; its partials
+and merge are two kernels, where the primal merges in the same launch).
 
 Shapes (one layer; ``C`` weight copies, ``B`` rows, ``H`` query heads, ``KV`` key/value heads,
 ``GROUP = H // KV``, ``D`` head dim, ``S = max_seq_len``)::
@@ -80,12 +81,23 @@ import triton
 import triton.language as tl
 
 from . import split as launch_plan
-from .decode_attention import _merge_head, _plan, _program_rows
+from .decode_attention import _plan, _program_rows
 
 LOG2E = 1.4426950408889634
 GPU_BLOCK_N = 32  # bf16 / fp16 caches on a GPU (tensor-core products)
 GPU_BLOCK_N_FP32, GPU_WARPS_FP32 = 16, 8  # fp32 caches on a GPU (IEEE fp32 products: FMA, many registers)
 CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _merge_head(lengths_ptr, batch, heads, chunk, GROUP: tl.constexpr):
+    """Stage 2's program ``(c B + b) H + h``: ``h``, ``c B + b``, ``b``, ``c``, the kv head count, the kv
+    head ``j`` and member ``g`` of ``h``'s group, and the number of live splits of row ``b``."""
+    pid = tl.program_id(0)
+    h = pid % heads
+    cb = pid // heads
+    length = tl.load(lengths_ptr + cb % batch).to(tl.int32)
+    return h, cb, cb % batch, cb // batch, heads // GROUP, h // GROUP, h % GROUP, (length + chunk - 1) // chunk
 
 
 @triton.jit

@@ -15,7 +15,7 @@ import textwrap
 import pytest
 
 KERNELS = {"_fused_sample_partials", "_fused_sample_merge", "_adjusted_partials", "_adjusted_write",
-           "_decode_partials", "_decode_merge", "_decode_jvp_partials", "_decode_jvp_merge",
+           "_decode_attention", "_decode_jvp_partials", "_decode_jvp_merge",
            "_add_rms_norm", "_add_rms_norm_jvp", "_silu_mul", "_rope_and_cache_write", "_decode_linear"}
 
 
@@ -65,9 +65,10 @@ def test_gpu_plans_were_compiled(report):
             for c in (k["constexprs"] for k in compiled if k["kernel"] == "_rope_and_cache_write")}
     assert rope == {(h, kv, d, t) for h, kv, d in ((28, 4, 128), (16, 2, 128), (9, 3, 64), (4, 2, 8))
                     for t in (False, True)}
-    partials = [k["constexprs"] for k in compiled if k["kernel"] == "_decode_partials"]
+    partials = [k["constexprs"] for k in compiled if k["kernel"] == "_decode_attention"]
     assert {c["BLOCK_N"] for c in partials} == {64}
     assert {c["IEEE"] for c in partials} == {True, False}
+    assert {c["SPLIT"] for c in partials} == {True, False}  # merged in the launch, or one split
     assert {(c["GROUP"], c["HEAD_DIM"], c["HEAD_PAD"]) for c in partials} == {
         (7, 128, 128), (8, 128, 128), (3, 64, 64), (2, 8, 16)}
     linears = {(c["BLOCK_M"], c["BLOCK_K"], c["SPLIT"], c["PRECISION"], c["PDL"])

@@ -84,3 +84,21 @@ def test_head_dims_that_are_not_powers_of_two_or_below_16(head_dim, dtype):
     out = decode_attention(q, k, v, slots, lengths, num_splits=2, block_n=16)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(out.double().cpu(), reference(q, k, v, slots, lengths), **tol)
+
+
+def test_split_tickets_are_left_at_zero_and_the_merge_is_deterministic():
+    """Several splits merge in the launch (the last program of each kv head, through a ticket): the
+    counters are back at zero after every launch, a reused buffer gives the same bits, and a buffer
+    too small is refused. One split writes the output itself, the same values as the merge of one."""
+    q, k, v, slots, lengths = make_inputs(2, 4, 2, 16, torch.float32)
+    counters = torch.zeros(2 * 4 * 2, dtype=torch.int32, device=DEVICE)
+    first = decode_attention(q, k, v, slots, lengths, num_splits=5, block_n=SMALL_BLOCK, counters=counters)
+    assert not counters.any()
+    for _ in range(2):
+        assert torch.equal(decode_attention(q, k, v, slots, lengths, num_splits=5, block_n=SMALL_BLOCK,
+                                            counters=counters), first)
+    assert not counters.any()
+    one = decode_attention(q, k, v, slots, lengths, num_splits=1, block_n=SMALL_BLOCK)
+    torch.testing.assert_close(one, first, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="counters must be int32 with at least C B KV = 16"):
+        decode_attention(q, k, v, slots, lengths, num_splits=5, counters=counters[:15])
