@@ -18,11 +18,12 @@
 #             cuBLAS per layer with a sweep of its plan; the GPU tests and its tests on the GPU; the
 #             engine's temperature and antidistillation rows at batch 1 and 32 with it and with
 #             cuBLAS; a profile of temperature at batch 1; goals                          (~9 min)
-#   pdl       after linear (next GPU session): the decode-step kernels with programmatic dependent
-#             launch (ADFAST_PDL=1) and the decode-linear plans tuned from linear's sweep: the GPU
-#             tests and the kernel tests on the GPU; engine temperature and antidistillation rows at
-#             batch 1 and 32 with PDL and the linear kernel, PDL and cuBLAS, the kernel without PDL;
-#             bench/linear.py at 1 and 32 rows; a profile; goals                          (~6 min)
+#   pdl       after linear (next GPU session): the GPU tests and the kernel tests on the GPU (the
+#             one-launch decode attention, programmatic dependent launch); engine temperature and
+#             antidistillation rows at batch 1 and 32 with the defaults, with ADFAST_PDL=1 and the
+#             linear kernel (tuned plans), PDL with cuBLAS, the kernel without PDL; bench/linear.py
+#             at 1 and 32 rows; a profile; goals; where HF generate with the processor spends
+#             its host time (bench/hf_profile.py)                                         (~8 min)
 #   kernels   the whole test suite (the GPU tests, and the kernel tests on CUDA tensors instead of
 #             the interpreter); bench/sampler.py at batch 1 to 64                       (~5 min)
 #   sampler   bench/sampler_tune.py (the fused sampler's launch plans), bench/sampler.py, the sampler's
@@ -116,9 +117,10 @@ stage_linear() {
 
 stage_pdl() {
     step 150 gpu-tests.log python3 -m pytest -q -n 8 --dist loadfile --tb=short -m gpu tests
-    step 90 gpu-tests.log python3 -m pytest -q -n 8 --tb=short tests/test_decode_linear_kernel.py \
-        tests/test_layer_ops.py tests/test_sampling.py
-    for settings in "ADFAST_PDL=1 --linear kernel" "ADFAST_PDL=1 --linear cublas" "ADFAST_PDL=0 --linear kernel"; do
+    step 100 gpu-tests.log python3 -m pytest -q -n 8 --tb=short tests/test_decode_linear_kernel.py \
+        tests/test_decode_attention.py tests/test_layer_ops.py tests/test_sampling.py
+    for settings in "ADFAST_PDL=0 --linear cublas" "ADFAST_PDL=1 --linear kernel" "ADFAST_PDL=1 --linear cublas" \
+        "ADFAST_PDL=0 --linear kernel"; do
         set -- $settings
         step 90 decode.log env "$1" python3 bench/decode.py --append --batches 1 32 "$2" "$3" --variants \
             engine_temperature engine_antidistill
@@ -126,6 +128,7 @@ stage_pdl() {
     step 60 linear.log python3 bench/linear.py --rows 1 32
     step 45 profile.log env ADFAST_PDL=1 python3 bench/profile_step.py --linear kernel --variant engine_temperature
     step 10 goals.log python3 bench/goals.py
+    step 90 hf-profile.log python3 bench/hf_profile.py
 }
 
 stage_decode() {

@@ -78,3 +78,15 @@ def test_profile_step_runs_on_tiny_shapes(tmp_path, monkeypatch):
     assert 0 < result["busy_ms"] <= result["span_ms"] and 0 <= result["idle_frac"] < 1
     names = {row["name"] for row in result["kernels"]}
     assert "aten::bmm" in names and all(row["launches_per_step"] > 0 for row in result["kernels"])
+
+
+def test_hf_profile_runs_on_tiny_shapes(tmp_path, monkeypatch):
+    """bench/hf_profile.py on tiny shapes: both generate runs profiled, the processor's through adfast.hf."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    spec = importlib.util.spec_from_file_location("hf_profile_bench", ROOT / "bench" / "hf_profile.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--shapes", "tiny", "--new-tokens", "2", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "hf_profile-cpu-tiny.txt").read_text()
+    assert "==== temperature:" in text and "==== antidistill:" in text and "_proxy_logits" in text
