@@ -291,7 +291,8 @@ def _linear_cases():
                                                      ("gate_up", 2 * inter, hidden, False),
                                                      ("down", hidden, inter, False)):
                     name = f"{label} {layer} {str(dtype).split('.')[1]} M{rows}"
-                    x, w = torch.empty(copies, rows, inputs, dtype=dtype), torch.empty(copies, outputs, inputs, dtype=dtype)
+                    x = torch.empty(copies, rows, inputs, dtype=dtype)
+                    w = torch.empty(copies, outputs, inputs, dtype=dtype)
                     b = torch.empty(copies, outputs, dtype=dtype) if bias else None
                     cases.append((f"decode_linear {name}", lambda x=x, w=w, b=b: decode_linear(x, w, b)))
     return cases

@@ -552,8 +552,8 @@ class KVCache(nn.Module):
     so writes need no data-dependent shapes. ``lengths``: int64 ``[max_batch]``, the number of
     live positions of each slot (positions ``>= lengths[s]`` hold stale data and are never read).
     ``attention_counters``: int32 ``[C max_batch KV]``, zero between steps (the decode attention
-    kernel's split tickets). ``dk``, ``dv`` (``tangent=True``, else None): the tangents of ``k`` and ``v`` (same shape and
-    layout), written by :meth:`Decoder.forward` with ``tangent=True``.
+    kernel's split tickets). ``dk``, ``dv`` (``tangent=True``, else None): the tangents of ``k``
+    and ``v`` (same shape and layout), written by :meth:`Decoder.forward` with ``tangent=True``.
     """
 
     def __init__(self, num_layers: int, num_copies: int, max_batch: int, max_seq_len: int, num_kv_heads: int,

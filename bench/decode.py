@@ -32,8 +32,9 @@ holds beyond the shared teacher decoder (proxy copies, or proxy and tangent; KV 
 Writes ``bench/results/decode-<device>.json`` (rows: ``device, batch, variant, tok_s, ms_step,
 limit_ms, limit_frac, attention, engine_gb, new_tokens, run``, ``run`` being when the process
 started: :mod:`bench.goals` flags ratios of rows from different runs, which may be different
-machines; rewritten after every row, so a run cut short keeps what it measured; ``--append`` merges into the rows already there) and a PNG
-of tok/s against batch (with matplotlib; ``--plot-only`` draws it from the JSON later).
+machines; rewritten after every row, so a run cut short keeps what it measured; ``--append``
+merges into the rows already there) and a PNG of tok/s against batch (with matplotlib;
+``--plot-only`` draws it from the JSON later).
 
 Usage: ``python bench/decode.py [--shapes real|tiny] [--batches 1 8 32 64] [--variants ...]
 [--jvp-ranks 8 32 128 512] [--append]``; ``python bench/decode.py --plot-only RESULTS.json``.

@@ -13,12 +13,14 @@ graph are traced one by one) and reduces the trace to, per step:
   the weight-read limit, and the small kernels' count and cost.
 
 ``--linear kernel`` and ``ADFAST_PDL=1`` profile those settings (as :mod:`bench.decode`; the
-variant's name gets ``_kernel`` / ``_pdl``). Writes ``bench/results/profile-<device>-<variant>-b<batch>.json`` (``device, variant, batch,
+variant's name gets ``_kernel`` / ``_pdl``). Writes
+``bench/results/profile-<device>-<variant>-b<batch>.json`` (``device, variant, batch,
 steps, busy_ms, span_ms, idle_frac, kernels: [{name, launches_per_step, ms_per_step}]``).
 On CPU (``--shapes tiny``, a smoke test) the same reduction runs over the CPU operators instead.
 
 Usage: ``python bench/profile_step.py [--shapes real|tiny] [--variant engine_antidistill] [--batch 1]
-[--steps 16] [--rank 8] [--linear cublas|kernel]``; variants: engine_temperature, engine_antidistill, engine_jvp, engine_jvp_lowrank.
+[--steps 16] [--rank 8] [--linear cublas|kernel]``; variants: engine_temperature, engine_antidistill,
+engine_jvp, engine_jvp_lowrank.
 """
 import argparse
 import collections
