@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels.decode_linear import MAX_ROWS as DECODE_LINEAR_MAX_ROWS, counters_for, decode_linear
+from .kernels.decode_linear import counters_for, decode_linear
 from .layer_ops import LOW_RANK_MAX_RANK, LowRankTerm, compute_dtype, layer_ops
 from .low_rank import LowRankGradient
 
@@ -190,6 +190,11 @@ def rope_inv_freq(config: DecoderConfig, dtype: torch.dtype) -> torch.Tensor:
         medium = ~(wavelen < context / high) & ~(wavelen > context / low)
         return torch.where(medium, smoothed, scaled)
     return inv_freq
+
+
+LINEAR_KERNEL_ROWS = 32
+"""The most rows :attr:`Decoder.linear_kernel` gives the decode-time GEMM: at 64 rows it was slower
+than cuBLAS on every layer of the 7B teacher and 3B pair on an H200 (``bench/linear.py``)."""
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -623,11 +628,11 @@ class Decoder(nn.Module):
         # The layers' elementwise chains: None runs the Triton kernels on CUDA and PyTorch elsewhere;
         # True / False force one (adfast.layer_ops.layer_ops).
         self.fused: bool | None = None
-        # The layers' linears: True runs calls of at most 64 rows (decode steps, short prefills) in
-        # the decode-time Triton GEMM (adfast.kernels.decode_linear; on CPU tensors it needs
-        # TRITON_INTERPRET=1), False (the default: cuBLAS was faster in the engine, bench/linear.py)
-        # runs them all as `linear`. The kernel's split-K tickets (one buffer: a decoder runs on one
-        # stream at a time) come with setup_cache.
+        # The linears (layers and lm_head): True runs calls of at most LINEAR_KERNEL_ROWS rows (decode
+        # steps, short prefills) in the decode-time Triton GEMM (adfast.kernels.decode_linear; on CPU
+        # tensors it needs TRITON_INTERPRET=1), False (the default: cuBLAS was faster in the engine,
+        # bench/linear.py) runs them all as `linear`. The kernel's split-K tickets (one buffer: a
+        # decoder runs on one stream at a time) come with setup_cache.
         self.linear_kernel = False
         self.linear_counters: torch.Tensor | None = None
 
@@ -844,15 +849,16 @@ class Decoder(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)
         self.register_buffer("rope_cos", angles.cos(), persistent=False)
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
-        widest = max(cfg.hidden_size, 2 * cfg.intermediate_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim)
+        widest = max(cfg.vocab_size, cfg.hidden_size, 2 * cfg.intermediate_size,
+                     (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim)
         self.linear_counters = counters_for(self.num_copies, widest, device)
         return self.cache
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """A layer's ``x W^T + b``: with :attr:`linear_kernel` and at most 64 rows the decode-time
-        Triton GEMM (the same function: float32 accumulation, bias added before one rounding),
-        else :func:`linear`."""
-        if self.linear_kernel and x.shape[1] <= DECODE_LINEAR_MAX_ROWS:
+        """``x W^T + b``: with :attr:`linear_kernel` and at most :data:`LINEAR_KERNEL_ROWS` rows the
+        decode-time Triton GEMM (the same function: float32 accumulation, bias added before one
+        rounding), else :func:`linear`."""
+        if self.linear_kernel and x.shape[1] <= LINEAR_KERNEL_ROWS:
             return decode_linear(x, weight, bias, counters=self.linear_counters)
         return linear(x, weight, bias)
 
@@ -973,7 +979,7 @@ class Decoder(nn.Module):
 
         x, mlp_out = self._output_rows(x, mlp_out, n=n, last_only=last_only)
         _, h = ops.add_rms_norm(x, self.norm, eps, mlp_out)
-        logits = linear(h, self.lm_head).view(copies, batch, -1, cfg.vocab_size)
+        logits = self._linear(h, self.lm_head).view(copies, batch, -1, cfg.vocab_size)
         return logits if logits.dtype == torch.float64 else logits.float()
 
     @staticmethod

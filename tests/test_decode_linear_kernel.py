@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from conftest import KERNEL_DEVICE as DEVICE, tiny_qwen2
 
+from adfast.decoder import LINEAR_KERNEL_ROWS
 from adfast.kernels.decode_linear import MAX_ROWS, counters_for, decode_linear, plan_linear
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -111,24 +112,26 @@ def test_plan():
 
 
 def test_decoder_dispatch(monkeypatch):
-    """A decoder runs its layers' linears in the kernel only with ``linear_kernel`` and at most 64
-    rows: a prefill of more rows, and every call without the flag (the default), stay cuBLAS."""
+    """A decoder runs its linears (every layer's and the lm_head) in the kernel only with
+    ``linear_kernel`` and at most LINEAR_KERNEL_ROWS rows: a prefill of more rows, and every call
+    without the flag (the default), stay cuBLAS."""
     import adfast.decoder
 
     calls = []
     monkeypatch.setattr(adfast.decoder, "decode_linear", lambda x, *a, **k: calls.append(x.shape[1]) or
                         decode_linear(x, *a, **k))
     decoder = adfast.decoder.Decoder.from_hf([tiny_qwen2()], device=DEVICE)
-    decoder.setup_cache(2, MAX_ROWS + 8)
-    slots, layers = torch.tensor([0, 1], device=DEVICE), decoder.config.num_layers
+    decoder.setup_cache(2, 64)
+    slots, layers, rows = torch.tensor([0, 1], device=DEVICE), decoder.config.num_layers, LINEAR_KERNEL_ROWS
     assert not decoder.linear_kernel
     decoder(torch.ones(2, 3, dtype=torch.int64, device=DEVICE), slots)
     assert calls == []
     decoder.linear_kernel = True
-    decoder(torch.ones(2, MAX_ROWS // 2 + 1, dtype=torch.int64, device=DEVICE), slots)  # 66 rows: cuBLAS
-    assert calls == []
+    decoder(torch.ones(2, rows // 2 + 1, dtype=torch.int64, device=DEVICE), slots)  # rows + 2: cuBLAS
+    assert calls == [2]  # only the lm_head's, which reads each row's last token
+    calls.clear()
     decoder(torch.ones(2, 1, dtype=torch.int64, device=DEVICE), slots)
-    assert calls == [2] * 4 * layers  # qkv, o, gate_up, down of every layer; lm_head stays cuBLAS
+    assert calls == [2] * (4 * layers + 1)  # qkv, o, gate_up, down of every layer, and the lm_head
 
 
 def _bad_calls():
