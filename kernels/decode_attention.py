@@ -33,12 +33,10 @@ second ``tl.dot`` (as flash-attention does), so bf16/fp16 caches see bf16/fp16 r
 
 With one split the program holds the whole row and writes ``acc / l`` in q's dtype. With several
 it writes ``m, l [GROUP]`` and ``acc [GROUP, D]`` to a float32 workspace, then takes a ticket from
-its kv head's counter (``atomic_add``, acquire-release at GPU scope, after a barrier: every
-thread's partial is stored first); the program that draws the last ticket merges the
-``ceil(L / chunk)`` live splits in split order (deterministic whichever program finishes last),
-``sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s``, writes it in q's dtype and sets the counter
-back to 0 for the next launch or graph replay. No second kernel: a decode step launches one
-attention kernel per layer.
+its kv head's counter (:func:`adfast.kernels.launch_order.last_ticket`); the program that draws
+the last ticket merges the ``ceil(L / chunk)`` live splits in split order (deterministic whichever
+program finishes last), ``sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s``, and writes it in q's
+dtype. No second kernel: a decode step launches one attention kernel per layer.
 
 Bytes: the live K and V rows, ``2 * C * KV * D * itemsize * sum_b L_b`` (the blocks round up to
 ``BLOCK_N`` only in masked lanes, which load nothing), plus q and out, plus the workspace
@@ -55,9 +53,9 @@ tests fast while still crossing block and split boundaries.
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import split as launch_plan
+from .launch_order import last_ticket, wait_for_predecessor, zeroed_counters
 
 LOG2E = 1.4426950408889634
 
@@ -90,9 +88,7 @@ def _decode_attention(
     BLOCK_N: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
-    if PDL:  # programmatic dependent launch (split.dependent_launch): the kernel before is done
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_for_predecessor(PDL)
     pid, split, j, b, c, length, slot, lo, hi = _program_rows(lengths_ptr, slots_ptr, batch, kv_heads, chunk)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_PAD)
@@ -141,9 +137,7 @@ def _decode_attention(
         tl.store(part_l_ptr + (first + split) * GROUP + g, l_i, mask=smask)
         tl.store(part_acc_ptr + ((first + split) * GROUP + g)[:, None] * HEAD_DIM + d[None, :], acc,
                  mask=smask[:, None] & dmask[None, :])
-        tl.debug_barrier()  # every thread's partial is stored before the ticket (the release) is taken
-        ticket = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
-        if ticket == num_splits - 1:  # the last split of this kv head: merge the live ones, in split order
+        if last_ticket(count_ptr + pid, num_splits):  # the last split of this kv head: merge the live ones, in order
             live = (length + chunk - 1) // chunk
             m_max = tl.full([GROUP_PAD], -float("inf"), tl.float32)
             for i in range(live):
@@ -159,7 +153,6 @@ def _decode_attention(
                                cache_modifier=".cg") * w[:, None]
             den = tl.where(gmask, den, 1.0)
             tl.store(o_rows[:, None] + d[None, :], (num / den[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
-            tl.atomic_xchg(count_ptr + pid, 0, sem="relaxed", scope="gpu")
 
 
 def _plan(num_programs: int, max_seq_len: int, device: torch.device, num_splits: int | None,
@@ -189,7 +182,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     ``1 / sqrt(D)``. Returns ``[C, B, 1, H, D]`` in q's dtype. ``lengths`` must be in
     ``[1, max_seq_len]``. ``num_splits``/``block_n`` override the plan (tests, tuning).
     ``counters``: the split tickets, int32, at least ``C B KV`` of them, zero at entry and left zero
-    (:func:`counters_for`; a CUDA-graph captured step passes its own, one buffer per stream); None
+    (a CUDA-graph captured step passes its own, one buffer per stream); None
     allocates zeroed ones when the plan splits. Same result as :func:`adfast.decoder.attend` with
     ``query_pos = (lengths - 1)[:, None]``.
     """
@@ -215,7 +208,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_l = torch.empty_like(part_m)
         part_acc = torch.empty(programs * splits * group * head_dim, device=q.device, dtype=torch.float32)
         if counters is None:
-            counters = counters_for(programs, q.device)
+            counters = zeroed_counters(programs, q.device)
         elif counters.dtype != torch.int32 or counters.numel() < programs:
             raise ValueError(f"counters must be int32 with at least C B KV = {programs} entries, got "
                              f"{counters.dtype} with {counters.numel()}")
@@ -235,7 +228,3 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     )
     return out
 
-
-def counters_for(programs: int, device) -> torch.Tensor:
-    """A zeroed int32 ticket buffer for ``programs = C B KV`` (the most rows a cache holds)."""
-    return torch.zeros(programs, dtype=torch.int32, device=device)

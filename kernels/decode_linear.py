@@ -19,11 +19,11 @@ matrices of a 7B/3B model at 41-62% of the copy bandwidth (the 7B's qkv projecti
 and for a proxy pair's biased batched product a copy of the bias into the output before the GEMM. Here one
 launch covers all ``C`` copies, the grid is cut along ``N`` and ``K`` to cover the GPU several
 times over, and the split-K partial sums are reduced in the same launch: each program stores its
-float32 partial tile, then takes a ticket from a per-tile counter (``atomic_add``, acquire-release
-at GPU scope); the program that draws the last ticket adds the ``SPLIT_K`` partials in split order
-(deterministic: the same bits whichever program finishes last; ``SPLIT_K`` is a runtime argument,
-so plans differing only in it share one compiled kernel), adds the bias, writes ``y`` and
-sets the counter back to 0, so the next launch (or CUDA-graph replay) finds it ready.
+float32 partial tile, then takes a ticket from a per-tile counter
+(:func:`adfast.kernels.launch_order.last_ticket`); the program that draws the last ticket adds the
+``SPLIT_K`` partials in split order (deterministic: the same bits whichever program finishes last;
+``SPLIT_K`` is a runtime argument, so plans differing only in it share one compiled kernel), adds
+the bias and writes ``y``.
 
 Grid ``(ceil(N / BLOCK_N), SPLIT_K, C)``; program ``(j, s, c)`` reduces ``K`` range
 ``[s k_split, (s + 1) k_split)`` for output columns ``[j BLOCK_N, (j + 1) BLOCK_N)`` of copy ``c``
@@ -36,9 +36,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import split as launch_plan
+from .launch_order import last_ticket, wait_for_predecessor, zeroed_counters
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_ROWS = 64
@@ -69,15 +69,14 @@ def _decode_linear(
     x_rows = x_ptr + c * sx_c + rm[:, None] * sx_m
     w_rows = w_ptr + c * sw_c + rn[:, None].to(tl.int64) * sw_n
     k_end = tl.minimum((s + 1) * k_split, K)
-    if PDL:  # programmatic dependent launch (split.dependent_launch)
-        # The weights are no kernel's output: pull this program's first PREFETCH_LINES 128-byte lines
-        # of each weight row into L2 while the kernel before finishes, then wait for it.
+    if PDL:  # programmatic dependent launch (split.dependent_launch): the weights are no kernel's
+        # output, so pull this program's first PREFETCH_LINES 128-byte lines of each weight row into
+        # L2 while the kernel before finishes, then wait for it
         line = s * k_split + tl.arange(0, PREFETCH_LINES) * (1024 // w_ptr.dtype.element_ty.primitive_bitwidth)
         ahead = n_mask[:, None] & (line < k_end)[None, :]
         tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [tl.where(ahead, w_rows + line[None, :], w_ptr)],
                                   dtype=tl.int32, is_pure=False, pack=1)
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_for_predecessor(PDL)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k in range(s * k_split, k_end, BLOCK_K):
         kk = k + rk
@@ -99,16 +98,13 @@ def _decode_linear(
         offsets = rm[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
         parts = part_ptr + tile * split_k * tile_elems + offsets
         tl.store(parts + s * tile_elems, acc)
-        tl.debug_barrier()  # every thread's partial is stored before the ticket (the release) is taken
-        ticket = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if ticket == split_k - 1:  # the last program of this tile: the other partials are visible
+        if last_ticket(count_ptr + tile, split_k):  # the last program of this tile: the partials are visible
             total = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
             for i in range(split_k):  # split order, whichever program got here
                 total += tl.load(parts + i * tile_elems, cache_modifier=".cg")
             if HAS_BIAS:
                 total += tl.load(b_ptr + c * sb_c + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             tl.store(y_tile, total.to(y_ptr.dtype.element_ty), mask=out_mask)
-            tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
 @dataclass(frozen=True)
@@ -164,7 +160,7 @@ def plan_linear(copies: int, rows: int, outputs: int, inputs: int, device: torch
 
 def counters_for(copies: int, outputs: int, device) -> torch.Tensor:
     """A zeroed int32 counter buffer big enough for any plan of ``C`` copies of ``N`` outputs."""
-    return torch.zeros(copies * triton.cdiv(outputs, MIN_BLOCK_N), dtype=torch.int32, device=device)
+    return zeroed_counters(copies * triton.cdiv(outputs, MIN_BLOCK_N), device)
 
 
 def _check_inputs(x, weight, bias, counters) -> None:

@@ -50,10 +50,10 @@ Bad-input bits per row: 1 = teacher NaN or +inf, 2 = proxy (or exact ``D``) NaN 
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import split as launch_plan
 from .gumbel import gumbel_block, split_offset
+from .launch_order import wait_for_predecessor
 from .online_lse import LANE_FLOOR, lse_lane_update, lse_lanes_reduce, lse_merge
 from .proxy_block import load_proxy_block
 from .split import plan_splits
@@ -93,9 +93,7 @@ def _fused_sample_partials(
     EXACT_D: tl.constexpr = False, FAST_LOG: tl.constexpr = False,
     PDL: tl.constexpr = False,
 ):
-    if PDL:  # programmatic dependent launch (split.dependent_launch): the kernel before is done
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_for_predecessor(PDL)
     row = tl.program_id(0)
     split = tl.program_id(1)
     lo = split * chunk
@@ -189,9 +187,7 @@ def _fused_sample_merge(
     SHIFT: tl.constexpr, SPLITS: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
-    if PDL:  # programmatic dependent launch (split.dependent_launch): the kernel before is done
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_for_predecessor(PDL)
     row = tl.program_id(0)
     s = tl.arange(0, SPLITS)
     smask = s < num_splits

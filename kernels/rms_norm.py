@@ -57,9 +57,9 @@ rounded to nearest in both), so interpreted bf16 results can be one ulp off the 
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import split as launch_plan
+from .launch_order import wait_for_predecessor
 from .low_rank_term import add_low_rank, check_low_rank, low_rank_args
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -92,9 +92,7 @@ def _add_rms_norm(
     HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
-    if PDL:  # programmatic dependent launch (split.dependent_launch): the kernel before is done
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_for_predecessor(PDL)
     pid = tl.program_id(0)
     c = pid // rows
     n = pid % rows
@@ -118,9 +116,7 @@ def _add_rms_norm_jvp(
     HAS_RES: tl.constexpr, HAS_DRES: tl.constexpr, RANK: tl.constexpr, BLOCK: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
-    if PDL:  # programmatic dependent launch (split.dependent_launch): the kernel before is done
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_for_predecessor(PDL)
     pid = tl.program_id(0)
     c = pid // rows
     n = pid % rows

@@ -39,9 +39,9 @@ is CUDA-graph safe.
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import split as launch_plan
+from .launch_order import wait_for_predecessor
 from .low_rank_term import add_low_rank, check_low_rank, low_rank_args
 
 
@@ -120,9 +120,7 @@ def _rope_and_cache_write(
     HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr, RANK: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
-    if PDL:  # programmatic dependent launch (split.dependent_launch): the kernel before is done
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_for_predecessor(PDL)
     pid = tl.program_id(0)
     c = pid // tokens
     n = pid % tokens  # token row b T + t

@@ -51,10 +51,10 @@ one ulp off the GPU's.
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.language.extra import libdevice
 
 from . import split as launch_plan
+from .launch_order import wait_for_predecessor
 from .low_rank_term import add_low_rank, check_low_rank, low_rank_args
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -68,9 +68,7 @@ def _silu_mul(
     TANGENT: tl.constexpr, RANK: tl.constexpr, BLOCK: tl.constexpr, LIBDEVICE_EXP: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
-    if PDL:  # programmatic dependent launch (split.dependent_launch): the kernel before is done
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_for_predecessor(PDL)
     row = tl.program_id(0)
     col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = col < inter

@@ -26,7 +26,8 @@ def dependent_launch(device: torch.device) -> dict:
     measurement, ``bench/gpu_session.sh pdl``).
 
     A kernel launched this way may start while the kernel before it in the stream is still
-    running: every adfast kernel that takes ``PDL`` waits (``gdc_wait``) before it touches memory a
+    running: every adfast kernel that takes ``PDL`` waits (``gdc_wait``, in
+    :func:`adfast.kernels.launch_order.wait_for_predecessor`) before it touches memory a
     predecessor may write or read, and then lets its own successor launch
     (``gdc_launch_dependents``); what the early start can buy is the launch and ramp-up latency of
     a decode step's ~300 small kernels, which otherwise sits between every two of them (in a CUDA
