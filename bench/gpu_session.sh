@@ -115,20 +115,23 @@ stage_linear() {
     step 10 goals.log python3 bench/goals.py
 }
 
-stage_pdl() {
-    step 150 gpu-tests.log python3 -m pytest -q -n 8 --dist loadfile --tb=short -m gpu tests
-    step 100 gpu-tests.log python3 -m pytest -q -n 8 --tb=short tests/test_decode_linear_kernel.py \
+stage_pdl() {  # most important first: a call cut short keeps what came before
+    step 120 gpu-tests.log python3 -m pytest -q -n 8 --dist loadfile --tb=short -m gpu tests
+    step 80 gpu-tests.log python3 -m pytest -q -n 8 --tb=short tests/test_decode_linear_kernel.py \
         tests/test_decode_attention.py tests/test_layer_ops.py tests/test_sampling.py
-    for settings in "ADFAST_PDL=0 --linear cublas" "ADFAST_PDL=1 --linear kernel" "ADFAST_PDL=1 --linear cublas" \
-        "ADFAST_PDL=0 --linear kernel"; do
-        set -- $settings
-        step 90 decode.log env "$1" python3 bench/decode.py --append --batches 1 32 "$2" "$3" --variants \
+    pdl_decode() {
+        step 75 decode.log env "$1" python3 bench/decode.py --append --batches 1 32 "$2" "$3" --variants \
             engine_temperature engine_antidistill
-    done
-    step 60 linear.log python3 bench/linear.py --rows 1 32
-    step 45 profile.log env ADFAST_PDL=1 python3 bench/profile_step.py --linear kernel --variant engine_temperature
+    }
+    pdl_decode ADFAST_PDL=0 --linear cublas
+    pdl_decode ADFAST_PDL=1 --linear kernel
+    pdl_decode ADFAST_PDL=1 --linear cublas
     step 10 goals.log python3 bench/goals.py
-    step 90 hf-profile.log python3 bench/hf_profile.py
+    step 40 profile.log env ADFAST_PDL=1 python3 bench/profile_step.py --linear kernel --variant engine_temperature
+    step 50 linear.log python3 bench/linear.py --rows 1 32
+    step 60 hf-profile.log python3 bench/hf_profile.py
+    pdl_decode ADFAST_PDL=0 --linear kernel
+    step 10 goals.log python3 bench/goals.py
 }
 
 stage_decode() {
