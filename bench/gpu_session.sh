@@ -117,7 +117,7 @@ stage_linear() {
 
 stage_pdl() {  # most important first: a call cut short keeps what came before
     step 120 gpu-tests.log python3 -m pytest -q -n 8 --dist loadfile --tb=short -m gpu tests
-    step 80 gpu-tests.log python3 -m pytest -q -n 8 --tb=short tests/test_decode_linear_kernel.py \
+    step 100 gpu-tests.log python3 -m pytest -q -n 8 --tb=short tests/test_decode_linear_kernel.py \
         tests/test_decode_attention.py tests/test_layer_ops.py tests/test_sampling.py
     pdl_decode() {
         step 75 decode.log env "$1" python3 bench/decode.py --append --batches 1 32 "$2" "$3" --variants \
