@@ -85,6 +85,12 @@ def device_for(shapes: str) -> torch.device | None:
     return device
 
 
+def variant_suffix(linear_kernel: bool, device) -> str:
+    """What an engine row's variant name gets for settings off the defaults: ``_kernel`` (the layers'
+    linears in adfast's kernel), ``_pdl`` (programmatic dependent launch in effect)."""
+    return ("_kernel" if linear_kernel else "") + ("_pdl" if dependent_launch(device) else "")
+
+
 def random_model(spec: dict, dtype, device) -> Qwen2ForCausalLM:
     config = Qwen2Config(**spec, max_position_embeddings=4096, attn_implementation="sdpa")
     with torch.device(device):
@@ -197,7 +203,7 @@ def main(argv=None) -> int:
     # One teacher Decoder shared by every engine (each engine would otherwise copy the 15 GB teacher).
     teacher_decoder = Decoder.from_hf([teacher], dtype=dtype, device=device)
     linear_kernel = args.linear == "kernel"
-    suffix = ("_kernel" if linear_kernel else "") + ("_pdl" if dependent_launch(device) else "")
+    suffix = variant_suffix(linear_kernel, device)
     teacher_decoder.linear_kernel = linear_kernel
     if not any(v.startswith("hf_") for v in args.variants):
         del teacher

@@ -72,8 +72,8 @@ def mixed(*rows) -> bool:
     return len({r.get("run") for r in rows if r}) > 1
 
 
-def at_least(issue, goal, batch, value, bound) -> Goal:
-    return Goal(issue, goal, batch, value, f">= {bound:g}", None if value is None else value >= bound)
+def at_least(issue, goal, batch, value, bound, mixed_runs=False) -> Goal:
+    return Goal(issue, goal, batch, value, f">= {bound:g}", None if value is None else value >= bound, mixed_runs)
 
 
 def decode_goals(rows: list[dict], rank: int | None) -> list[Goal]:
@@ -92,8 +92,7 @@ def decode_goals(rows: list[dict], rank: int | None) -> list[Goal]:
                           mixed(d, c)))
     d, hf = find(rows, "engine_antidistill", 1), find(rows, "hf_antidistill", 1)
     speedup = d and hf and d["tok_s"] / hf["tok_s"]
-    goals.append(at_least("#3", "(d) tok/s over HF generate + processor", 1, speedup, 6.5))
-    goals[-1].mixed_runs = mixed(d, hf)
+    goals.append(at_least("#3", "(d) tok/s over HF generate + processor", 1, speedup, 6.5, mixed(d, hf)))
     for batch in sorted({r["batch"] for r in rows}):
         c = find(rows, "engine_temperature", batch)
         low = find(rows, f"engine_jvp_r{rank}", batch) if rank else None

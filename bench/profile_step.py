@@ -33,8 +33,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import adfast
 from adfast.decoder import Decoder
-from adfast.kernels.split import dependent_launch
-from decode import EPS, LAM, SHAPES, TAU, device_for, random_low_rank, random_model
+from decode import EPS, LAM, SHAPES, TAU, device_for, random_low_rank, random_model, variant_suffix
 
 VARIANTS = ("engine_temperature", "engine_antidistill", "engine_jvp", "engine_jvp_lowrank")
 PROMPT_LEN = 128
@@ -117,7 +116,7 @@ def main(argv=None) -> int:
             torch.cuda.synchronize(device)
     name = torch.cuda.get_device_name(device) if on_device else "cpu"
     variant = args.variant if args.variant != "engine_jvp_lowrank" else f"engine_jvp_r{args.rank}"
-    variant += ("_kernel" if args.linear == "kernel" else "") + ("_pdl" if dependent_launch(device) else "")
+    variant += variant_suffix(args.linear == "kernel", device)
     result = dict(device=name, variant=variant, batch=args.batch, steps=args.steps,
                   **summarize(prof.events(), args.steps, on_device))
     args.out.mkdir(parents=True, exist_ok=True)

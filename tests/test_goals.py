@@ -84,3 +84,18 @@ def test_profiles_are_broken_down_beside_the_goals(goals, tmp_path):
     report = (tmp_path / "goals-NVIDIA_H200.md").read_text()
     assert "| engine_temperature | 1 | 3.90 | 3.50 | 0.40 | 2.75 | 0.50 | 113 | 3.30 |" in report
     assert "Where the profiled steps" not in (tmp_path / "goals-other.md").read_text()
+
+
+def test_ratios_of_rows_from_two_runs_are_marked(goals):
+    """A ratio of rows that different decode runs wrote carries '(rows of two runs)'; one run's do not."""
+    def row(batch, variant, ms_step, run):
+        return dict(decode_row("gpu", batch, variant, ms_step, 5.0), run=run)
+
+    rows = [row(1, "engine_antidistill", 8.0, "a"), row(1, "engine_temperature", 5.0, "a"),
+            row(1, "hf_antidistill", 80.0, "b"), row(1, "engine_jvp_r8", 6.0, "b"),
+            row(32, "engine_antidistill", 9.0, "a"), row(32, "engine_temperature", 6.0, "a")]
+    verdicts = {(g.goal, g.batch): g.verdict for g in goals.decode_goals(rows, 8)}
+    assert verdicts[("(d)/(c) step time, against 1.05x their limits' ratio", 1)] == "missed"  # one run: no mark
+    assert verdicts[("(d) tok/s over HF generate + processor", 1)].endswith("(rows of two runs)")
+    assert verdicts[("exact-D rank 8 step time over temperature", 1)].endswith("(rows of two runs)")
+    assert not verdicts[("(d) engine antidistill, fraction of its limit", 32)].endswith("(rows of two runs)")
