@@ -23,7 +23,8 @@
 #             antidistillation rows at batch 1 and 32 with the defaults, with ADFAST_PDL=1 and the
 #             linear kernel (tuned plans), PDL with cuBLAS, the kernel without PDL; bench/linear.py
 #             at 1 and 32 rows; a profile; goals; where HF generate with the processor spends
-#             its host time (bench/hf_profile.py)                                         (~8 min)
+#             its host time (bench/hf_profile.py); Nsight Compute on the fused sampler at batch 64
+#             (bench/sampler_ncu.py)                                                     (~9 min)
 #   kernels   the whole test suite (the GPU tests, and the kernel tests on CUDA tensors instead of
 #             the interpreter); bench/sampler.py at batch 1 to 64                       (~5 min)
 #   sampler   bench/sampler_tune.py (the fused sampler's launch plans), bench/sampler.py, the sampler's
@@ -115,6 +116,18 @@ stage_linear() {
     step 10 goals.log python3 bench/goals.py
 }
 
+# sampler_ncu: Nsight Compute's counters for one launch of the fused sampler's main kernel at batch 64
+# (issue 2's bandwidth goal): the details page and the per-SASS-line source page, as text.
+sampler_ncu() {
+    local rep=/tmp/sampler-ncu-B64
+    command -v ncu >/dev/null || { echo "no ncu on this machine" | tee -a bench/results/sampler-ncu.log; return 0; }
+    step 60 sampler-ncu.log ncu --clock-control none -k regex:_fused_sample_partials --launch-skip 2 \
+        --launch-count 1 --set full --import-source yes -f -o "$rep" python3 bench/sampler_ncu.py --batch 64 \
+        && { ncu -i "$rep.ncu-rep" --page details > bench/results/sampler-ncu-B64-details.txt
+             ncu -i "$rep.ncu-rep" --page source --csv --print-source sass > bench/results/sampler-ncu-B64-sass.csv
+             collect; }
+}
+
 stage_pdl() {  # most important first: a call cut short keeps what came before
     step 120 gpu-tests.log python3 -m pytest -q -n 8 --dist loadfile --tb=short -m gpu tests
     step 100 gpu-tests.log python3 -m pytest -q -n 8 --tb=short tests/test_decode_linear_kernel.py \
@@ -128,6 +141,7 @@ stage_pdl() {  # most important first: a call cut short keeps what came before
     pdl_decode ADFAST_PDL=1 --linear cublas
     step 10 goals.log python3 bench/goals.py
     step 40 profile.log env ADFAST_PDL=1 python3 bench/profile_step.py --linear kernel --variant engine_temperature
+    sampler_ncu
     step 50 linear.log python3 bench/linear.py --rows 1 32
     step 60 hf-profile.log python3 bench/hf_profile.py
     pdl_decode ADFAST_PDL=0 --linear kernel
