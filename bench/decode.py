@@ -11,10 +11,11 @@ Variants, each at batch sizes 1, 8, 32, 64 (prompt 128 random tokens, 256 new to
   each rank of ``--jvp-ranks`` (rows ``engine_jvp_r<rank>``): the tangent kept factored, ``r (m + n)``
   numbers per factored ``[m, n]`` weight instead of ``m n``.
 
-Engine rows run the decoders' layer linears in cuBLAS (the engine's default); ``--linear kernel``
-runs them in adfast's decode-time kernel (:mod:`adfast.kernels.decode_linear`), in rows named
-``<variant>_kernel``; rows run with ``ADFAST_PDL=1`` on a Hopper GPU (programmatic dependent
-launch of our kernels, :func:`adfast.kernels.split.dependent_launch`) end in ``_pdl``.
+Engine rows run with the engine's defaults: the decoders' linears in cuBLAS, and on a Hopper GPU
+our kernels with programmatic dependent launch (:func:`adfast.kernels.split.dependent_launch`).
+Settings off the defaults name their rows: ``--linear kernel`` (adfast's decode-time kernel,
+:mod:`adfast.kernels.decode_linear`) appends ``_kernel``, ``ADFAST_PDL=0`` on a Hopper GPU
+appends ``_nopdl``.
 
 Models have the real architectures with random bf16 weights (throughput does not depend on the
 values): a Qwen2.5-7B-shaped teacher and a Qwen2.5-3B-shaped proxy pair (``--shapes real``, a CUDA
@@ -53,7 +54,7 @@ import adfast
 from adfast.decoder import Decoder, decode_attention_backend
 from adfast.gradient import model_identity
 from adfast.hf import AntidistillationLogitsProcessor
-from adfast.kernels.split import dependent_launch
+from adfast.kernels.split import dependent_launch, dependent_launch_supported
 from adfast.low_rank import LowRankGradient
 
 SHAPES = {
@@ -86,9 +87,10 @@ def device_for(shapes: str) -> torch.device | None:
 
 
 def variant_suffix(linear_kernel: bool, device) -> str:
-    """What an engine row's variant name gets for settings off the defaults: ``_kernel`` (the layers'
-    linears in adfast's kernel), ``_pdl`` (programmatic dependent launch in effect)."""
-    return ("_kernel" if linear_kernel else "") + ("_pdl" if dependent_launch(device) else "")
+    """What an engine row's variant name gets for settings off the defaults: ``_kernel`` (the
+    linears in adfast's kernel), ``_nopdl`` (programmatic dependent launch turned off where it applies)."""
+    off = dependent_launch_supported(device) and not dependent_launch(device)
+    return ("_kernel" if linear_kernel else "") + ("_nopdl" if off else "")
 
 
 def random_model(spec: dict, dtype, device) -> Qwen2ForCausalLM:

@@ -25,6 +25,10 @@
 #             at 1 and 32 rows; a profile; goals; where HF generate with the processor spends
 #             its host time (bench/hf_profile.py); Nsight Compute on the fused sampler at batch 64
 #             (bench/sampler_ncu.py)                                                     (~9 min)
+#   defaults  after pdl (PDL on by default): the GPU tests, the sampler's and attention's tests on the
+#             GPU; bench/sampler_tune.py at batch 1 and 64 with the main loop's pipelining depth
+#             (1-3) and without the noise (what it costs); the engine rows at batch 1 to 64 with
+#             the defaults (temperature, antidistill, permutation, exact-D jvp, rank-8 jvp); goals (~7 min)
 #   kernels   the whole test suite (the GPU tests, and the kernel tests on CUDA tensors instead of
 #             the interpreter); bench/sampler.py at batch 1 to 64                       (~5 min)
 #   sampler   bench/sampler_tune.py (the fused sampler's launch plans), bench/sampler.py, the sampler's
@@ -148,6 +152,16 @@ stage_pdl() {  # most important first: a call cut short keeps what came before
     step 10 goals.log python3 bench/goals.py
 }
 
+stage_defaults() {
+    step 120 gpu-tests.log python3 -m pytest -q -n 8 --dist loadfile --tb=short -m gpu tests
+    step 80 gpu-tests.log python3 -m pytest -q -n 8 --tb=short tests/test_sampling.py tests/test_decode_attention.py
+    step 90 sampler.log python3 bench/sampler_tune.py --batches 1 64 --blocks 1024 2048 --warps 8 \
+        --programs-per-sm 4 --stages 1 2 3 --noise on off
+    step 170 decode.log python3 bench/decode.py --append --jvp-ranks 8 --variants engine_temperature \
+        engine_antidistill engine_permutation engine_jvp engine_jvp_lowrank
+    step 10 goals.log python3 bench/goals.py
+}
+
 stage_decode() {
     step 540 decode.log python3 bench/decode.py --append --variants hf_temperature hf_antidistill \
         engine_temperature engine_antidistill engine_permutation
@@ -178,12 +192,13 @@ for stage in "$@"; do
         followup) stage_followup ;;
         linear) stage_linear ;;
         pdl) stage_pdl ;;
+        defaults) stage_defaults ;;
         decode) stage_decode ;;
         jvp) stage_jvp ;;
         eps) stage_eps ;;
         profile) stage_profile ;;
         all) stage_kernels; stage_decode; stage_jvp; stage_eps; stage_profile; step 10 goals.log python3 bench/goals.py ;;
-        *) echo "unknown stage $stage (quick, followup, linear, pdl, kernels, sampler, decode, jvp, eps, profile, all)"; exit 2 ;;
+        *) echo "unknown stage $stage (quick, followup, linear, pdl, defaults, kernels, sampler, decode, jvp, eps, profile, all)"; exit 2 ;;
     esac
 done
 exit $status

@@ -12,8 +12,8 @@ graph are traced one by one) and reduces the trace to, per step:
 - per kernel name: launches and milliseconds per step, largest first: the matmuls' share against
   the weight-read limit, and the small kernels' count and cost.
 
-``--linear kernel`` and ``ADFAST_PDL=1`` profile those settings (as :mod:`bench.decode`; the
-variant's name gets ``_kernel`` / ``_pdl``). Writes
+``--linear kernel`` and ``ADFAST_PDL=0`` profile those settings (as :mod:`bench.decode`; the
+variant's name gets ``_kernel`` / ``_nopdl``). Writes
 ``bench/results/profile-<device>-<variant>-b<batch>.json`` (``device, variant, batch,
 steps, busy_ms, span_ms, idle_frac, kernels: [{name, launches_per_step, ms_per_step}]``).
 On CPU (``--shapes tiny``, a smoke test) the same reduction runs over the CPU operators instead.

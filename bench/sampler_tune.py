@@ -8,10 +8,13 @@ benchmark's inputs (Qwen2.5 vocabularies, bf16; a replayed CUDA graph, median of
 reaches, counting each logit read once. The row marked ``default`` is the plan
 :data:`adfast.kernels.fused_sample.NUM_WARPS` / ``PROGRAMS_PER_SM`` picks.
 Writes ``bench/results/sampler_tune-<device>.json`` (rows: ``device, batch, block, num_warps,
-programs_per_sm, splits, us, bandwidth_frac, default``).
+programs_per_sm, num_stages, noise, splits, us, bandwidth_frac, default``).
+
+``--stages`` adds the main loop's software-pipelining depth, ``--noise off`` times the kernel
+without its Gumbel noise (a decomposition: what the RNG and its logs cost).
 
 Usage: ``python bench/sampler_tune.py [--batches 1 64] [--blocks 1024 2048] [--warps 4 8 16]
-[--programs-per-sm 2 4 8 16]``
+[--programs-per-sm 2 4 8 16] [--stages 1 2 3] [--noise on off]``
 """
 import argparse
 import importlib
@@ -35,6 +38,10 @@ def main(argv=None) -> int:
     parser.add_argument("--blocks", type=int, nargs="+", default=[1024, 2048])
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--programs-per-sm", type=int, nargs="+", default=[2, 4, 8, 16])
+    parser.add_argument("--stages", type=int, nargs="+", default=[1],
+                        help="software-pipelining depths of the main loop (num_stages)")
+    parser.add_argument("--noise", choices=["on", "off"], nargs="+", default=["on"],
+                        help="off: time the kernel without its Gumbel noise (what the noise costs)")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
     found = device_and_bandwidth("bench/sampler_tune.py")
@@ -49,16 +56,21 @@ def main(argv=None) -> int:
         offset = torch.zeros(1, dtype=torch.int64, device="cuda")
         nbytes = fused_bytes(batch)
         default_block = plan_splits(batch, VOCAB_T, t.device).block
-        for block, warps, per_sm in itertools.product(args.blocks, args.warps, args.programs_per_sm):
+        for block, warps, per_sm, stages, noise in itertools.product(args.blocks, args.warps, args.programs_per_sm,
+                                                                     args.stages, args.noise):
             plan = plan_splits(batch, VOCAB_T, t.device, block=block, num_warps=warps, programs_per_sm=per_sm)
             ms, _ = graph_time_ms(lambda: fs.fused_sample(t, p, m, None, tau, coef, 1, offset, block=block,
-                                                          num_warps=warps, programs_per_sm=per_sm))
-            default = (block, warps, per_sm) == (default_block, fs.NUM_WARPS, fs.PROGRAMS_PER_SM)
+                                                          num_warps=warps, programs_per_sm=per_sm,
+                                                          num_stages=stages, noise=noise == "on"))
+            default = (block, warps, per_sm, stages, noise) == (default_block, fs.NUM_WARPS, fs.PROGRAMS_PER_SM,
+                                                                1, "on")
             frac = nbytes / (ms * 1e-3) / bandwidth
             rows.append(dict(device=device, batch=batch, block=block, num_warps=warps, programs_per_sm=per_sm,
-                             splits=plan.splits, us=ms * 1e3, bandwidth_frac=frac, default=default))
+                             num_stages=stages, noise=noise == "on", splits=plan.splits, us=ms * 1e3,
+                             bandwidth_frac=frac, default=default))
             print(f"B={batch:3d} block {block:5d} warps {warps:2d} programs/SM {per_sm:2d} (S={plan.splits:3d}) "
-                  f"{ms * 1e3:7.1f} us {frac:6.1%} of copy{'  (default)' if default else ''}", flush=True)
+                  f"stages {stages} noise {noise:3s} {ms * 1e3:7.1f} us {frac:6.1%} of copy"
+                  f"{'  (default)' if default else ''}", flush=True)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"sampler_tune-{device.replace(' ', '_')}.json"

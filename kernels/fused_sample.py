@@ -91,7 +91,7 @@ def _fused_sample_partials(
     stride_t, stride_p, stride_perm, vocab_t, vocab_p, chunk, num_splits, seed,
     HAS_PROXY: tl.constexpr, SHIFT: tl.constexpr, PERMUTE: tl.constexpr, BLOCK: tl.constexpr,
     EXACT_D: tl.constexpr = False, FAST_LOG: tl.constexpr = False,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, NUM_STAGES: tl.constexpr = 1, NOISE: tl.constexpr = True,
 ):
     wait_for_predecessor(PDL)
     row = tl.program_id(0)
@@ -118,7 +118,7 @@ def _fused_sample_partials(
     proxy_end = lo
     if HAS_PROXY:
         proxy_end = vocab_p
-        for start in range(lo, tl.minimum(hi, proxy_end), BLOCK):
+        for start in tl.range(lo, tl.minimum(hi, proxy_end), BLOCK, num_stages=NUM_STAGES):
             offs = start + lanes
             mask = offs < tl.minimum(hi, proxy_end)
             t = tl.load(t_row + offs, mask=mask, other=-float("inf")).to(tl.float32)
@@ -130,8 +130,10 @@ def _fused_sample_partials(
             if SHIFT:
                 p_max, p_sum = lse_lane_update(p_max, p_sum, tl.where(mask, p, -float("inf")))
                 m_max, m_sum = lse_lane_update(m_max, m_sum, tl.where(mask, m, -float("inf")))
-            noise = gumbel_block(seed, start, row, off_lo, off_hi, BLOCK, FAST_LOG)
-            best, idx = _lane_argmax(best, idx, t * inv_tau + coef * diff + noise_scale * noise, offs)
+            z = t * inv_tau + coef * diff
+            if NOISE:
+                z += noise_scale * gumbel_block(seed, start, row, off_lo, off_hi, BLOCK, FAST_LOG)
+            best, idx = _lane_argmax(best, idx, z, offs)
 
     # Entries beyond the proxies' vocabulary (the teacher's alone), from the 4-aligned block that
     # holds the first of them; kept apart from the prefix when the proxy normalisers shift it.
@@ -144,7 +146,9 @@ def _fused_sample_partials(
         mask = (offs >= tail_from) & (offs < hi)
         t = tl.load(t_row + offs, mask=mask, other=-float("inf")).to(tl.float32)
         t_max, t_sum = lse_lane_update(t_max, t_sum, t)
-        z = t * inv_tau + noise_scale * gumbel_block(seed, start, row, off_lo, off_hi, BLOCK, FAST_LOG)
+        z = t * inv_tau
+        if NOISE:
+            z += noise_scale * gumbel_block(seed, start, row, off_lo, off_hi, BLOCK, FAST_LOG)
         tail_best, tail_idx = _lane_argmax(tail_best, tail_idx, z, offs)
     if not SHIFT:
         best, idx = tail_best, tail_idx
@@ -213,12 +217,15 @@ def _fused_sample_merge(
 
 
 def fused_sample(teacher, plus, minus, perm, tau, coef, seed: int, offset, num_splits=None, *, block=None,
-                 num_warps=None, programs_per_sm=PROGRAMS_PER_SM):
+                 num_warps=None, programs_per_sm=PROGRAMS_PER_SM, num_stages=1, noise=True):
     """Launch the two stages. Shapes: teacher ``[B, V_T]``, plus/minus ``[B, V_P]`` or None,
     perm ``[B, V_P]`` int or None, tau/coef float32 ``[B]``, offset int64 ``[1]`` on the device.
     ``plus`` given with ``minus=None`` is the exact-D input: ``plus`` holds ``D`` (module docstring).
     ``num_splits``, ``block``, ``num_warps``, ``programs_per_sm``: stage 1's launch plan
-    (:func:`adfast.kernels.split.plan_splits`; defaults above).
+    (:func:`adfast.kernels.split.plan_splits`; defaults above); ``num_stages``: the software
+    pipelining depth of stage 1's main loop (``tl.range``: loads issued that many blocks ahead,
+    through shared memory). ``noise=False`` leaves the Gumbel noise out (the draw is then greedy
+    for every row, whatever ``tau``): bench/sampler_tune.py times it to measure what the noise costs.
 
     Returns ``(tokens int64 [B], teacher_logprobs float32 [B], bad int32 [B])``.
     """
@@ -241,8 +248,8 @@ def fused_sample(teacher, plus, minus, perm, tau, coef, seed: int, offset, num_s
         teacher.stride(0), plus.stride(0) if has_proxy else 0, perm.stride(0) if perm is not None else 0,
         vocab_t, vocab_p, plan.chunk, plan.splits, seed,
         HAS_PROXY=has_proxy, SHIFT=shift, PERMUTE=perm is not None, BLOCK=plan.block, EXACT_D=exact,
-        FAST_LOG=launch_plan.multiprocessor_count(dev) is not None, num_warps=plan.num_warps,
-        **launch_plan.dependent_launch(dev),
+        FAST_LOG=launch_plan.multiprocessor_count(dev) is not None, NUM_STAGES=num_stages, NOISE=noise,
+        num_warps=plan.num_warps, **launch_plan.dependent_launch(dev),
     )
     _fused_sample_merge[(batch,)](
         teacher, coef, fpart, ipart, tokens, logprobs, bad, teacher.stride(0), plan.splits,

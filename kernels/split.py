@@ -21,23 +21,28 @@ def multiprocessor_count(device: torch.device) -> int | None:
 
 def dependent_launch(device: torch.device) -> dict:
     """Launch arguments for programmatic dependent launch (PDL) on ``device``: ``{"PDL": True,
-    "launch_pdl": True}`` when the environment sets ``ADFAST_PDL=1`` and ``device`` is a CUDA GPU of
-    compute capability 9.0 or later (Hopper), ``{}`` otherwise (the default: it awaits a GPU
-    measurement, ``bench/gpu_session.sh pdl``).
+    "launch_pdl": True}`` on a CUDA GPU of compute capability 9.0 or later (Hopper) unless the
+    environment sets ``ADFAST_PDL=0``; ``{}`` otherwise.
 
     A kernel launched this way may start while the kernel before it in the stream is still
     running: every adfast kernel that takes ``PDL`` waits (``gdc_wait``, in
     :func:`adfast.kernels.launch_order.wait_for_predecessor`) before it touches memory a
     predecessor may write or read, and then lets its own successor launch
-    (``gdc_launch_dependents``); what the early start can buy is the launch and ramp-up latency of
-    a decode step's ~300 small kernels, which otherwise sits between every two of them (in a CUDA
+    (``gdc_launch_dependents``); what the early start buys is the launch and ramp-up latency of
+    a decode step's ~280 small kernels, which otherwise sits between every two of them (in a CUDA
     graph too: captured launches keep the attribute). Kernels that are not ours (cuBLAS, torch)
-    launch and order as usual. :mod:`adfast.compile_check` replaces this function to compile the
-    PDL variants without a GPU.
+    launch and order as usual. Measured on an H200 (``bench/gpu_session.sh pdl``, the engine at
+    batch 1 and 32): 1-4% faster steps, the same tokens (``tests/test_engine.py``).
+    :mod:`adfast.compile_check` replaces this function to compile the PDL variants without a GPU.
     """
-    if device.type != "cuda" or os.environ.get("ADFAST_PDL") != "1" or _capability(device.index) < (9, 0):
+    if not dependent_launch_supported(device) or os.environ.get("ADFAST_PDL") == "0":
         return {}
     return {"PDL": True, "launch_pdl": True}
+
+
+def dependent_launch_supported(device: torch.device) -> bool:
+    """True for a CUDA GPU of compute capability 9.0 or later, where :func:`dependent_launch` applies."""
+    return device.type == "cuda" and _capability(device.index) >= (9, 0)
 
 
 @functools.cache

@@ -101,4 +101,4 @@ def test_split_tickets_are_left_at_zero_and_the_merge_is_deterministic():
     one = decode_attention(q, k, v, slots, lengths, num_splits=1, block_n=SMALL_BLOCK)
     torch.testing.assert_close(one, first, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="counters must be int32 with at least C B KV = 16"):
-        decode_attention(q, k, v, slots, lengths, num_splits=5, counters=counters[:15])
+        decode_attention(q, k, v, slots, lengths, num_splits=5, block_n=SMALL_BLOCK, counters=counters[:15])

@@ -237,27 +237,28 @@ def test_cuda_graph_replay_equals_eager(teachers, pair, dtype):
 
 @cuda_test
 def test_dependent_launch_changes_no_result(teachers, pair, monkeypatch):
-    """Programmatic dependent launch (``ADFAST_PDL=1`` on Hopper: our kernels start while the one
-    before them finishes and wait for it inside) gives the same tokens and log-probs as ordinary
-    launches, in captured graphs, with the layers' linears in the decode-time kernel (bf16)."""
-    from adfast.kernels.split import dependent_launch
+    """Programmatic dependent launch (the default on Hopper: our kernels start while the one before
+    them finishes and wait for it inside) gives the same tokens and log-probs as ordinary launches
+    (``ADFAST_PDL=0``), in captured graphs, with the layers' linears in cuBLAS and in the
+    decode-time kernel (bf16)."""
+    from adfast.kernels.split import dependent_launch_supported
 
+    if not dependent_launch_supported(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs a Hopper (sm_90) or later GPU")
     kw = dict(max_new_tokens=MAX_NEW, tau=[1.0, 0.0, 0.7, 1.0, 1.3, 1.0], lam=[0.5, 1.0, 0.0, 2.0, 1.0, 0.5],
               seed=3, stop_token_ids=[5])
 
-    def run():
+    def run(linear_kernel):
         engine = Engine(teachers["qwen2"], pair, max_batch_size=4, max_seq_len=16, device="cuda",
                         dtype=torch.bfloat16)
         for model in (engine.teacher, engine.proxies):
-            model.linear_kernel = True
+            model.linear_kernel = linear_kernel
         return [(r.tokens, r.mean_logprob) for mode in ("antidistill", "temperature")
                 for r in engine.generate(PROMPTS, mode=mode, **kw)]
 
-    plain = run()
-    monkeypatch.setenv("ADFAST_PDL", "1")
-    if not dependent_launch(torch.device("cuda")):
-        pytest.skip("programmatic dependent launch needs a Hopper (sm_90) or later GPU")
-    assert run() == plain
+    dependent = [run(False), run(True)]
+    monkeypatch.setenv("ADFAST_PDL", "0")
+    assert [run(False), run(True)] == dependent
 
 
 # ------------------------------------------------------------------------------- torchrun sharding

@@ -6,6 +6,7 @@ hundreds of thousands of draws, too many for the interpreter, so they run on the
 ``test_backends_draw_identical_tokens`` shows that the kernels draw exactly the twin's tokens
 (same Philox noise, same tie rule) on every mode, top-k/top-p, vocabulary mismatch and offset.
 """
+import importlib
 import math
 
 import pytest
@@ -321,6 +322,26 @@ def test_cuda_kernels_match_cpu_twin():
         a_cpu = adjusted_logits(t, p, m, backend="torch", **kw)
         a_gpu = adjusted_logits(t, p, m, backend="triton", **kw)
         torch.testing.assert_close(a_gpu, a_cpu, atol=adjusted_tolerance(t, p, 0.2, 1e-2), rtol=0)
+
+
+def test_kernel_pipelining_and_noiseless_variants_keep_the_draw():
+    """The main loop's pipelining depth (``num_stages``) changes no token, log-prob or bad bit; the
+    kernel without noise (the decomposition bench/sampler_tune.py times) draws the greedy tokens."""
+    fused_sample = importlib.import_module("adfast.kernels.fused_sample").fused_sample
+    t, p, m = (x.to(KERNEL_DEVICE) for x in make_logits(6, 3000 + 70, 3000, torch.bfloat16, 1e-2, seed=4))
+    tau = torch.tensor([0.7, 1.0, 0.0, 1.3, 0.5, 0.9], device=KERNEL_DEVICE)
+    coef = torch.full((6,), 0.3 / 2e-2, device=KERNEL_DEVICE)
+    offset = torch.tensor([5], device=KERNEL_DEVICE)
+    plan = dict(num_splits=2, block=256)
+    first = fused_sample(t, p, m, None, tau, coef, 3, offset, **plan)
+    for stages in (2, 3):
+        again = fused_sample(t, p, m, None, tau, coef, 3, offset, num_stages=stages, **plan)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b), stages
+    noiseless = fused_sample(t, p, m, None, tau, coef, 3, offset, noise=False, **plan)[0]
+    greedy = fused_sample(t, p, m, None, torch.zeros_like(tau), coef, 3, offset, **plan)[0]
+    assert torch.equal(noiseless, greedy)
+    assert not torch.equal(first[0], greedy)  # the noise does move the draw
 
 
 # ------------------------------------------------------------------------------- exact D (delta=)
