@@ -171,6 +171,9 @@ def main(argv=None) -> int:
                 + table(sampler_goals(sampler.get(device, [])) + decode_goals(decode.get(device, []), rank)) + "\n")
         if profiles.get(device):
             text += ("\n## Where the profiled steps' time goes (bench/profile_step.py, ms per step)\n\n"
+                     "Kernel times overlap where programmatic dependent launch is on (rows without `_nopdl`"
+                     " on Hopper): a kernel starts early and its time includes the wait for its predecessor,"
+                     " so its kernel columns may sum past the span.\n\n"
                      + step_breakdown(profiles[device], decode.get(device, [])) + "\n")
         print(text)
         (args.results / f"goals-{device.replace(' ', '_')}.md").write_text(text)

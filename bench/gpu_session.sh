@@ -29,6 +29,8 @@
 #             GPU; bench/sampler_tune.py at batch 1 and 64 with the main loop's pipelining depth
 #             (1-3) and without the noise (what it costs); the engine rows at batch 1 to 64 with
 #             the defaults (temperature, antidistill, permutation, exact-D jvp, rank-8 jvp); goals (~7 min)
+#   stages    after defaults (the sampler's loop pipelined by default): the GPU tests, the sampler's
+#             tests on the GPU, bench/sampler.py, goals                               (~2.5 min)
 #   kernels   the whole test suite (the GPU tests, and the kernel tests on CUDA tensors instead of
 #             the interpreter); bench/sampler.py at batch 1 to 64                       (~5 min)
 #   sampler   bench/sampler_tune.py (the fused sampler's launch plans), bench/sampler.py, the sampler's
@@ -162,6 +164,13 @@ stage_defaults() {
     step 10 goals.log python3 bench/goals.py
 }
 
+stage_stages() {  # after defaults: the sampler with its pipelined loop as the default
+    step 100 gpu-tests.log python3 -m pytest -q -n 8 --dist loadfile --tb=short -m gpu tests
+    step 60 gpu-tests.log python3 -m pytest -q -n 8 --tb=short tests/test_sampling.py
+    step 40 sampler.log python3 bench/sampler.py
+    step 10 goals.log python3 bench/goals.py
+}
+
 stage_decode() {
     step 540 decode.log python3 bench/decode.py --append --variants hf_temperature hf_antidistill \
         engine_temperature engine_antidistill engine_permutation
@@ -193,12 +202,13 @@ for stage in "$@"; do
         linear) stage_linear ;;
         pdl) stage_pdl ;;
         defaults) stage_defaults ;;
+        stages) stage_stages ;;
         decode) stage_decode ;;
         jvp) stage_jvp ;;
         eps) stage_eps ;;
         profile) stage_profile ;;
         all) stage_kernels; stage_decode; stage_jvp; stage_eps; stage_profile; step 10 goals.log python3 bench/goals.py ;;
-        *) echo "unknown stage $stage (quick, followup, linear, pdl, defaults, kernels, sampler, decode, jvp, eps, profile, all)"; exit 2 ;;
+        *) echo "unknown stage $stage (quick, followup, linear, pdl, defaults, stages, kernels, sampler, decode, jvp, eps, profile, all)"; exit 2 ;;
     esac
 done
 exit $status

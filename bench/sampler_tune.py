@@ -6,7 +6,7 @@ at), times :func:`adfast.kernels.fused_sample.fused_sample` in antidistill mode 
 benchmark's inputs (Qwen2.5 vocabularies, bf16; a replayed CUDA graph, median of
 ``triton.testing.do_bench``) and reports the fraction of the device-to-device copy bandwidth it
 reaches, counting each logit read once. The row marked ``default`` is the plan
-:data:`adfast.kernels.fused_sample.NUM_WARPS` / ``PROGRAMS_PER_SM`` picks.
+:data:`adfast.kernels.fused_sample.NUM_WARPS` / ``PROGRAMS_PER_SM`` / ``NUM_STAGES`` picks.
 Writes ``bench/results/sampler_tune-<device>.json`` (rows: ``device, batch, block, num_warps,
 programs_per_sm, num_stages, noise, splits, us, bandwidth_frac, default``).
 
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     parser.add_argument("--blocks", type=int, nargs="+", default=[1024, 2048])
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--programs-per-sm", type=int, nargs="+", default=[2, 4, 8, 16])
-    parser.add_argument("--stages", type=int, nargs="+", default=[1],
+    parser.add_argument("--stages", type=int, nargs="+", default=[3],
                         help="software-pipelining depths of the main loop (num_stages)")
     parser.add_argument("--noise", choices=["on", "off"], nargs="+", default=["on"],
                         help="off: time the kernel without its Gumbel noise (what the noise costs)")
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
                                                           num_warps=warps, programs_per_sm=per_sm,
                                                           num_stages=stages, noise=noise == "on"))
             default = (block, warps, per_sm, stages, noise) == (default_block, fs.NUM_WARPS, fs.PROGRAMS_PER_SM,
-                                                                1, "on")
+                                                                fs.NUM_STAGES, "on")
             frac = nbytes / (ms * 1e-3) / bandwidth
             rows.append(dict(device=device, batch=batch, block=block, num_warps=warps, programs_per_sm=per_sm,
                              num_stages=stages, noise=noise == "on", splits=plan.splits, us=ms * 1e3,

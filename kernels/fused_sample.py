@@ -42,7 +42,12 @@ of a call), the Gumbel transform (an accurate inner log, a hardware outer log:
 :func:`adfast.kernels.gumbel.gumbel_block`), one exponential per online log-sum-exp, and a few
 arithmetic operations; at about 83 instructions per vocabulary entry (sm_90, three inputs, from the
 compiled SASS: ``python -m adfast.compile_check``) the kernel is bound by instruction issue rather
-than by memory bandwidth.
+than by memory bandwidth. Nsight Compute on an H200 at batch 64 (``bench/gpu_session.sh pdl``,
+``bench/results/sampler-ncu-B64-details.txt``) shows the scheduler issuing in 53% of cycles, warps
+waiting mostly on their loads (44% of stalls; register use caps a multiprocessor at 24 warps); the
+noise is about 40 of the loop's instructions per entry, and without it the kernel still takes 64%
+of its time (``bench/sampler_tune.py --noise off``). The main loop is software-pipelined
+(``NUM_STAGES``: loads issued two blocks ahead, through shared memory), 5-12% faster.
 
 Bad-input bits per row: 1 = teacher NaN or +inf, 2 = proxy (or exact ``D``) NaN or +-inf,
 4 = every score -inf.
@@ -60,9 +65,11 @@ from .split import plan_splits
 
 
 # GPU launch defaults of stage 1 (bench/sampler_tune.py measures the alternatives): warps per
-# program (BLOCK = 1024 logits a loop step, so 8 warps give each thread 4 logits of each input) and
-# programs per SM that the [B, S] grid aims at.
-NUM_WARPS, PROGRAMS_PER_SM = 8, 4
+# program (BLOCK = 1024 logits a loop step, so 8 warps give each thread 4 logits of each input),
+# programs per SM that the [B, S] grid aims at, and the main loop's pipelining depth (3: loads
+# two blocks ahead through shared memory; on an H200 11.8 us at batch 1 and 54.1 us at batch 64,
+# against 13.4 and 56.7 without pipelining).
+NUM_WARPS, PROGRAMS_PER_SM, NUM_STAGES = 8, 4, 3
 
 # Stage-1 partial layout: float32 [B, S, 8] and int32 [B, S, 3].
 F_TMAX, F_TSUM, F_PMAX, F_PSUM, F_MMAX, F_MSUM, F_BEST_PRE, F_BEST_TAIL = (tl.constexpr(i) for i in range(8))
@@ -217,7 +224,7 @@ def _fused_sample_merge(
 
 
 def fused_sample(teacher, plus, minus, perm, tau, coef, seed: int, offset, num_splits=None, *, block=None,
-                 num_warps=None, programs_per_sm=PROGRAMS_PER_SM, num_stages=1, noise=True):
+                 num_warps=None, programs_per_sm=PROGRAMS_PER_SM, num_stages=NUM_STAGES, noise=True):
     """Launch the two stages. Shapes: teacher ``[B, V_T]``, plus/minus ``[B, V_P]`` or None,
     perm ``[B, V_P]`` int or None, tau/coef float32 ``[B]``, offset int64 ``[1]`` on the device.
     ``plus`` given with ``minus=None`` is the exact-D input: ``plus`` holds ``D`` (module docstring).
