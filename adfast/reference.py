@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .philox import gumbel_noise
+from .philox import draw_groups
 
 
 def _bad_bits(teacher: torch.Tensor, plus: torch.Tensor | None, minus: torch.Tensor | None) -> torch.Tensor:
@@ -34,25 +34,24 @@ def _proxy_difference(plus, minus, perm) -> tuple[torch.Tensor, torch.Tensor | N
 def fused_sample(teacher, plus, minus, perm, tau, coef, seed: int, offset, num_splits=None):
     """Twin of :func:`adfast.kernels.fused_sample.fused_sample` (``num_splits`` has no effect).
 
-    As in the kernel, scores use raw logits; when ``V_P < V_T`` the prefix's best score is
-    shifted by ``coef * (lse(m) - lse(p))`` before it is compared with the tail's best. An exact
-    ``D`` (``minus`` None) adds ``coef * D`` to the prefix and needs no shift.
+    As in the kernel, scores use raw logits and draw through :func:`adfast.philox.draw_groups`;
+    when ``V_P < V_T`` the prefix's best key is shifted by ``coef * (lse(m) - lse(p))`` before it
+    is compared with the tail's best. An exact ``D`` (``minus`` None) adds ``coef * D`` to the
+    prefix and needs no shift.
     """
     t = teacher.float()
-    batch, vocab_t = t.shape
     z = t * (1.0 / torch.where(tau == 0, 1.0, tau))[:, None]
+    vocab_p = 0
     if plus is not None:
         vocab_p = plus.shape[1]
         p, m = _proxy_difference(plus, minus, perm)
         z[:, :vocab_p] = z[:, :vocab_p] + coef[:, None] * (p if m is None else p - m)
-    z = z + torch.where(tau == 0, 0.0, 1.0)[:, None] * gumbel_noise(seed, offset.reshape(()), batch, vocab_t)
-    tokens = torch.argmax(z, dim=1)
-    if plus is not None and minus is not None and vocab_p < vocab_t:
+    best_pre, idx_pre, best_tail, idx_tail = draw_groups(z, vocab_p, tau == 0, seed, offset.reshape(()))
+    shift = torch.zeros_like(best_pre)
+    if plus is not None and minus is not None and vocab_p < t.shape[1]:
         shift = coef * (torch.logsumexp(minus.float(), 1) - torch.logsumexp(plus.float(), 1))
-        best_pre, idx_pre = z[:, :vocab_p].max(1)
-        best_tail, idx_tail = z[:, vocab_p:].max(1)
-        take_tail = (best_tail > best_pre + shift) | torch.isneginf(best_pre)
-        tokens = torch.where(take_tail, idx_tail + vocab_p, idx_pre)
+    take_tail = (best_tail > best_pre + shift) | torch.isneginf(best_pre)
+    tokens = torch.where(take_tail, idx_tail, idx_pre)
     bad = _bad_bits(teacher, plus, minus)
     empty = torch.isneginf(z).all(1)
     bad = bad | torch.where(empty, 4, 0).to(torch.int32)

@@ -33,8 +33,9 @@
 #             tests on the GPU, bench/sampler.py, goals                               (~2.5 min)
 #   kernels   the whole test suite (the GPU tests, and the kernel tests on CUDA tensors instead of
 #             the interpreter); bench/sampler.py at batch 1 to 64                       (~5 min)
-#   sampler   bench/sampler_tune.py (the fused sampler's launch plans), bench/sampler.py, the sampler's
-#             tests on the GPU, the engine's GPU tests, goals                        (~3.5 min)
+#   sampler   the sampler's tests on the GPU, bench/sampler_tune.py (the fused sampler's launch plans:
+#             block, warps, programs per SM, pipelining), bench/sampler.py, the engine's GPU tests,
+#             goals; next for the grouped draw                                        (~4.5 min)
 #   decode    bench/decode.py: HF generate and engine temperature/antidistill/permutation (~6 min)
 #   jvp       bench/decode.py --append: engine temperature, exact-D jvp, low-rank jvp r8..r512 (~6 min);
 #             on a fresh machine, first copy the returned decode-*.json into bench/results/
@@ -95,10 +96,11 @@ stage_kernels() {
 }
 
 stage_sampler() {
-    step 45 sampler.log python3 bench/sampler_tune.py --blocks 1024
-    step 30 sampler.log python3 bench/sampler.py
     step 70 gpu-tests.log python3 -m pytest -q -n 8 --tb=short tests/test_sampling.py
-    step 45 gpu-tests.log python3 -m pytest -q -n 4 --tb=short -m gpu tests/test_engine.py
+    step 100 sampler.log python3 bench/sampler_tune.py --blocks 1024 2048 --warps 4 8 --programs-per-sm 2 4 \
+        --stages 1 3
+    step 30 sampler.log python3 bench/sampler.py
+    step 60 gpu-tests.log python3 -m pytest -q -n 4 --tb=short -m gpu tests/test_engine.py
     step 10 goals.log python3 bench/goals.py
 }
 

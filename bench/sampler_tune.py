@@ -13,8 +13,8 @@ programs_per_sm, num_stages, noise, splits, us, bandwidth_frac, default``).
 ``--stages`` adds the main loop's software-pipelining depth, ``--noise off`` times the kernel
 without its Gumbel noise (a decomposition: what the RNG and its logs cost).
 
-Usage: ``python bench/sampler_tune.py [--batches 1 64] [--blocks 1024 2048] [--warps 4 8 16]
-[--programs-per-sm 2 4 8 16] [--stages 1 2 3] [--noise on off]``
+Usage: ``python bench/sampler_tune.py [--batches 1 64] [--blocks 1024 2048 4096] [--warps 4 8]
+[--programs-per-sm 2 4 8] [--stages 1 3] [--noise on off]``
 """
 import argparse
 import importlib
@@ -35,10 +35,10 @@ fs = importlib.import_module("adfast.kernels.fused_sample")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
-    parser.add_argument("--blocks", type=int, nargs="+", default=[1024, 2048])
-    parser.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16])
-    parser.add_argument("--programs-per-sm", type=int, nargs="+", default=[2, 4, 8, 16])
-    parser.add_argument("--stages", type=int, nargs="+", default=[3],
+    parser.add_argument("--blocks", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--programs-per-sm", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--stages", type=int, nargs="+", default=[1, 3],
                         help="software-pipelining depths of the main loop (num_stages)")
     parser.add_argument("--noise", choices=["on", "off"], nargs="+", default=["on"],
                         help="off: time the kernel without its Gumbel noise (what the noise costs)")
@@ -55,14 +55,13 @@ def main(argv=None) -> int:
         coef = torch.full((batch,), 0.5 / 2e-4, device="cuda")
         offset = torch.zeros(1, dtype=torch.int64, device="cuda")
         nbytes = fused_bytes(batch)
-        default_block = plan_splits(batch, VOCAB_T, t.device).block
         for block, warps, per_sm, stages, noise in itertools.product(args.blocks, args.warps, args.programs_per_sm,
                                                                      args.stages, args.noise):
             plan = plan_splits(batch, VOCAB_T, t.device, block=block, num_warps=warps, programs_per_sm=per_sm)
             ms, _ = graph_time_ms(lambda: fs.fused_sample(t, p, m, None, tau, coef, 1, offset, block=block,
                                                           num_warps=warps, programs_per_sm=per_sm,
                                                           num_stages=stages, noise=noise == "on"))
-            default = (block, warps, per_sm, stages, noise) == (default_block, fs.NUM_WARPS, fs.PROGRAMS_PER_SM,
+            default = (block, warps, per_sm, stages, noise) == (fs.default_block(fs.NUM_WARPS), fs.NUM_WARPS, fs.PROGRAMS_PER_SM,
                                                                 fs.NUM_STAGES, "on")
             frac = nbytes / (ms * 1e-3) / bandwidth
             rows.append(dict(device=device, batch=batch, block=block, num_warps=warps, programs_per_sm=per_sm,

@@ -28,20 +28,21 @@ LANE_FLOOR = tl.constexpr(-3.4028234663852886e38)
 
 
 @triton.jit
-def lse_lane_update(lane_max, lane_sum, x):
-    """Fold ``x`` into each lane's pair with one exponential: ``e = exp(-|x - max|)`` rescales the
-    sum when ``x`` is the new max, else is ``x``'s own term. A -inf ``x`` adds 0; a NaN makes the
-    lane's sum NaN and a +inf its max +inf (what :func:`lse_lanes_reduce`'s callers test for).
-    The exponential is the bare ``ex2.approx`` of ``-|x - max| log2(e)`` (``tl.exp`` adds a
-    denormal-range fix-up that a term below 2**-126 of the sum does not need)."""
-    up = x > lane_max
-    e = tl.math.exp2(tl.abs(x - lane_max) * -1.4426950408889634)
-    return tl.maximum(lane_max, x), tl.where(up, lane_sum * e + 1.0, lane_sum + e)
-
-
-@triton.jit
 def lse_lanes_reduce(lane_max, lane_sum):
     """The block's ``(max, sum-exp relative to max)`` from its lanes' pairs (max stays the floor,
     sum 0, when every entry was -inf)."""
     block_max = tl.max(lane_max, axis=0)
     return block_max, tl.sum(lane_sum * tl.exp(lane_max - block_max), axis=0)
+
+
+@triton.jit
+def lse_group_update(lane_max, lane_sum, x):
+    """Fold ``x [R, G]`` into each lane's pair, lane ``r`` taking row ``r`` (one thread's group of
+    ``G`` entries): the row's max first, then one exponential per entry and one to rescale the
+    sum. A -inf entry adds 0; a NaN or +inf makes the lane's sum NaN (and +inf its max), what
+    :func:`lse_lanes_reduce`'s callers test for. The exponentials are the bare ``ex2.approx``
+    (``tl.exp`` adds a denormal-range fix-up that a term below 2**-126 of the sum does not need)."""
+    new_max = tl.maximum(lane_max, tl.max(x, axis=1))
+    rescale = tl.math.exp2((lane_max - new_max) * 1.4426950408889634)
+    terms = tl.math.exp2((x - new_max[:, None]) * 1.4426950408889634)
+    return new_max, lane_sum * rescale + tl.sum(terms, axis=1)

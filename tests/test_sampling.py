@@ -153,6 +153,32 @@ def test_draws_follow_adjusted_softmax(tau, lam):
         assert chi_square_pvalue(counts, unadjusted) < 1e-6
 
 
+def test_grouped_draw_follows_softmax_across_group_and_vocabulary_boundaries():
+    """The draw races groups of 8 entries and picks inside the winner (adfast.philox.draw_groups):
+    with banned (-inf) entries inside groups, a group cut by the proxies' vocabulary end (21) and
+    scores spread over a wide range, the tokens still follow the exact adjusted softmax."""
+    eps = 1e-2
+    t, p, m = make_logits(1, 45, 21, torch.float32, eps, seed=3, scale=2.5)
+    t[0, [2, 9, 10, 22, 40]] = -float("inf")
+    tokens = draws("torch", t, p, m, 200_000, tau=0.8, lam=0.3, eps=eps, seed=99)
+    counts = torch.bincount(tokens, minlength=45)
+    exact = torch.softmax(reference_adjusted(t, p, m, 0.8, 0.3, eps)[0], 0)
+    assert int(counts[exact == 0].sum()) == 0, "drew a banned token"
+    assert chi_square_pvalue(counts, exact) > 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_greedy_ties_go_to_the_smallest_index(backend):
+    """Equal maximal scores inside one group and across groups and chunks: the first one wins."""
+    t = torch.zeros(3, 300)
+    t[0, [5, 6, 70]] = 4.0  # same group, then a later group
+    t[1, [130, 7, 299]] = 4.0  # an early group beats later ones
+    t[2, [256, 257]] = 4.0  # past the proxies' vocabulary only
+    p = torch.zeros(3, 250)
+    tokens = sample(t, p, p.clone(), tau=0.0, lam=0.5, eps=1e-2, seed=3, backend=backend)
+    assert tokens.tolist() == [5, 7, 256]
+
+
 @pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.6), (8, 0.8)])
 def test_top_k_top_p_draws(top_k, top_p):
     eps = 1e-2
