@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .philox import draw_groups
+from .philox import MASK32, gumbel_from_words, philox4x32
 
 
 def _bad_bits(teacher: torch.Tensor, plus: torch.Tensor | None, minus: torch.Tensor | None) -> torch.Tensor:
@@ -31,10 +31,51 @@ def _proxy_difference(plus, minus, perm) -> tuple[torch.Tensor, torch.Tensor | N
     return p, m
 
 
+def draw_groups(scores: torch.Tensor, vocab_p: int, greedy: torch.Tensor, seed: int,
+                offset: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused sampler's draw over float32 ``scores [B, V]``, as :mod:`adfast.kernels.group_draw`.
+
+    Entries ``v < vocab_p`` and ``v >= vocab_p`` race apart (the sampler shifts the first set before
+    it compares the winners); each set is cut into the parts of groups of 8 entries. Per part: key
+    ``max + log(sum exp(s - max)) + G`` and the entry picked by inverse CDF with one uniform
+    (greedy rows, ``greedy [B]`` bool: key ``max``, first maximal entry); per set, the first part
+    of the largest key. Returns ``(best_pre, index_pre, best_tail, index_tail)``, ``[B]`` each:
+    the winning key (-inf when every score of the set is -inf) and vocabulary index.
+    """
+    batch, vocab = scores.shape
+    groups = -(-vocab // 8)
+    s = torch.full((batch, groups * 8), -float("inf"), dtype=torch.float32, device=scores.device)
+    s[:, :vocab] = scores
+    s = s.view(batch, groups, 8)
+    v = torch.arange(groups * 8, device=scores.device).view(groups, 8)
+    offset = torch.as_tensor(offset, dtype=torch.int64, device=scores.device)
+    words = philox4x32(seed, torch.arange(groups, device=scores.device)[None, :],
+                       torch.arange(batch, device=scores.device)[:, None], offset & MASK32, (offset >> 32) & MASK32)
+    results = []
+    for in_set, gumbel_word, pick_word in ((v < vocab_p, words[0], words[1]), (v >= vocab_p, words[2], words[3])):
+        part = torch.where(in_set, s, -float("inf"))
+        top = part.amax(2)
+        w = torch.exp2((part - torch.where(torch.isneginf(top), 0.0, top)[..., None]) * 1.4426950408889634)
+        running = [w[..., 0]]
+        for k in range(1, 8):  # sequential float32 sums, as a thread adds its group
+            running.append(running[-1] + w[..., k])
+        running = torch.stack(running, 2)
+        total = running[..., 7]
+        target = (pick_word >> 9).to(torch.float32) * 2.0**-23 * total
+        below = (running <= target[..., None]).sum(2)
+        first_top = (part == top[..., None]).to(torch.int8).argmax(2)
+        sampled_key = top + torch.log(total) + gumbel_from_words(gumbel_word)
+        key = torch.where(greedy[:, None], top, sampled_key)
+        index = v[:, 0][None, :] + torch.where(greedy[:, None], first_top, below)
+        best = key.argmax(1)  # the first largest key: the smallest index
+        results += [key.gather(1, best[:, None])[:, 0], index.gather(1, best[:, None])[:, 0]]
+    return tuple(results)
+
+
 def fused_sample(teacher, plus, minus, perm, tau, coef, seed: int, offset, num_splits=None):
     """Twin of :func:`adfast.kernels.fused_sample.fused_sample` (``num_splits`` has no effect).
 
-    As in the kernel, scores use raw logits and draw through :func:`adfast.philox.draw_groups`;
+    As in the kernel, scores use raw logits and draw through :func:`draw_groups`;
     when ``V_P < V_T`` the prefix's best key is shifted by ``coef * (lse(m) - lse(p))`` before it
     is compared with the tail's best. An exact ``D`` (``minus`` None) adds ``coef * D`` to the
     prefix and needs no shift.

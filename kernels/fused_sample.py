@@ -10,7 +10,7 @@ from the scores ``z_b[v] = t_b[v] / tau_b + coef_b * (p_b[v] - m_b[v])`` (``coef
 Gumbel-max race over groups of 8 consecutive entries (:mod:`adfast.kernels.group_draw`: each
 group's part enters with ``max z + log(sum exp(z - max z))`` plus Philox Gumbel noise, and the
 winning part gives up one entry by inverse CDF with one Philox uniform), exact in distribution
-and bit for bit the CPU twin's (:func:`adfast.philox.draw_groups`) in the interpreter.
+and bit for bit the CPU twin's (:func:`adfast.reference.draw_groups`) in the interpreter.
 ``tau_b == 0`` is greedy: ``argmax(log_softmax(t) + lam D)``, the first maximal entry.
 
 Exact-D input (``minus`` is None, ``EXACT_D``): ``plus`` holds ``D [B, V_P]`` itself, the exact

@@ -1,4 +1,4 @@
-"""One draw per group of vocabulary entries inside Triton kernels: :func:`adfast.philox.draw_groups`'s
+"""One draw per group of vocabulary entries inside Triton kernels: :func:`adfast.reference.draw_groups`'s
 arithmetic, bit for bit in the interpreter.
 
 The fused sampler cuts each row into groups of ``GROUP`` consecutive entries (and a group that

@@ -154,7 +154,7 @@ def test_draws_follow_adjusted_softmax(tau, lam):
 
 
 def test_grouped_draw_follows_softmax_across_group_and_vocabulary_boundaries():
-    """The draw races groups of 8 entries and picks inside the winner (adfast.philox.draw_groups):
+    """The draw races groups of 8 entries and picks inside the winner (adfast.reference.draw_groups):
     with banned (-inf) entries inside groups, a group cut by the proxies' vocabulary end (21) and
     scores spread over a wide range, the tokens still follow the exact adjusted softmax."""
     eps = 1e-2
