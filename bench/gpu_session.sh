@@ -34,8 +34,8 @@
 #   kernels   the whole test suite (the GPU tests, and the kernel tests on CUDA tensors instead of
 #             the interpreter); bench/sampler.py at batch 1 to 64                       (~5 min)
 #   sampler   the sampler's tests on the GPU, bench/sampler_tune.py (the fused sampler's launch plans:
-#             block, warps, programs per SM, pipelining), bench/sampler.py, the engine's GPU tests,
-#             goals; next for the grouped draw                                        (~4.5 min)
+#             block, warps, programs per SM, pipelining), bench/sampler.py, Nsight Compute on it at
+#             batch 64, the engine's GPU tests, goals; next, for the grouped draw     (~5.5 min)
 #   decode    bench/decode.py: HF generate and engine temperature/antidistill/permutation (~6 min)
 #   jvp       bench/decode.py --append: engine temperature, exact-D jvp, low-rank jvp r8..r512 (~6 min);
 #             on a fresh machine, first copy the returned decode-*.json into bench/results/
@@ -100,6 +100,7 @@ stage_sampler() {
     step 100 sampler.log python3 bench/sampler_tune.py --blocks 1024 2048 --warps 4 8 --programs-per-sm 2 4 \
         --stages 1 3
     step 30 sampler.log python3 bench/sampler.py
+    sampler_ncu sampler-ncu-grouped-B64
     step 60 gpu-tests.log python3 -m pytest -q -n 4 --tb=short -m gpu tests/test_engine.py
     step 10 goals.log python3 bench/goals.py
 }
@@ -124,15 +125,16 @@ stage_linear() {
     step 10 goals.log python3 bench/goals.py
 }
 
-# sampler_ncu: Nsight Compute's counters for one launch of the fused sampler's main kernel at batch 64
-# (issue 2's bandwidth goal): the details page and the per-SASS-line source page, as text.
+# sampler_ncu NAME: Nsight Compute's counters for one launch of the fused sampler's main kernel at
+# batch 64 (issue 2's bandwidth goal): the details page and the per-SASS-line source page, as text,
+# in bench/results/NAME-details.txt and NAME-sass.csv.gz.
 sampler_ncu() {
-    local rep=/tmp/sampler-ncu-B64
+    local rep=/tmp/$1
     command -v ncu >/dev/null || { echo "no ncu on this machine" | tee -a bench/results/sampler-ncu.log; return 0; }
     step 60 sampler-ncu.log ncu --clock-control none -k regex:_fused_sample_partials --launch-skip 2 \
         --launch-count 1 --set full --import-source yes -f -o "$rep" python3 bench/sampler_ncu.py --batch 64 \
-        && { ncu -i "$rep.ncu-rep" --page details > bench/results/sampler-ncu-B64-details.txt
-             ncu -i "$rep.ncu-rep" --page source --csv --print-source sass > bench/results/sampler-ncu-B64-sass.csv
+        && { ncu -i "$rep.ncu-rep" --page details > "bench/results/$1-details.txt"
+             ncu -i "$rep.ncu-rep" --page source --csv --print-source sass | gzip -9 > "bench/results/$1-sass.csv.gz"
              collect; }
 }
 
@@ -149,7 +151,7 @@ stage_pdl() {  # most important first: a call cut short keeps what came before
     pdl_decode ADFAST_PDL=1 --linear cublas
     step 10 goals.log python3 bench/goals.py
     step 40 profile.log env ADFAST_PDL=1 python3 bench/profile_step.py --linear kernel --variant engine_temperature
-    sampler_ncu
+    sampler_ncu sampler-ncu-B64
     step 50 linear.log python3 bench/linear.py --rows 1 32
     step 60 hf-profile.log python3 bench/hf_profile.py
     pdl_decode ADFAST_PDL=0 --linear kernel
