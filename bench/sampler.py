@@ -70,6 +70,15 @@ def device_and_bandwidth(script: str) -> tuple[str, float] | None:
     return device, bandwidth
 
 
+def write_results(rows: list[dict], out: str, name: str, device: str) -> None:
+    """Write ``rows`` as ``<out>/<name>-<device>.json`` (spaces in the device name as underscores)."""
+    directory = pathlib.Path(out)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}-{device.replace(' ', '_')}.json"
+    path.write_text(json.dumps(rows, indent=1))
+    print(f"wrote {path}")
+
+
 def qwen_logits(batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The benchmark's bf16 inputs on the GPU: teacher ``[B, 152064]``, plus ``[B, 151936]`` (scale 3)
     and minus (plus moved by 1e-2 noise, as a nearby perturbed copy would be)."""
@@ -122,11 +131,7 @@ def main(argv=None) -> int:
                              speedup_vs_eager=times["eager"] / times[name], cuda_graph=timed[name][1]))
             print(f"B={batch:3d} {name:18s} {times[name] * 1e3:9.1f} us  {achieved / 1e12:5.2f} TB/s "
                   f"({achieved / bandwidth:6.1%} of copy)  {times['eager'] / times[name]:5.1f}x eager")
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"sampler-{device.replace(' ', '_')}.json"
-    path.write_text(json.dumps(rows, indent=1))
-    print(f"wrote {path}")
+    write_results(rows, args.out, "sampler", device)
     return 0
 
 

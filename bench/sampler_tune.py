@@ -19,14 +19,13 @@ Usage: ``python bench/sampler_tune.py [--batches 1 64] [--blocks 1024 2048 4096]
 import argparse
 import importlib
 import itertools
-import json
 import pathlib
 import sys
 
 import torch
 
 from adfast.kernels.split import plan_splits
-from sampler import VOCAB_T, device_and_bandwidth, fused_bytes, graph_time_ms, qwen_logits
+from sampler import VOCAB_T, device_and_bandwidth, fused_bytes, graph_time_ms, qwen_logits, write_results
 
 # the module itself: adfast.kernels exports a function of the same name
 fs = importlib.import_module("adfast.kernels.fused_sample")
@@ -70,11 +69,7 @@ def main(argv=None) -> int:
             print(f"B={batch:3d} block {block:5d} warps {warps:2d} programs/SM {per_sm:2d} (S={plan.splits:3d}) "
                   f"stages {stages} noise {noise:3s} {ms * 1e3:7.1f} us {frac:6.1%} of copy"
                   f"{'  (default)' if default else ''}", flush=True)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"sampler_tune-{device.replace(' ', '_')}.json"
-    path.write_text(json.dumps(rows, indent=1))
-    print(f"wrote {path}")
+    write_results(rows, args.out, "sampler_tune", device)
     return 0
 
 
