@@ -63,10 +63,11 @@ def random_words(seed: int, offset: torch.Tensor | int, rows: int, vocab: int, s
     return torch.stack(words, dim=-1).reshape(rows, quads * 4)[:, :vocab]
 
 
-def gumbel_from_words(words: torch.Tensor) -> torch.Tensor:
-    """Standard Gumbel noise ``-log(-log(u))``, ``u = (w >> 9) * 2**-23 + 2**-24`` in (0, 1), in float32."""
+def gumbel2_from_words(words: torch.Tensor) -> torch.Tensor:
+    """``log2(e)`` times standard Gumbel noise, ``-log2(-log(u))`` with ``u = (w >> 9) * 2**-23 +
+    2**-24`` in (0, 1), in float32 (the outer log as ``log(.) * log2(e)``, as the interpreter's)."""
     u = (words >> 9).to(torch.float32) * 2.0**-23 + 2.0**-24
-    return -torch.log(-torch.log(u))
+    return -(torch.log(-torch.log(u)) * 1.4426950408889634)
 
 
 def permutation_and_sign(seed: int, offset: torch.Tensor | int, rows: int, vocab: int,

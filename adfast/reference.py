@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .philox import MASK32, gumbel_from_words, philox4x32
+from .philox import MASK32, gumbel2_from_words, philox4x32
+
+LOG2E = 1.4426950408889634
 
 
 def _bad_bits(teacher: torch.Tensor, plus: torch.Tensor | None, minus: torch.Tensor | None) -> torch.Tensor:
@@ -31,16 +33,35 @@ def _proxy_difference(plus, minus, perm) -> tuple[torch.Tensor, torch.Tensor | N
     return p, m
 
 
-def draw_groups(scores: torch.Tensor, vocab_p: int, greedy: torch.Tensor, seed: int,
+def fma32(x, y, z) -> torch.Tensor:
+    """``x * y + z`` of float32 operands rounded once to float32, as the kernels' ``tl.fma`` (the
+    product is exact in float64; the float64 sum rounds before the float32 rounding, which can
+    differ from a single rounding only within 2**-53 of a float32 midpoint)."""
+    as64 = lambda v: torch.as_tensor(v).to(torch.float64)  # noqa: E731
+    return (as64(x) * as64(y) + as64(z)).to(torch.float32)
+
+
+def row_scaling(tau: torch.Tensor, coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(greedy, a, scale)`` per row, as :func:`adfast.kernels.group_draw.row_scaling`: scores
+    ``s' = t + a * diff = tau * (t / tau + coef * diff)``, exponent scale ``log2(e) / tau`` (``tau``
+    read as 1 for a greedy row)."""
+    greedy = tau == 0
+    tau_or_one = torch.where(greedy, 1.0, tau)
+    return greedy, coef * tau_or_one, (1.0 / tau_or_one) * LOG2E
+
+
+def draw_groups(scores: torch.Tensor, vocab_p: int, greedy: torch.Tensor, scale: torch.Tensor, seed: int,
                 offset: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fused sampler's draw over float32 ``scores [B, V]``, as :mod:`adfast.kernels.group_draw`.
+    """The fused sampler's draw over float32 scores ``s' [B, V]``, as :mod:`adfast.kernels.group_draw`.
 
     Entries ``v < vocab_p`` and ``v >= vocab_p`` race apart (the sampler shifts the first set before
-    it compares the winners); each set is cut into the parts of groups of 8 entries. Per part: key
-    ``max + log(sum exp(s - max)) + G`` and the entry picked by inverse CDF with one uniform
-    (greedy rows, ``greedy [B]`` bool: key ``max``, first maximal entry); per set, the first part
-    of the largest key. Returns ``(best_pre, index_pre, best_tail, index_tail)``, ``[B]`` each:
-    the winning key (-inf when every score of the set is -inf) and vocabulary index.
+    it compares the winners); each set is cut into the parts of groups of 8 entries. Per part, with
+    ``w = 2 ** (s' * scale - max s' * scale)`` (``scale [B]``): key ``max s' * scale + log2(sum w)
+    + log2(e) G`` (greedy rows, ``greedy [B]`` bool: key ``max s'``), and the entry picked by
+    inverse CDF over the running sums of ``w`` with one uniform (greedy: the first maximal entry);
+    per set, the first part of the largest key. Returns ``(best_pre, index_pre, best_tail,
+    index_tail)``, ``[B]`` each: the winning key (-inf when every score of the set is -inf) and
+    vocabulary index.
     """
     batch, vocab = scores.shape
     groups = -(-vocab // 8)
@@ -51,20 +72,24 @@ def draw_groups(scores: torch.Tensor, vocab_p: int, greedy: torch.Tensor, seed: 
     offset = torch.as_tensor(offset, dtype=torch.int64, device=scores.device)
     words = philox4x32(seed, torch.arange(groups, device=scores.device)[None, :],
                        torch.arange(batch, device=scores.device)[:, None], offset & MASK32, (offset >> 32) & MASK32)
+    scale = scale[:, None, None]
     results = []
     for in_set, gumbel_word, pick_word in ((v < vocab_p, words[0], words[1]), (v >= vocab_p, words[2], words[3])):
         part = torch.where(in_set, s, -float("inf"))
         top = part.amax(2)
-        w = torch.exp2((part - torch.where(torch.isneginf(top), 0.0, top)[..., None]) * 1.4426950408889634)
+        ref = torch.where(torch.isneginf(top), 0.0, top)[..., None]
+        w = torch.exp2(fma32(part, scale, -(ref * scale)))
+        pairs = w.view(batch, groups, 4, 2).sum(3)  # the kernel's tree: ((w0 + w1) + (w2 + w3)) + ...
+        quads = pairs.view(batch, groups, 2, 2).sum(3)
+        total = quads[..., 0] + quads[..., 1]
         running = [w[..., 0]]
-        for k in range(1, 8):  # sequential float32 sums, as a thread adds its group
+        for k in range(1, 8):  # the pick's sequential running sums
             running.append(running[-1] + w[..., k])
         running = torch.stack(running, 2)
-        total = running[..., 7]
-        target = (pick_word >> 9).to(torch.float32) * 2.0**-23 * total
+        target = (pick_word >> 9).to(torch.float32) * 2.0**-23 * running[..., 7]
         below = (running <= target[..., None]).sum(2)
         first_top = (part == top[..., None]).to(torch.int8).argmax(2)
-        sampled_key = top + torch.log(total) + gumbel_from_words(gumbel_word)
+        sampled_key = fma32(top, scale[..., 0], torch.log(total) * LOG2E) + gumbel2_from_words(gumbel_word)
         key = torch.where(greedy[:, None], top, sampled_key)
         index = v[:, 0][None, :] + torch.where(greedy[:, None], first_top, below)
         best = key.argmax(1)  # the first largest key: the smallest index
@@ -75,22 +100,25 @@ def draw_groups(scores: torch.Tensor, vocab_p: int, greedy: torch.Tensor, seed: 
 def fused_sample(teacher, plus, minus, perm, tau, coef, seed: int, offset, num_splits=None):
     """Twin of :func:`adfast.kernels.fused_sample.fused_sample` (``num_splits`` has no effect).
 
-    As in the kernel, scores use raw logits and draw through :func:`draw_groups`;
-    when ``V_P < V_T`` the prefix's best key is shifted by ``coef * (lse(m) - lse(p))`` before it
-    is compared with the tail's best. An exact ``D`` (``minus`` None) adds ``coef * D`` to the
-    prefix and needs no shift.
+    As in the kernel, scores are ``s' = t + a * diff`` of raw logits (:func:`row_scaling`) and draw
+    through :func:`draw_groups`; when ``V_P < V_T`` the prefix's best key is shifted by ``coef *
+    (lse(m) - lse(p))`` (times ``log2(e)`` for a sampled row, the keys' units) before it is compared
+    with the tail's best. An exact ``D`` (``minus`` None) adds ``a * D`` to the prefix and needs no
+    shift.
     """
     t = teacher.float()
-    z = t * (1.0 / torch.where(tau == 0, 1.0, tau))[:, None]
+    greedy, a, scale = row_scaling(tau, coef)
+    z = t.clone()
     vocab_p = 0
     if plus is not None:
         vocab_p = plus.shape[1]
         p, m = _proxy_difference(plus, minus, perm)
-        z[:, :vocab_p] = z[:, :vocab_p] + coef[:, None] * (p if m is None else p - m)
-    best_pre, idx_pre, best_tail, idx_tail = draw_groups(z, vocab_p, tau == 0, seed, offset.reshape(()))
+        z[:, :vocab_p] = fma32(a[:, None], p if m is None else p - m, z[:, :vocab_p])
+    best_pre, idx_pre, best_tail, idx_tail = draw_groups(z, vocab_p, greedy, scale, seed, offset.reshape(()))
     shift = torch.zeros_like(best_pre)
     if plus is not None and minus is not None and vocab_p < t.shape[1]:
         shift = coef * (torch.logsumexp(minus.float(), 1) - torch.logsumexp(plus.float(), 1))
+        shift = shift * torch.where(greedy, 1.0, LOG2E)
     take_tail = (best_tail > best_pre + shift) | torch.isneginf(best_pre)
     tokens = torch.where(take_tail, idx_tail, idx_pre)
     bad = _bad_bits(teacher, plus, minus)

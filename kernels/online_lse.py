@@ -1,4 +1,5 @@
-"""Online log-sum-exp pieces shared by the kernels: a running (max, sum-exp) pair per row chunk."""
+"""Log-sum-exp pieces shared by the kernels: a running (max, sum-exp) pair per row chunk, and sums
+against a fixed reference with that pair as their fallback."""
 import triton
 import triton.language as tl
 
@@ -21,28 +22,46 @@ def lse_merge(max_ptr, sum_ptr, stride, s, smask):
     return ref + tl.log(tl.sum(psum * tl.exp(pmax - ref), axis=0))
 
 
-# Lane-wise variant: every lane of a block keeps its own (max, sum-exp) pair across a loop, so the
-# loop body has no cross-thread reduction; the lanes are folded once at the end (lse_lanes_reduce).
-LANE_FLOOR = tl.constexpr(-3.4028234663852886e38)
-"""Initial lane max: the lowest float32, not -inf, so ``x - max`` is never ``-inf - -inf``."""
+# Fixed-reference sums: a loop adds ``2 ** (x * log2(e) - SUM_REF)`` per entry, with no running max
+# (one fused multiply-add, one exponential and one add an entry); the sum is accurate while it stays
+# a normal float32 well above the terms that flush to zero, which :func:`ref_sum_in_range` decides;
+# outside that range (a row whose largest logit is above ~88 or below ~-30, or holds NaN / +inf) the
+# caller falls back to the online max / sum-exp pass (:func:`row_lse`).
+SUM_REF = tl.constexpr(16.0)
+SUM_FLOOR = tl.constexpr(8.673617379884035e-19)  # 2**-60
+"""The smallest total taken as accurate: every term that flushed to zero (below 2**-126) is then
+under 2**-66 of it, 2**-48 for a 2**18-entry row."""
 
 
 @triton.jit
-def lse_lanes_reduce(lane_max, lane_sum):
-    """The block's ``(max, sum-exp relative to max)`` from its lanes' pairs (max stays the floor,
-    sum 0, when every entry was -inf)."""
-    block_max = tl.max(lane_max, axis=0)
-    return block_max, tl.sum(lane_sum * tl.exp(lane_max - block_max), axis=0)
+def ref_sum_update(lane_sum, x):
+    """``lane_sum [R] + sum_j 2 ** (x[:, j] * log2(e) - SUM_REF)`` for ``x [R, G]`` (-inf adds 0,
+    NaN makes it NaN, +inf makes it +inf); the bare ``ex2.approx``."""
+    return lane_sum + tl.sum(tl.math.exp2(tl.fma(x, 1.4426950408889634, -SUM_REF)), axis=1)
 
 
 @triton.jit
-def lse_group_update(lane_max, lane_sum, x):
-    """Fold ``x [R, G]`` into each lane's pair, lane ``r`` taking row ``r`` (one thread's group of
-    ``G`` entries): the row's max first, then one exponential per entry and one to rescale the
-    sum. A -inf entry adds 0; a NaN or +inf makes the lane's sum NaN (and +inf its max), what
-    :func:`lse_lanes_reduce`'s callers test for. The exponentials are the bare ``ex2.approx``
-    (``tl.exp`` adds a denormal-range fix-up that a term below 2**-126 of the sum does not need)."""
-    new_max = tl.maximum(lane_max, tl.max(x, axis=1))
-    rescale = tl.math.exp2((lane_max - new_max) * 1.4426950408889634)
-    terms = tl.math.exp2((x - new_max[:, None]) * 1.4426950408889634)
-    return new_max, lane_sum * rescale + tl.sum(terms, axis=1)
+def ref_sum_in_range(total):
+    """Whether a row's fixed-reference total gives its log-sum-exp accurately (False for NaN)."""
+    return (total >= SUM_FLOOR) & (total < float("inf"))
+
+
+@triton.jit
+def ref_sum_lse(total):
+    """The natural log-sum-exp from a fixed-reference total in range."""
+    return (SUM_REF + tl.log2(total)) * 0.6931471805599453
+
+
+@triton.jit
+def row_lse(row_ptr, n, BLOCK: tl.constexpr):
+    """``(lse, bad)`` of ``row_ptr[0:n]`` by the online max / sum-exp pass, one program; ``bad``:
+    the row holds NaN or +inf (its lse is then NaN or +inf)."""
+    run_max = tl.full([], -float("inf"), tl.float32)
+    run_sum = tl.full([], 0.0, tl.float32)
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        x = tl.load(row_ptr + offs, mask=offs < n, other=-float("inf")).to(tl.float32)
+        run_max, run_sum = lse_update(run_max, run_sum, x)
+    bad = (run_sum != run_sum) | (run_max == float("inf"))
+    ref = tl.where(run_max == -float("inf"), 0.0, run_max)
+    return ref + tl.log(run_sum), bad

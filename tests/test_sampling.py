@@ -133,6 +133,34 @@ def test_greedy_is_exact_argmax(backend, mode):
     assert torch.equal(tokens, again), "greedy must not depend on the seed"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logits_outside_the_fast_sum_range(backend):
+    """The fused kernel sums exponentials against a fixed reference and falls back to a pass
+    relative to the row's max where that sum leaves float32's accurate range (largest logit above
+    ~88 or below ~-30): such rows keep exact teacher log-probs and greedy tokens, including the
+    proxies' shift between the shared vocabulary and the teacher's tail (some rows pick from the
+    tail), and sampled rows draw the CPU twin's tokens."""
+    t, p, m = make_logits(8, 96, 80, torch.float32, 1e-2, seed=21, scale=2.0)
+    t_shift = torch.tensor([200.0, -150.0, 0.0, 0.0, 90.0, -60.0, 0.0, 500.0])[:, None]
+    p_shift = torch.tensor([0.0, 0.0, 250.0, -200.0, 0.0, 0.0, 120.0, 95.0])[:, None]
+    t, p, m = t + t_shift, p + p_shift, m + p_shift
+    t[[2, 3, 6], [85, 82, 90]] = t[[2, 3, 6]].amax(1) + 3.0  # tail tokens where the proxies' sums overflow
+    lam = torch.linspace(-0.6, 0.6, 8)
+    tokens, logprobs = sample(t, p, m, tau=0.0, lam=lam, eps=1e-2, return_logprobs=True, backend=backend)
+    ref = reference_adjusted(t, p, m, 0.0, lam, 1e-2)
+    top2 = ref.topk(2, dim=1).values
+    assert bool((top2[:, 0] - top2[:, 1] > 1e-3).all()), "test data has near ties"
+    assert bool((ref.argmax(1) >= 80).any()), "no row's greedy token lies in the teacher's tail"
+    assert torch.equal(tokens, ref.argmax(1))
+    expected = torch.log_softmax(t.double(), 1).gather(1, tokens[:, None])[:, 0]
+    torch.testing.assert_close(logprobs.double(), expected, atol=1e-4, rtol=0)
+    kw = dict(tau=torch.linspace(0.3, 1.5, 8), lam=lam, eps=1e-2, seed=4, offset=2, return_logprobs=True)
+    drawn, logprobs = sample(t, p, m, backend=backend, **kw)
+    assert torch.equal(drawn, sample(t, p, m, backend="torch", **kw)[0])
+    expected = torch.log_softmax(t.double(), 1).gather(1, drawn[:, None])[:, 0]
+    torch.testing.assert_close(logprobs.double(), expected, atol=1e-4, rtol=0)
+
+
 def draws(backend, t, p, m, n, **kw):
     """``n`` draws from one logits row: the row repeated n times (one Philox stream per row)."""
     # (rows are independent draws: each row has its own Philox counter)
@@ -279,8 +307,9 @@ def test_minus_inf_teacher_logits_are_banned_tokens(backend):
     ("plus", math.nan, "proxy logits"),
     ("minus", -math.inf, "proxy logits"),
 ])
-def test_non_finite_logits_are_refused(backend, where, value, message):
-    t, p, m = make_logits(3, 70, 70, torch.float32, 1e-2)
+@pytest.mark.parametrize("vocab_p", [70, 61])
+def test_non_finite_logits_are_refused(backend, where, value, message, vocab_p):
+    t, p, m = make_logits(3, 70, vocab_p, torch.float32, 1e-2)
     {"teacher": t, "plus": p, "minus": m}[where][1, 33] = value
     with pytest.raises(ValueError, match=message):
         sample(t, p, m, tau=1.0, lam=0.1, eps=1e-2, seed=0, backend=backend)
