@@ -193,6 +193,8 @@ def _sampling_cases():
                      lambda fn=fn, t=t, p=p, m=m: fn(t, p, m, mode="permutation", **common)),
                     (f"{kind} exact-delta {name}", lambda fn=fn, t=t, d=delta: fn(t, delta=d, **common)),
                 ]
+            cases.append((f"sample antidistill proxy-vocab-only {name}",  # the engine's draw
+                          lambda t=t, p=p, m=m: adfast.sample(t, p, m, proxy_vocab_only=True, **common)))
     return cases
 
 

@@ -181,9 +181,9 @@ def decode_one_token(teacher: Decoder, proxies: Decoder | None, rows: StepInputs
     ``delta`` instead of the pair's logits.
 
     When the proxy vocabulary ``V_P`` is smaller than the teacher's, the teacher's ids ``>= V_P``
-    are masked out (the proxies could not read them at the next step; in the Qwen2.5 family they
-    are padding rows of the head) and the returned log-probabilities are still those of the
-    unmasked teacher.
+    are never drawn (``proxy_vocab_only``: the proxies could not read them at the next step; in
+    the Qwen2.5 family they are padding rows of the head) and the returned log-probabilities are
+    still those of the whole teacher.
 
     ``proxy_stream`` (CUDA): run the proxies on that stream, concurrently with the teacher on the
     current one, and join before sampling. Each step forks after all earlier work of the current
@@ -208,16 +208,10 @@ def decode_one_token(teacher: Decoder, proxies: Decoder | None, rows: StepInputs
         plus, minus = _proxy_logits(proxies, tokens, slots, num_tokens, exact)
     proxy_inputs = dict(delta=plus) if exact else dict(plus_logits=plus, minus_logits=minus)
 
-    full_lse = None
-    if plus is not None and plus.shape[1] < teacher_logits.shape[1]:
-        full_lse = torch.logsumexp(teacher_logits, dim=1)
-        teacher_logits[:, plus.shape[1]:].fill_(-math.inf)
     filters = dict(top_k=rows.top_k, top_p=rows.top_p) if config.filtered else {}
     drawn, logprobs = sample(teacher_logits, **proxy_inputs, tau=rows.tau, lam=rows.lam, eps=config.eps,
                              mode=config.mode, seed=config.seed, offset=rows.offset, return_logprobs=True,
-                             check=False, **filters)
-    if full_lse is not None:
-        logprobs = teacher_logits.gather(1, drawn[:, None])[:, 0] - full_lse
+                             proxy_vocab_only=True, check=False, **filters)
     tokens.copy_(drawn)
     rows.offset += 1
     return drawn, logprobs

@@ -97,14 +97,15 @@ def draw_groups(scores: torch.Tensor, vocab_p: int, greedy: torch.Tensor, scale:
     return tuple(results)
 
 
-def fused_sample(teacher, plus, minus, perm, tau, coef, seed: int, offset, num_splits=None):
+def fused_sample(teacher, plus, minus, perm, tau, coef, seed: int, offset, num_splits=None, *,
+                 proxy_vocab_only=False):
     """Twin of :func:`adfast.kernels.fused_sample.fused_sample` (``num_splits`` has no effect).
 
     As in the kernel, scores are ``s' = t + a * diff`` of raw logits (:func:`row_scaling`) and draw
     through :func:`draw_groups`; when ``V_P < V_T`` the prefix's best key is shifted by ``coef *
     (lse(m) - lse(p))`` (times ``log2(e)`` for a sampled row, the keys' units) before it is compared
     with the tail's best. An exact ``D`` (``minus`` None) adds ``a * D`` to the prefix and needs no
-    shift.
+    shift; with ``proxy_vocab_only`` (and proxies) the tail is not drawn.
     """
     t = teacher.float()
     greedy, a, scale = row_scaling(tau, coef)
@@ -114,9 +115,11 @@ def fused_sample(teacher, plus, minus, perm, tau, coef, seed: int, offset, num_s
         vocab_p = plus.shape[1]
         p, m = _proxy_difference(plus, minus, perm)
         z[:, :vocab_p] = fma32(a[:, None], p if m is None else p - m, z[:, :vocab_p])
+        if proxy_vocab_only:
+            z[:, vocab_p:].fill_(-float("inf"))
     best_pre, idx_pre, best_tail, idx_tail = draw_groups(z, vocab_p, greedy, scale, seed, offset.reshape(()))
     shift = torch.zeros_like(best_pre)
-    if plus is not None and minus is not None and vocab_p < t.shape[1]:
+    if plus is not None and minus is not None and vocab_p < t.shape[1] and not proxy_vocab_only:
         shift = coef * (torch.logsumexp(minus.float(), 1) - torch.logsumexp(plus.float(), 1))
         shift = shift * torch.where(greedy, 1.0, LOG2E)
     take_tail = (best_tail > best_pre + shift) | torch.isneginf(best_pre)

@@ -231,7 +231,8 @@ def top_k_top_p_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
 def sample(teacher_logits, plus_logits=None, minus_logits=None, *, delta=None, tau: PerRow, lam: PerRow = 0.0,
            eps: float = 1e-4, top_k=0, top_p=1.0, mode: str = "antidistill",
            generator: torch.Generator | None = None, seed: int | None = None, offset=0,
-           return_logprobs: bool = False, check: bool = True, backend: str | None = None):
+           return_logprobs: bool = False, proxy_vocab_only: bool = False, check: bool = True,
+           backend: str | None = None):
     """Draw one token per row from ``softmax(log_softmax(t)/tau + lam * D)`` (module docstring).
 
     Args:
@@ -245,6 +246,11 @@ def sample(teacher_logits, plus_logits=None, minus_logits=None, *, delta=None, t
             (0 and 1.0 disable them; any other value costs an extra pass and a sort).
         generator, seed, offset: randomness (module docstring).
         return_logprobs: also return the teacher's unadjusted ``log_softmax(t)[x]`` of each token.
+        proxy_vocab_only: draw only ids below ``V_P``, the proxies' vocabulary (what a generator
+            that feeds the drawn token back to the proxies needs: the teacher's ids past ``V_P``
+            are padding rows of its head in the Qwen2.5 family). The distribution is the one
+            above restricted to ``[0, V_P)`` and renormalised; the log-probabilities stay those of
+            the teacher's whole vocabulary. Ignored without proxies (temperature mode).
         check: validate inputs and raise on NaN/inf logits (one device sync on a ``[B]`` flag).
 
     Returns:
@@ -257,14 +263,18 @@ def sample(teacher_logits, plus_logits=None, minus_logits=None, *, delta=None, t
     coef, perm = _coefficients(lam_t, eps, mode, seed, off, batch, p.shape[1] if p is not None else 0, t.device,
                                exact=p is not None and m is None)
     ops = _kernels(t, backend)
+    proxy_vocab_only = proxy_vocab_only and p is not None
     if not isinstance(top_k, torch.Tensor) and not isinstance(top_p, torch.Tensor) and top_k == 0 and top_p == 1.0:
-        tokens, logprobs, bad = ops.fused_sample(t, p, m, perm, tau_t, coef, seed, off)
+        tokens, logprobs, bad = ops.fused_sample(t, p, m, perm, tau_t, coef, seed, off,
+                                                 proxy_vocab_only=proxy_vocab_only)
     else:
         top_k_t = torch.as_tensor(top_k, device=t.device).expand(batch)
         top_p_t = torch.as_tensor(top_p, device=t.device, dtype=torch.float32).expand(batch)
         if check and bool(((top_p_t <= 0) | (top_p_t > 1)).any() | (top_k_t < 0).any()):
             raise ValueError(f"top_p must be in (0, 1] and top_k >= 0, got top_p={top_p}, top_k={top_k}")
         adjusted, lse_t, bad = ops.adjusted_logits(t, p, m, perm, tau_t, coef)
+        if proxy_vocab_only:
+            adjusted[:, p.shape[1]:].fill_(-math.inf)
         filtered = top_k_top_p_mask(adjusted, top_k_t, top_p_t)
         greedy_only = torch.where(tau_t == 0, 0.0, 1.0)
         tokens, _, _ = ops.fused_sample(filtered, None, None, None, greedy_only, torch.zeros_like(coef), seed, off)

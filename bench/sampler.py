@@ -3,6 +3,8 @@
 For each batch size, with Qwen2.5 shapes (teacher vocabulary 152064, proxy 151936, bf16 logits):
 
 - ``fused``: ``adfast.sample`` in antidistill mode (one pass: teacher + both proxies, Gumbel-max draw);
+- ``fused_proxy_vocab_only``: the same with ``proxy_vocab_only=True``, the engine's draw (ids past the
+  proxies' vocabulary never drawn, so no proxy log-sum-exp);
 - ``fused_temperature``: ``adfast.sample`` in temperature mode (teacher only);
 - ``adjusted``: ``adfast.adjusted_logits`` (two reads of the inputs, one float32 write);
 - ``eager``: the same draw written plainly in eager PyTorch (three log-softmaxes, the difference,
@@ -117,6 +119,7 @@ def main(argv=None) -> int:
         in_bytes = batch * (VOCAB_T + 2 * VOCAB_P) * 2
         variants = {
             "fused": (lambda: adfast.sample(t, p, m, **kw), fused_bytes(batch)),
+            "fused_proxy_vocab_only": (lambda: adfast.sample(t, p, m, proxy_vocab_only=True, **kw), fused_bytes(batch)),
             "fused_temperature": (lambda: adfast.sample(t, None, None, mode="temperature", **kw),
                                   batch * VOCAB_T * 2 + batch * 12),
             "adjusted": (lambda: adfast.adjusted_logits(t, p, m, **kw), 2 * in_bytes + batch * VOCAB_T * 4),
@@ -129,7 +132,7 @@ def main(argv=None) -> int:
             rows.append(dict(device=device, batch=batch, variant=name, ms=times[name], bytes=nbytes,
                              bytes_per_s=achieved, copy_bandwidth=bandwidth, bandwidth_frac=achieved / bandwidth,
                              speedup_vs_eager=times["eager"] / times[name], cuda_graph=timed[name][1]))
-            print(f"B={batch:3d} {name:18s} {times[name] * 1e3:9.1f} us  {achieved / 1e12:5.2f} TB/s "
+            print(f"B={batch:3d} {name:22s} {times[name] * 1e3:9.1f} us  {achieved / 1e12:5.2f} TB/s "
                   f"({achieved / bandwidth:6.1%} of copy)  {times['eager'] / times[name]:5.1f}x eager")
     write_results(rows, args.out, "sampler", device)
     return 0

@@ -132,16 +132,19 @@ def _proxy_covered_block(t_sum, p_sum, m_sum, best, best_group, proxy_check, t_r
 
 @triton.jit
 def _teacher_only_block(t_sum, best, best_group, t_row, start, lo, hi, scale, greedy, seed, row, off_lo, off_hi,
-                        NOISE: tl.constexpr, FAST_LOG: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr):
+                        NOISE: tl.constexpr, FAST_LOG: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr,
+                        RACE: tl.constexpr):
     """Fold the block of entries ``start .. start + BLOCK`` (those in ``[lo, hi)`` when ``MASKED``)
-    into the lane state of stage 1's teacher-only loop; returns the state."""
+    into the lane state of stage 1's teacher-only loop (without ``RACE``, into the teacher's sum
+    alone); returns the state."""
     offs = start + tl.arange(0, BLOCK // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     mask = (offs >= lo) & (offs < hi) if MASKED else None
     t = tl.load(t_row + offs, mask=mask, other=-float("inf") if MASKED else None).to(tl.float32)
     t_sum = ref_sum_update(t_sum, t)
-    groups = start // GROUP + tl.arange(0, BLOCK // GROUP)
-    key = part_keys(t, groups, greedy, scale, seed, row, off_lo, off_hi, True, NOISE, FAST_LOG)
-    best, best_group = _lane_argmax(best, best_group, key, groups)
+    if RACE:
+        groups = start // GROUP + tl.arange(0, BLOCK // GROUP)
+        key = part_keys(t, groups, greedy, scale, seed, row, off_lo, off_hi, True, NOISE, FAST_LOG)
+        best, best_group = _lane_argmax(best, best_group, key, groups)
     return t_sum, best, best_group
 
 
@@ -152,6 +155,7 @@ def _fused_sample_partials(
     HAS_PROXY: tl.constexpr, SHIFT: tl.constexpr, PERMUTE: tl.constexpr, BLOCK: tl.constexpr,
     EXACT_D: tl.constexpr = False, FAST_LOG: tl.constexpr = False,
     PDL: tl.constexpr = False, NUM_STAGES: tl.constexpr = 1, NOISE: tl.constexpr = True,
+    DRAW_TAIL: tl.constexpr = True,
 ):
     wait_for_predecessor(PDL)
     row = tl.program_id(0)
@@ -190,25 +194,26 @@ def _fused_sample_partials(
                 SHIFT, PERMUTE, EXACT_D, NOISE, FAST_LOG, BLOCK, True)
 
     # Entries beyond the proxies' vocabulary (the teacher's alone), from the group that holds the
-    # first of them: the groups' second parts, raced apart from the first (the sampler shifts those).
-    # A block holding that group's proxy entries, and the chunk's last partial block, run masked.
+    # first of them: the groups' second parts, raced apart from the first (the sampler shifts those;
+    # without DRAW_TAIL they only join the teacher's sum). A block holding that group's proxy
+    # entries, and the chunk's last partial block, run masked.
     tail_best, tail_group = tl.full([ROWS], -float("inf"), tl.float32), tl.full([ROWS], -1, tl.int32)
     tail_from = tl.maximum(lo, proxy_end)
     start = tl.maximum(lo, proxy_end // GROUP * GROUP)
     if (start < tail_from) & (start < hi):
         t_sum, tail_best, tail_group = _teacher_only_block(
             t_sum, tail_best, tail_group, t_row, start, tail_from, hi, scale, greedy, seed, row, off_lo, off_hi,
-            NOISE, FAST_LOG, BLOCK, True)
+            NOISE, FAST_LOG, BLOCK, True, DRAW_TAIL)
         start += BLOCK
     whole_end = tl.maximum(start, start + (hi - start) // BLOCK * BLOCK)
     for block_start in tl.range(start, whole_end, BLOCK, num_stages=NUM_STAGES):
         t_sum, tail_best, tail_group = _teacher_only_block(
             t_sum, tail_best, tail_group, t_row, block_start, tail_from, hi, scale, greedy, seed, row, off_lo,
-            off_hi, NOISE, FAST_LOG, BLOCK, False)
+            off_hi, NOISE, FAST_LOG, BLOCK, False, DRAW_TAIL)
     if whole_end < hi:
         t_sum, tail_best, tail_group = _teacher_only_block(
             t_sum, tail_best, tail_group, t_row, whole_end, tail_from, hi, scale, greedy, seed, row, off_lo, off_hi,
-            NOISE, FAST_LOG, BLOCK, True)
+            NOISE, FAST_LOG, BLOCK, True, DRAW_TAIL)
 
     best_pre, group_pre = _lanes_argmax(best, best_group)
     best_tail, group_tail = _lanes_argmax(tail_best, tail_group)
@@ -302,11 +307,14 @@ def default_block(num_warps: int) -> int:
     return GROUP_SIZE * 32 * num_warps
 
 
-def fused_sample(teacher, plus, minus, perm, tau, coef, seed: int, offset, num_splits=None, *, block=None,
-                 num_warps=None, programs_per_sm=PROGRAMS_PER_SM, num_stages=NUM_STAGES, noise=True):
+def fused_sample(teacher, plus, minus, perm, tau, coef, seed: int, offset, num_splits=None, *,
+                 proxy_vocab_only=False, block=None, num_warps=None, programs_per_sm=PROGRAMS_PER_SM,
+                 num_stages=NUM_STAGES, noise=True):
     """Launch the two stages. Shapes: teacher ``[B, V_T]``, plus/minus ``[B, V_P]`` or None,
     perm ``[B, V_P]`` int or None, tau/coef float32 ``[B]``, offset int64 ``[1]`` on the device.
     ``plus`` given with ``minus=None`` is the exact-D input: ``plus`` holds ``D`` (module docstring).
+    ``proxy_vocab_only`` (with proxies): draw only ids below ``V_P``; the teacher-only tail joins
+    the teacher's log-sum-exp but not the race, and no proxy log-sum-exp is needed.
     ``num_splits``, ``block``, ``num_warps``, ``programs_per_sm``: stage 1's launch plan
     (:func:`adfast.kernels.split.plan_splits`; defaults above); ``num_stages``: the software
     pipelining depth of stage 1's main loop (``tl.range``: loads issued that many blocks ahead,
@@ -319,7 +327,8 @@ def fused_sample(teacher, plus, minus, perm, tau, coef, seed: int, offset, num_s
     has_proxy = plus is not None
     exact = has_proxy and minus is None
     vocab_p = plus.shape[1] if has_proxy else 0
-    shift = has_proxy and not exact and vocab_p < vocab_t
+    draw_tail = not (has_proxy and proxy_vocab_only)
+    shift = has_proxy and not exact and vocab_p < vocab_t and draw_tail
     num_warps = num_warps or NUM_WARPS
     if block is None and launch_plan.multiprocessor_count(teacher.device) is not None:
         block = default_block(num_warps)
@@ -338,7 +347,7 @@ def fused_sample(teacher, plus, minus, perm, tau, coef, seed: int, offset, num_s
         vocab_t, vocab_p, plan.chunk, plan.splits, seed,
         HAS_PROXY=has_proxy, SHIFT=shift, PERMUTE=perm is not None, BLOCK=plan.block, EXACT_D=exact,
         FAST_LOG=launch_plan.multiprocessor_count(dev) is not None, NUM_STAGES=num_stages, NOISE=noise,
-        num_warps=plan.num_warps, **launch_plan.dependent_launch(dev),
+        DRAW_TAIL=draw_tail, num_warps=plan.num_warps, **launch_plan.dependent_launch(dev),
     )
     _fused_sample_merge[(batch,)](
         teacher, plus if has_proxy else teacher, minus if minus is not None else teacher,

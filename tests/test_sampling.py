@@ -161,6 +161,30 @@ def test_logits_outside_the_fast_sum_range(backend):
     torch.testing.assert_close(logprobs.double(), expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (5, 0.9)])
+def test_proxy_vocab_only_draws_as_a_masked_tail(backend, top_k, top_p):
+    """``proxy_vocab_only`` draws the tokens of the same call on a teacher whose ids past the
+    proxies' vocabulary are -inf (the distribution restricted to the shared prefix), and returns
+    the log-probs of the whole teacher; in every mode, with an exact D too."""
+    t, p, m = make_logits(6, 120, 99, torch.float32, 1e-2, seed=8, scale=2.0)
+    t[:, 99:] += 4.0  # a tail that would often win
+    masked = t.clone()
+    masked[:, 99:] = -math.inf
+    delta = make_delta(6, 99, torch.float32, seed=2)
+    full = torch.log_softmax(t.double(), 1)
+    kw = dict(tau=torch.tensor([1.0, 0.0, 0.5, 2.0, 1.0, 0.8]), lam=torch.linspace(-0.5, 0.5, 6), eps=1e-2,
+              seed=3, offset=7, top_k=top_k, top_p=top_p, return_logprobs=True, backend=backend)
+    for mode in adfast.MODES:
+        for proxies in (dict(plus_logits=p, minus_logits=m), dict(delta=delta)):
+            tokens, logprobs = sample(t, **proxies, mode=mode, proxy_vocab_only=True, **kw)
+            expected, _ = sample(t if mode == "temperature" else masked, **proxies, mode=mode, **kw)
+            assert torch.equal(tokens, expected), (mode, list(proxies))
+            if mode != "temperature":
+                assert bool((tokens < 99).all())
+            torch.testing.assert_close(logprobs.double(), full.gather(1, tokens[:, None])[:, 0], atol=1e-5, rtol=0)
+
+
 def draws(backend, t, p, m, n, **kw):
     """``n`` draws from one logits row: the row repeated n times (one Philox stream per row)."""
     # (rows are independent draws: each row has its own Philox counter)
@@ -370,10 +394,13 @@ def test_cuda_kernels_match_cpu_twin():
     tau[::7] = 0.0
     for mode in adfast.MODES:
         kw = dict(tau=tau, lam=0.2, eps=1e-2, mode=mode, seed=8, offset=11)
-        x_cpu, lp_cpu = sample(t, p, m, return_logprobs=True, backend="torch", **kw)
-        x_gpu, lp_gpu = sample(t, p, m, return_logprobs=True, backend="triton", **kw)
-        assert (x_cpu == x_gpu).float().mean() > 0.99, mode  # fast-math log may flip a near-tie
-        torch.testing.assert_close(lp_gpu, lp_cpu, atol=1e-4, rtol=0)
+        for proxy_vocab_only in (False, True):
+            x_cpu, lp_cpu = sample(t, p, m, return_logprobs=True, backend="torch", proxy_vocab_only=proxy_vocab_only,
+                                   **kw)
+            x_gpu, lp_gpu = sample(t, p, m, return_logprobs=True, backend="triton", proxy_vocab_only=proxy_vocab_only,
+                                   **kw)
+            assert (x_cpu == x_gpu).float().mean() > 0.99, mode  # fast-math log may flip a near-tie
+            torch.testing.assert_close(lp_gpu, lp_cpu, atol=1e-4, rtol=0)
         a_cpu = adjusted_logits(t, p, m, backend="torch", **kw)
         a_gpu = adjusted_logits(t, p, m, backend="triton", **kw)
         torch.testing.assert_close(a_gpu, a_cpu, atol=adjusted_tolerance(t, p, 0.2, 1e-2), rtol=0)
