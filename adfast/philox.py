@@ -5,12 +5,16 @@ sampling seed) and a 128-bit counter map to four independent 32-bit words. Nothi
 between calls, so a step's noise is a pure function of ``(seed, offset, row, vocab index)``
 and a CUDA-graph replay advances it by bumping ``offset`` on the device.
 
-Counter layouts::
+Counter layouts (``g = v // 8``, the group of 8 vocabulary entries holding ``v``)::
 
-    sampling (the fused sampler's grouped draw): c0 = v // 8   (the group of 8 vocabulary entries holding v: four words,
-                                           a Gumbel variate and a uniform for each of its two parts)
+    sampling, Gumbel variate of a group's proxy-covered part (stream 0):
+        c0 = (g // (4 WORD_RUN)) WORD_RUN + g % WORD_RUN, word (g // WORD_RUN) % 4
+        (one call serves groups g, g + WORD_RUN, g + 2 WORD_RUN, g + 3 WORD_RUN: the fused kernel's
+        loop over blocks of WORD_RUN groups calls Philox every fourth block)
+    sampling, SECOND_STREAM: c0 = g; word 0 the Gumbel variate of the group's teacher-only part,
+        words 1 and 2 the uniforms that pick inside its proxy-covered / teacher-only part
     permutation (random_words): c0 = v // 4   (entry v takes word v % 4 of its counter)
-    c1 = row | stream      (stream: 0 for sampling, PERM_STREAM / SIGN_STREAM below)
+    c1 = row | stream      (stream: 0, SECOND_STREAM, PERM_STREAM or SIGN_STREAM below)
     c2, c3 = offset low / high 32 bits
 
 Gumbel uniforms are ``u = (r >> 9) * 2**-23 + 2**-24`` in (0, 1), exact in float32, so
@@ -26,8 +30,10 @@ MASK32 = 0xFFFFFFFF
 KEY_A, KEY_B = 0x9E3779B9, 0xBB67AE85
 ROUND_A, ROUND_B = 0xD2511F53, 0xCD9E8D57
 N_ROUNDS = 10
+SECOND_STREAM = 1 << 30
 PERM_STREAM = 1 << 31
 SIGN_STREAM = 3 << 30
+WORD_RUN = 256
 
 
 def _mul_hi_lo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:

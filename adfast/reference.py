@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .philox import MASK32, gumbel2_from_words, philox4x32
+from .philox import MASK32, SECOND_STREAM, WORD_RUN, gumbel2_from_words, philox4x32
 
 LOG2E = 1.4426950408889634
 
@@ -58,7 +58,8 @@ def draw_groups(scores: torch.Tensor, vocab_p: int, greedy: torch.Tensor, scale:
     it compares the winners); each set is cut into the parts of groups of 8 entries. Per part, with
     ``w = 2 ** (s' * scale - max s' * scale)`` (``scale [B]``): key ``max s' * scale + log2(sum w)
     + log2(e) G`` (greedy rows, ``greedy [B]`` bool: key ``max s'``), and the entry picked by
-    inverse CDF over the running sums of ``w`` with one uniform (greedy: the first maximal entry);
+    inverse CDF over the running sums of ``w`` with one uniform (greedy: the first maximal entry),
+    the Philox words by the sampling layout of :mod:`adfast.philox`;
     per set, the first part of the largest key. Returns ``(best_pre, index_pre, best_tail,
     index_tail)``, ``[B]`` each: the winning key (-inf when every score of the set is -inf) and
     vocabulary index.
@@ -70,11 +71,16 @@ def draw_groups(scores: torch.Tensor, vocab_p: int, greedy: torch.Tensor, scale:
     s = s.view(batch, groups, 8)
     v = torch.arange(groups * 8, device=scores.device).view(groups, 8)
     offset = torch.as_tensor(offset, dtype=torch.int64, device=scores.device)
-    words = philox4x32(seed, torch.arange(groups, device=scores.device)[None, :],
-                       torch.arange(batch, device=scores.device)[:, None], offset & MASK32, (offset >> 32) & MASK32)
+    g = torch.arange(groups, device=scores.device)[None, :]
+    rows = torch.arange(batch, device=scores.device)[:, None]
+    lo, hi = offset & MASK32, (offset >> 32) & MASK32
+    shared = philox4x32(seed, (g // (4 * WORD_RUN)) * WORD_RUN + g % WORD_RUN, rows, lo, hi)
+    prefix_gumbel = torch.stack(shared, 0).gather(0, ((g // WORD_RUN) % 4).expand(batch, -1)[None])[0]
+    second = philox4x32(seed, g, rows | SECOND_STREAM, lo, hi)
     scale = scale[:, None, None]
     results = []
-    for in_set, gumbel_word, pick_word in ((v < vocab_p, words[0], words[1]), (v >= vocab_p, words[2], words[3])):
+    sets = ((v < vocab_p, prefix_gumbel, second[1]), (v >= vocab_p, second[0], second[2]))
+    for in_set, gumbel_word, pick_word in sets:
         part = torch.where(in_set, s, -float("inf"))
         top = part.amax(2)
         ref = torch.where(torch.isneginf(top), 0.0, top)[..., None]

@@ -47,14 +47,18 @@ state (a sum per input; its best key and group; a NaN sentinel ``(p - m) * 0`` f
 bad-input bit); the threads are folded once after the loop: the loop body has no cross-thread
 reduction and no barrier. The entries the proxies cover and the teacher-only tail run as two
 loops, and the first runs its whole blocks unmasked. A greedy row (one row per program) branches
-past the noise. Per vocabulary entry (a logit of each of the three inputs) that leaves about 36.5
-SASS instructions on sm_90 for bf16 inputs (``python -m adfast.compile_check``): per input a
+past the noise. With the GPU's block (a lane per group of a 256-group block) one Philox call
+serves a lane's groups in four consecutive blocks (:func:`adfast.kernels.group_draw.shared_gumbel_words`;
+the call sits in a branch taken every fourth block). Per vocabulary entry (a logit of each of the
+three inputs) that leaves about 34 SASS instructions executed on sm_90 for bf16 inputs (273.5 per
+8 entries on average, 317 in the loop's listing: ``python -m adfast.compile_check``): per input a
 conversion, a fused multiply-add, an exponential and an add; per entry the difference, the score,
-the part's max, exponential and sum; per group of 8 one Philox call and one Gumbel variate. With
-4.25 exponentials an entry that is about as much work for the special-function units (16 lanes a
-cycle an SM) as for instruction issue. The designs before cost 52 (the pick inside every group,
-running maxes) and 84 (a Gumbel variate per entry); Nsight Compute
-on an H200 at batch 64 showed the latter's schedulers issuing in 53% of cycles, its warps waiting
+the part's max, exponential and sum; per group of 8 a quarter of a Philox call and one Gumbel
+variate. With 4.25 special-function operations an entry (exponentials and logs) that is about as
+much work for the special-function units (16 lanes a cycle an SM) as for instruction issue. The
+designs before cost 52 (the pick inside every group, running maxes, a Philox call per group) and
+84 (a Gumbel variate per entry); Nsight Compute on an H200 at batch 64 showed the latter's
+schedulers issuing in 53% of cycles, its warps waiting
 mostly on their loads (``bench/results/sampler-ncu-B64-details.txt``). The main loop is
 software-pipelined (``NUM_STAGES``: loads issued two blocks ahead, through shared memory).
 
@@ -66,7 +70,8 @@ import triton
 import triton.language as tl
 
 from . import split as launch_plan
-from .group_draw import GROUP, GROUP_SIZE, part_keys, part_pick, row_scaling, split_offset
+from .group_draw import (GROUP, GROUP_SIZE, WORD_RUN, part_keys, part_pick, row_scaling, shared_gumbel_words,
+                         split_offset)
 from .launch_order import wait_for_predecessor
 from .online_lse import ref_sum_in_range, ref_sum_lse, ref_sum_update, row_lse
 from .proxy_block import load_proxy_block
@@ -105,11 +110,13 @@ def _lanes_argmax(best, best_group):
 
 @triton.jit
 def _proxy_covered_block(t_sum, p_sum, m_sum, best, best_group, proxy_check, t_row, plus_ptr, minus_ptr, perm_ptr,
-                         row, stride_p, stride_perm, start, end, a, scale, greedy, seed, off_lo, off_hi,
+                         row, stride_p, stride_perm, start, end, a, scale, greedy, seed, off_lo, off_hi, shared_word,
                          SHIFT: tl.constexpr, PERMUTE: tl.constexpr, EXACT_D: tl.constexpr, NOISE: tl.constexpr,
-                         FAST_LOG: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr):
+                         FAST_LOG: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr,
+                         SHARED_WORD: tl.constexpr):
     """Fold the block of entries ``start .. start + BLOCK`` (those below ``end`` when ``MASKED``)
-    into the lane state of stage 1's proxy-covered loop; returns the state."""
+    into the lane state of stage 1's proxy-covered loop; returns the state. ``SHARED_WORD``: the
+    lanes' Gumbel words are ``shared_word`` (from the loop's call every fourth block)."""
     offs = start + tl.arange(0, BLOCK // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     mask = offs < end if MASKED else None
     t = tl.load(t_row + offs, mask=mask, other=-float("inf") if MASKED else None).to(tl.float32)
@@ -125,7 +132,8 @@ def _proxy_covered_block(t_sum, p_sum, m_sum, best, best_group, proxy_check, t_r
         p_sum = ref_sum_update(p_sum, p)
         m_sum = ref_sum_update(m_sum, m)
     groups = start // GROUP + tl.arange(0, BLOCK // GROUP)
-    key = part_keys(tl.fma(a, diff, t), groups, greedy, scale, seed, row, off_lo, off_hi, False, NOISE, FAST_LOG)
+    key = part_keys(tl.fma(a, diff, t), groups, greedy, scale, seed, row, off_lo, off_hi, shared_word, False,
+                    SHARED_WORD, NOISE, FAST_LOG)
     best, best_group = _lane_argmax(best, best_group, key, groups)
     return t_sum, p_sum, m_sum, best, best_group, proxy_check
 
@@ -143,7 +151,7 @@ def _teacher_only_block(t_sum, best, best_group, t_row, start, lo, hi, scale, gr
     t_sum = ref_sum_update(t_sum, t)
     if RACE:
         groups = start // GROUP + tl.arange(0, BLOCK // GROUP)
-        key = part_keys(t, groups, greedy, scale, seed, row, off_lo, off_hi, True, NOISE, FAST_LOG)
+        key = part_keys(t, groups, greedy, scale, seed, row, off_lo, off_hi, groups, True, False, NOISE, FAST_LOG)
         best, best_group = _lane_argmax(best, best_group, key, groups)
     return t_sum, best, best_group
 
@@ -182,16 +190,27 @@ def _fused_sample_partials(
         proxy_end = vocab_p
         end = tl.minimum(hi, proxy_end)
         whole_end = tl.maximum(lo, lo + (end - lo) // BLOCK * BLOCK)
+        # With a lane per WORD_RUN group, one Philox call serves a lane's next four blocks.
+        SHARED: tl.constexpr = ROWS == WORD_RUN
+        w0 = tl.zeros([ROWS], tl.uint32)
+        w1, w2, w3 = w0, w0, w0
         for start in tl.range(lo, whole_end, BLOCK, num_stages=NUM_STAGES):
+            word = w0
+            if SHARED:
+                block = start // BLOCK
+                k = block % 4
+                if ((k == 0) | (start == lo)) & (not greedy):
+                    w0, w1, w2, w3 = shared_gumbel_words(seed, block, row, off_lo, off_hi, ROWS)
+                word = tl.where(k == 0, w0, tl.where(k == 1, w1, tl.where(k == 2, w2, w3)))
             t_sum, p_sum, m_sum, best, best_group, proxy_check = _proxy_covered_block(
                 t_sum, p_sum, m_sum, best, best_group, proxy_check, t_row, plus_ptr, minus_ptr, perm_ptr, row,
-                stride_p, stride_perm, start, end, a, scale, greedy, seed, off_lo, off_hi,
-                SHIFT, PERMUTE, EXACT_D, NOISE, FAST_LOG, BLOCK, False)
+                stride_p, stride_perm, start, end, a, scale, greedy, seed, off_lo, off_hi, word,
+                SHIFT, PERMUTE, EXACT_D, NOISE, FAST_LOG, BLOCK, False, SHARED)
         if whole_end < end:
             t_sum, p_sum, m_sum, best, best_group, proxy_check = _proxy_covered_block(
                 t_sum, p_sum, m_sum, best, best_group, proxy_check, t_row, plus_ptr, minus_ptr, perm_ptr, row,
-                stride_p, stride_perm, whole_end, end, a, scale, greedy, seed, off_lo, off_hi,
-                SHIFT, PERMUTE, EXACT_D, NOISE, FAST_LOG, BLOCK, True)
+                stride_p, stride_perm, whole_end, end, a, scale, greedy, seed, off_lo, off_hi, w0,
+                SHIFT, PERMUTE, EXACT_D, NOISE, FAST_LOG, BLOCK, True, False)
 
     # Entries beyond the proxies' vocabulary (the teacher's alone), from the group that holds the
     # first of them: the groups' second parts, raced apart from the first (the sampler shifts those;

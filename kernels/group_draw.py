@@ -25,6 +25,11 @@ from triton.language.extra import libdevice
 GROUP_SIZE = 8
 """Entries per group: a thread holds one group of each input (16 bytes of a bf16 row)."""
 GROUP = tl.constexpr(GROUP_SIZE)
+WORD_RUN = tl.constexpr(256)
+"""Groups whose Gumbel words come from one Philox call spread over four runs of this many groups
+(:func:`prefix_gumbel_word`): a loop over blocks of ``WORD_RUN`` groups calls Philox every fourth
+block."""
+SECOND_STREAM = tl.constexpr(1 << 30)
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
@@ -46,15 +51,40 @@ def row_scaling(tau, coef):
 
 
 @triton.jit
-def group_words(seed, groups, row, off_lo, off_hi):
-    """The four Philox words of each group index in ``groups`` (counter ``(group, row, off_lo,
-    off_hi)``): ``r0, r1`` serve a group's proxy-covered part (Gumbel variate, pick), ``r2, r3``
-    its teacher-only part."""
-    c0 = groups.to(tl.uint32)
+def _philox(seed, c0, row, off_lo, off_hi):
+    """The four Philox words of counters ``(c0, row, off_lo, off_hi)``, ``c0`` any integer tensor."""
+    c0 = c0.to(tl.uint32)
     c1 = tl.zeros_like(c0) + row.to(tl.uint32)
     c2 = tl.zeros_like(c0) + off_lo
     c3 = tl.zeros_like(c0) + off_hi
     return tl.philox(seed, c0, c1, c2, c3)
+
+
+@triton.jit
+def shared_gumbel_words(seed, block, row, off_lo, off_hi, ROWS: tl.constexpr):
+    """The four words of the Philox call that serves lane ``l``'s groups in blocks ``4 (block //
+    4) .. + 3`` of ``WORD_RUN * GROUP`` entries (``ROWS == WORD_RUN``: lane ``l`` holds group
+    ``block * WORD_RUN + l``), word ``block % 4`` for block ``block``: one call per four blocks of a
+    loop instead of one per block."""
+    return _philox(seed, (block // 4) * ROWS + tl.arange(0, ROWS), row, off_lo, off_hi)
+
+
+@triton.jit
+def prefix_gumbel_word(seed, groups, row, off_lo, off_hi):
+    """The Gumbel word of each proxy-covered part, by the layout of :mod:`adfast.philox`: call
+    ``(g // (4 WORD_RUN)) WORD_RUN + g % WORD_RUN``, word ``(g // WORD_RUN) % 4``."""
+    r0, r1, r2, r3 = _philox(seed, (groups // (4 * WORD_RUN)) * WORD_RUN + groups % WORD_RUN, row, off_lo, off_hi)
+    k = (groups // WORD_RUN) % 4
+    return tl.where(k == 0, r0, tl.where(k == 1, r1, tl.where(k == 2, r2, r3)))
+
+
+@triton.jit
+def second_words(seed, groups, row, off_lo, off_hi):
+    """Words on the second stream (counter ``(g, row | SECOND_STREAM, ...)``): ``r0`` the Gumbel
+    word of a teacher-only part, ``r1`` / ``r2`` the pick of a group's proxy-covered / teacher-only
+    part."""
+    r0, r1, r2, _ = _philox(seed, groups, row | SECOND_STREAM, off_lo, off_hi)
+    return r0, r1, r2
 
 
 @triton.jit
@@ -101,20 +131,26 @@ def _tree_sum(w):
 
 
 @triton.jit
-def part_keys(s, groups, greedy, scale, seed, row, off_lo, off_hi, TAIL: tl.constexpr, NOISE: tl.constexpr,
-              FAST_LOG: tl.constexpr):
+def part_keys(s, groups, greedy, scale, seed, row, off_lo, off_hi, shared_word, TAIL: tl.constexpr,
+              SHARED_WORD: tl.constexpr, NOISE: tl.constexpr, FAST_LOG: tl.constexpr):
     """Race key of each part: ``s [R, GROUP]`` float32 scores ``s'`` (-inf off the part) of groups
     ``groups [R]``; ``greedy``: the row's ``tau == 0`` (one row per program: a uniform branch);
-    ``TAIL``: the parts beyond the proxies' vocabulary (Philox word ``r2`` instead of ``r0``).
-    Returns ``key [R]`` (module docstring's units; -inf for a part whose scores are all -inf).
-    Without ``NOISE`` every row is keyed greedily."""
+    ``TAIL``: the parts beyond the proxies' vocabulary (Gumbel word from :func:`second_words`,
+    else :func:`prefix_gumbel_word`, or ``shared_word [R]`` with ``SHARED_WORD``). Returns ``key [R]``
+    (module docstring's units; -inf for a part whose scores are all -inf). Without ``NOISE`` every
+    row is keyed greedily."""
     top = tl.max(s, axis=1)
     if greedy or not NOISE:
         key = top
     else:
-        r0, r1, r2, r3 = group_words(seed, groups, row, off_lo, off_hi)
+        if SHARED_WORD:
+            word = shared_word
+        elif TAIL:
+            word, _, _ = second_words(seed, groups, row, off_lo, off_hi)
+        else:
+            word = prefix_gumbel_word(seed, groups, row, off_lo, off_hi)
         total = _tree_sum(part_weights(s, top[:, None], scale))
-        key = tl.fma(top, scale, _log2(total, FAST_LOG)) + gumbel2_from_word(r2 if TAIL else r0, FAST_LOG)
+        key = tl.fma(top, scale, _log2(total, FAST_LOG)) + gumbel2_from_word(word, FAST_LOG)
     return key
 
 
@@ -122,16 +158,17 @@ def part_keys(s, groups, greedy, scale, seed, row, off_lo, off_hi, TAIL: tl.cons
 def part_pick(s, group, greedy, scale, seed, row, off_lo, off_hi, tail):
     """The entry the winning part gives up: ``s [GROUP]`` its scores ``s'`` (-inf off the part,
     not all -inf), ``group`` its group index, ``tail``: whether it is a teacher-only part (pick word
-    ``r3``, else ``r1``). By inverse CDF over the running sums (in order) of :func:`part_weights`
-    with one uniform; a greedy row takes the first maximal entry. Returns the vocabulary index."""
+    ``r2`` of :func:`second_words`, else ``r1``). By inverse CDF over the running sums (in order) of
+    :func:`part_weights` with one uniform; a greedy row takes the first maximal entry. Returns the
+    vocabulary index."""
     top = tl.max(s, axis=0)
     entries = tl.arange(0, GROUP)
     if greedy:
         below = tl.min(tl.where(s == top, entries, GROUP), axis=0)
     else:
-        r0, r1, r2, r3 = group_words(seed, group, row, off_lo, off_hi)
+        _, pick_prefix, pick_tail = second_words(seed, group, row, off_lo, off_hi)
         running = tl.cumsum(part_weights(s, top, scale), axis=0)
         total = tl.max(running, axis=0)  # the last running sum: the terms are >= 0
-        target = (tl.where(tail, r3, r1) >> 9).to(tl.float32) * 1.1920928955078125e-07 * total  # [0, total)
+        target = (tl.where(tail, pick_tail, pick_prefix) >> 9).to(tl.float32) * 1.1920928955078125e-07 * total
         below = tl.sum(tl.where(running <= target, 1, 0), axis=0)
     return group * GROUP + below

@@ -235,7 +235,7 @@ def test_greedy_ties_go_to_the_smallest_index(backend):
 def test_top_k_top_p_draws(top_k, top_p):
     eps = 1e-2
     t, p, m = make_logits(1, 30, 30, torch.float32, eps, seed=5, scale=1.0)
-    tokens = draws("torch", t, p, m, 100_000, tau=0.9, lam=0.05, eps=eps, seed=77, top_k=top_k, top_p=top_p)
+    tokens = draws("torch", t, p, m, 100_000, tau=0.9, lam=0.05, eps=eps, seed=78, top_k=top_k, top_p=top_p)
     a = reference_adjusted(t, p, m, 0.9, 0.05, eps)[0]
     order = a.argsort(descending=True)
     k = top_k or a.numel()
@@ -424,6 +424,26 @@ def test_kernel_pipelining_and_noiseless_variants_keep_the_draw():
     greedy = fused_sample(t, p, m, None, torch.zeros_like(tau), coef, 3, offset, **plan)[0]
     assert torch.equal(noiseless, greedy)
     assert not torch.equal(first[0], greedy)  # the noise does move the draw
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_gpu_block_shares_philox_calls_and_draws_the_twins_tokens(num_splits):
+    """With the GPU's block (8 warps: a lane per group of a 256-group block) the main loop calls
+    Philox once per four blocks and hands each block its word (adfast.philox's sampling layout);
+    on 10 blocks and a chunk that starts inside a run of four (2 splits), the tokens equal the CPU
+    twin's, which takes each group's word by that layout directly."""
+    fused_sample = importlib.import_module("adfast.kernels.fused_sample").fused_sample
+    t, p, m = make_logits(6, 20480 + 70, 20480 - 30, torch.bfloat16, 1e-2, seed=12, scale=1.0)
+    tau = torch.tensor([0.7, 1.0, 0.0, 1.3, 0.5, 0.9])
+    coef = torch.full((6,), 0.3 / 2e-2)
+    offset = torch.tensor([9])
+    twin = adfast.reference.fused_sample(t, p, m, None, tau, coef, 5, offset)
+    on = lambda x: x.to(KERNEL_DEVICE)  # noqa: E731
+    kernel = fused_sample(on(t), on(p), on(m), None, on(tau), on(coef), 5, on(offset), num_splits=num_splits,
+                          block=2048, num_warps=8)
+    same = (kernel[0].cpu() == twin[0]).float().mean()
+    assert same == 1.0 if KERNEL_DEVICE == "cpu" else same >= 5 / 6  # fast-math logs may flip a near-tie
+    torch.testing.assert_close(kernel[1].cpu(), twin[1], atol=1e-4, rtol=0)
 
 
 # ------------------------------------------------------------------------------- exact D (delta=)
