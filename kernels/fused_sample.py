@@ -50,10 +50,9 @@ loops, and the first runs its whole blocks unmasked. A greedy row (one row per p
 past the noise. With the GPU's block (a lane per group of a 256-group block) one Philox call
 serves a lane's groups in four consecutive blocks (:func:`adfast.kernels.group_draw.shared_gumbel_words`;
 the call sits in a branch taken every fourth block). Per vocabulary entry (a logit of each of the
-three inputs) that leaves about 33 SASS instructions executed on sm_90 for bf16 inputs (262.5 per
-8 entries on average, 306 in the loop's listing: ``python -m adfast.compile_check``): per input a
-widening (bf16 rows read as 32-bit words, :func:`adfast.kernels.proxy_block.load_group_block`), a
-fused multiply-add, an exponential and an add; per entry the difference, the score,
+three inputs) that leaves about 34 SASS instructions executed on sm_90 for bf16 inputs (273.5 per
+8 entries on average, 317 in the loop's listing: ``python -m adfast.compile_check``): per input a
+conversion, a fused multiply-add, an exponential and an add; per entry the difference, the score,
 the part's max, exponential and sum; per group of 8 a quarter of a Philox call and one Gumbel
 variate. With 4.25 special-function operations an entry (exponentials and logs) that is about as
 much work for the special-function units (16 lanes a cycle an SM) as for instruction issue. The
@@ -75,7 +74,7 @@ from .group_draw import (GROUP, GROUP_SIZE, WORD_RUN, part_keys, part_pick, row_
                          split_offset)
 from .launch_order import wait_for_predecessor
 from .online_lse import ref_sum_in_range, ref_sum_lse, ref_sum_update, row_lse
-from .proxy_block import load_group_block, load_proxy_block
+from .proxy_block import load_proxy_block
 from .split import plan_splits
 
 
@@ -114,29 +113,16 @@ def _proxy_covered_block(t_sum, p_sum, m_sum, best, best_group, proxy_check, t_r
                          row, stride_p, stride_perm, start, end, a, scale, greedy, seed, off_lo, off_hi, shared_word,
                          SHIFT: tl.constexpr, PERMUTE: tl.constexpr, EXACT_D: tl.constexpr, NOISE: tl.constexpr,
                          FAST_LOG: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr,
-                         SHARED_WORD: tl.constexpr, PAIRED_T: tl.constexpr, PAIRED_P: tl.constexpr):
+                         SHARED_WORD: tl.constexpr):
     """Fold the block of entries ``start .. start + BLOCK`` (those below ``end`` when ``MASKED``)
     into the lane state of stage 1's proxy-covered loop; returns the state. ``SHARED_WORD``: the
-    lanes' Gumbel words are ``shared_word`` (from the loop's call every fourth block);
-    ``PAIRED_T`` / ``PAIRED_P``: an unmasked block reads the teacher's / proxies' bf16 rows as
-    32-bit words (:func:`adfast.kernels.proxy_block.load_group_block`)."""
-    ROWS: tl.constexpr = BLOCK // GROUP
-    offs = start + tl.arange(0, ROWS)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    lanes' Gumbel words are ``shared_word`` (from the loop's call every fourth block)."""
+    offs = start + tl.arange(0, BLOCK // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     mask = offs < end if MASKED else None
-    if MASKED:
-        t = tl.load(t_row + offs, mask=mask, other=-float("inf")).to(tl.float32)
-    else:
-        t = load_group_block(t_row, start, ROWS, PAIRED_T)
-    if MASKED or PERMUTE:
-        p, m = load_proxy_block(plus_ptr, minus_ptr, perm_ptr, row, stride_p, stride_perm, offs, mask,
-                                PERMUTE, not EXACT_D)
-    else:
-        p = load_group_block(plus_ptr + row.to(tl.int64) * stride_p, start, ROWS, PAIRED_P)
-        if EXACT_D:
-            m = tl.zeros_like(p)
-        else:
-            m = load_group_block(minus_ptr + row.to(tl.int64) * stride_p, start, ROWS, PAIRED_P)
+    t = tl.load(t_row + offs, mask=mask, other=-float("inf") if MASKED else None).to(tl.float32)
     t_sum = ref_sum_update(t_sum, t)
+    p, m = load_proxy_block(plus_ptr, minus_ptr, perm_ptr, row, stride_p, stride_perm, offs, mask,
+                            PERMUTE, not EXACT_D)
     diff = p - m
     proxy_check = diff * 0.0 + proxy_check
     if SHIFT:
@@ -155,15 +141,13 @@ def _proxy_covered_block(t_sum, p_sum, m_sum, best, best_group, proxy_check, t_r
 @triton.jit
 def _teacher_only_block(t_sum, best, best_group, t_row, start, lo, hi, scale, greedy, seed, row, off_lo, off_hi,
                         NOISE: tl.constexpr, FAST_LOG: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr,
-                        RACE: tl.constexpr, PAIRED_T: tl.constexpr):
+                        RACE: tl.constexpr):
     """Fold the block of entries ``start .. start + BLOCK`` (those in ``[lo, hi)`` when ``MASKED``)
     into the lane state of stage 1's teacher-only loop (without ``RACE``, into the teacher's sum
     alone); returns the state."""
-    if MASKED:
-        offs = start + tl.arange(0, BLOCK // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-        t = tl.load(t_row + offs, mask=(offs >= lo) & (offs < hi), other=-float("inf")).to(tl.float32)
-    else:
-        t = load_group_block(t_row, start, BLOCK // GROUP, PAIRED_T)
+    offs = start + tl.arange(0, BLOCK // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    mask = (offs >= lo) & (offs < hi) if MASKED else None
+    t = tl.load(t_row + offs, mask=mask, other=-float("inf") if MASKED else None).to(tl.float32)
     t_sum = ref_sum_update(t_sum, t)
     if RACE:
         groups = start // GROUP + tl.arange(0, BLOCK // GROUP)
@@ -179,7 +163,7 @@ def _fused_sample_partials(
     HAS_PROXY: tl.constexpr, SHIFT: tl.constexpr, PERMUTE: tl.constexpr, BLOCK: tl.constexpr,
     EXACT_D: tl.constexpr = False, FAST_LOG: tl.constexpr = False,
     PDL: tl.constexpr = False, NUM_STAGES: tl.constexpr = 1, NOISE: tl.constexpr = True,
-    DRAW_TAIL: tl.constexpr = True, PAIRED_T: tl.constexpr = False, PAIRED_P: tl.constexpr = False,
+    DRAW_TAIL: tl.constexpr = True,
 ):
     wait_for_predecessor(PDL)
     row = tl.program_id(0)
@@ -221,12 +205,12 @@ def _fused_sample_partials(
             t_sum, p_sum, m_sum, best, best_group, proxy_check = _proxy_covered_block(
                 t_sum, p_sum, m_sum, best, best_group, proxy_check, t_row, plus_ptr, minus_ptr, perm_ptr, row,
                 stride_p, stride_perm, start, end, a, scale, greedy, seed, off_lo, off_hi, word,
-                SHIFT, PERMUTE, EXACT_D, NOISE, FAST_LOG, BLOCK, False, SHARED, PAIRED_T, PAIRED_P)
+                SHIFT, PERMUTE, EXACT_D, NOISE, FAST_LOG, BLOCK, False, SHARED)
         if whole_end < end:
             t_sum, p_sum, m_sum, best, best_group, proxy_check = _proxy_covered_block(
                 t_sum, p_sum, m_sum, best, best_group, proxy_check, t_row, plus_ptr, minus_ptr, perm_ptr, row,
                 stride_p, stride_perm, whole_end, end, a, scale, greedy, seed, off_lo, off_hi, w0,
-                SHIFT, PERMUTE, EXACT_D, NOISE, FAST_LOG, BLOCK, True, False, False, False)
+                SHIFT, PERMUTE, EXACT_D, NOISE, FAST_LOG, BLOCK, True, False)
 
     # Entries beyond the proxies' vocabulary (the teacher's alone), from the group that holds the
     # first of them: the groups' second parts, raced apart from the first (the sampler shifts those;
@@ -238,17 +222,17 @@ def _fused_sample_partials(
     if (start < tail_from) & (start < hi):
         t_sum, tail_best, tail_group = _teacher_only_block(
             t_sum, tail_best, tail_group, t_row, start, tail_from, hi, scale, greedy, seed, row, off_lo, off_hi,
-            NOISE, FAST_LOG, BLOCK, True, DRAW_TAIL, False)
+            NOISE, FAST_LOG, BLOCK, True, DRAW_TAIL)
         start += BLOCK
     whole_end = tl.maximum(start, start + (hi - start) // BLOCK * BLOCK)
     for block_start in tl.range(start, whole_end, BLOCK, num_stages=NUM_STAGES):
         t_sum, tail_best, tail_group = _teacher_only_block(
             t_sum, tail_best, tail_group, t_row, block_start, tail_from, hi, scale, greedy, seed, row, off_lo,
-            off_hi, NOISE, FAST_LOG, BLOCK, False, DRAW_TAIL, PAIRED_T)
+            off_hi, NOISE, FAST_LOG, BLOCK, False, DRAW_TAIL)
     if whole_end < hi:
         t_sum, tail_best, tail_group = _teacher_only_block(
             t_sum, tail_best, tail_group, t_row, whole_end, tail_from, hi, scale, greedy, seed, row, off_lo, off_hi,
-            NOISE, FAST_LOG, BLOCK, True, DRAW_TAIL, False)
+            NOISE, FAST_LOG, BLOCK, True, DRAW_TAIL)
 
     best_pre, group_pre = _lanes_argmax(best, best_group)
     best_tail, group_tail = _lanes_argmax(tail_best, tail_group)
@@ -337,11 +321,6 @@ def _fused_sample_merge(
     tl.store(bad_ptr + row, bad)
 
 
-def _paired_bf16(rows: torch.Tensor) -> bool:
-    """Whether stage 1 may read ``rows`` as 32-bit words: bf16, every row at a 4-byte aligned address."""
-    return rows.dtype == torch.bfloat16 and rows.stride(0) % 2 == 0 and rows.data_ptr() % 4 == 0
-
-
 def default_block(num_warps: int) -> int:
     """Stage 1's GPU block: one group of each input to a thread."""
     return GROUP_SIZE * 32 * num_warps
@@ -387,9 +366,7 @@ def fused_sample(teacher, plus, minus, perm, tau, coef, seed: int, offset, num_s
         vocab_t, vocab_p, plan.chunk, plan.splits, seed,
         HAS_PROXY=has_proxy, SHIFT=shift, PERMUTE=perm is not None, BLOCK=plan.block, EXACT_D=exact,
         FAST_LOG=launch_plan.multiprocessor_count(dev) is not None, NUM_STAGES=num_stages, NOISE=noise,
-        DRAW_TAIL=draw_tail, PAIRED_T=_paired_bf16(teacher),
-        PAIRED_P=has_proxy and _paired_bf16(plus) and (minus is None or _paired_bf16(minus)),
-        num_warps=plan.num_warps, **launch_plan.dependent_launch(dev),
+        DRAW_TAIL=draw_tail, num_warps=plan.num_warps, **launch_plan.dependent_launch(dev),
     )
     _fused_sample_merge[(batch,)](
         teacher, plus if has_proxy else teacher, minus if minus is not None else teacher,

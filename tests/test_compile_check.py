@@ -123,8 +123,8 @@ def test_a_kernel_the_interpreter_accepts_but_the_compiler_rejects_is_reported(t
 
 def test_fused_sampler_loop_stays_within_its_instruction_budget(report):
     """Stage 1 of the fused sampler is bound by instruction issue and its exponentials
-    (kernels/fused_sample.py): its loop lists about 38 SASS instructions a vocabulary entry with
-    three bf16 inputs (at most 50, fp32 permutation; a Philox call among them runs every fourth
+    (kernels/fused_sample.py): its loop lists about 40 SASS instructions a vocabulary entry with
+    three bf16 inputs (at most 51, fp32 permutation; a Philox call among them runs every fourth
     block); the grouped draw with the pick in every group and running maxes listed 52, the
     per-entry Gumbel-max design before it 91, and the one before that, with cross-thread reductions
     in every iteration, 160. The bound catches such a regression."""
