@@ -858,9 +858,21 @@ class Decoder(nn.Module):
         """``x W^T + b``: with :attr:`linear_kernel` and at most :data:`LINEAR_KERNEL_ROWS` rows the
         decode-time Triton GEMM (the same function: float32 accumulation, bias added before one
         rounding), else :func:`linear`."""
-        if self.linear_kernel and x.shape[1] <= LINEAR_KERNEL_ROWS:
+        if self._linear_kernel_takes(x):
             return decode_linear(x, weight, bias, counters=self.linear_counters)
         return linear(x, weight, bias)
+
+    def _linear_kernel_takes(self, x: torch.Tensor) -> bool:
+        return self.linear_kernel and x.shape[1] <= LINEAR_KERNEL_ROWS
+
+    def _qkv(self, h: torch.Tensor, layer) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(qkv, bias)``: the qkv projection of ``h`` and the bias still to add (None when added).
+        Several weight copies take theirs in the rotary kernel: their batched matmul has no bias
+        epilogue (``baddbmm`` would first copy the bias into its output, a kernel a layer), so there
+        ``qkv + bias`` rounds twice (as a separate add would) instead of once."""
+        if layer.bqkv is not None and self.num_copies > 1 and not self._linear_kernel_takes(h):
+            return self._linear(h, layer.wqkv), layer.bqkv
+        return self._linear(h, layer.wqkv, layer.bqkv), None
 
     # ----------------------------------------------------------------------------------- forward
 
@@ -968,8 +980,9 @@ class Decoder(nn.Module):
         mlp_out = None  # each layer's MLP output joins the residual stream in the next norm
         for i, layer in enumerate(self.layers):
             x, h = ops.add_rms_norm(x, layer.attention_norm, eps, mlp_out)
-            q = ops.rope_and_cache_write(self._linear(h, layer.wqkv, layer.bqkv), cos, sin, cache.k[i], cache.v[i],
-                                         slots, write_pos, heads, kv_heads)
+            qkv, qkv_bias = self._qkv(h, layer)
+            q = ops.rope_and_cache_write(qkv, cos, sin, cache.k[i], cache.v[i], slots, write_pos, heads, kv_heads,
+                                         qkv_bias)
             out = attend(q, cache.k[i], cache.v[i], slots, query_pos, lengths, cache.attention_counters)
             x, h = ops.add_rms_norm(x, layer.ffn_norm, eps, self._linear(
                 out.reshape(copies, batch * seq, heads * head_dim), layer.wo, layer.bo))
