@@ -910,7 +910,7 @@ class Decoder(nn.Module):
                                  f"exceed max_seq_len={cache.max_seq_len}")
 
     def forward(self, tokens: torch.Tensor, slots: torch.Tensor, num_tokens: torch.Tensor | None = None, *,
-                last_only: bool = True, check: bool = True, tangent: bool = False):
+                last_only: bool = True, check: bool = True, tangent: bool = False, float_logits: bool = True):
         """Append ``tokens`` to their slots, attend causally over each slot, return logits.
 
         Args:
@@ -926,6 +926,9 @@ class Decoder(nn.Module):
                 capture; then only shapes are checked, and tokens past ``max_seq_len`` are dropped
                 into the scratch position and the length stops at ``max_seq_len`` (never out of
                 bounds, but that slot's results are wrong).
+            float_logits: return float32 logits; False returns them in the decoder's dtype, as its
+                ``lm_head`` computes them (the same values: the fused sampler reads bf16 logits
+                directly, so a decode step skips the conversion's kernel and half the bytes).
 
         Cache update, with ``start_b = lengths[slots[b]]`` read at entry and ``n_b = num_tokens[b]``:
         token ``t < n_b`` of row ``b`` has position ``start_b + t``; its key and value are written
@@ -937,7 +940,8 @@ class Decoder(nn.Module):
 
         Returns:
             logits ``[C, B, 1, V]`` (``last_only``) or ``[C, B, T, V]``, float32 (float64 for a
-            float64 decoder). Rows with ``n_b = 0`` hold unspecified values.
+            float64 decoder; the decoder's dtype without ``float_logits``). Rows with ``n_b = 0``
+            hold unspecified values.
 
         Tangent mode (``tangent=True``; needs :meth:`set_tangent` and a cache with tangent K/V,
         :meth:`setup_cache`): returns ``(logits, dlogits)``, both shaped and typed as above, with
@@ -971,7 +975,8 @@ class Decoder(nn.Module):
         cos, sin = self.rope_cos[query_pos], self.rope_sin[query_pos]
         lengths = query_pos[:, 0] + 1 if seq == 1 else None  # decode attention's live lengths, once for all layers
         if tangent:
-            return self._forward_tangent(tokens, slots, n, start, write_pos, query_pos, lengths, cos, sin, last_only)
+            return self._forward_tangent(tokens, slots, n, start, write_pos, query_pos, lengths, cos, sin, last_only,
+                                         float_logits)
 
         copies, heads, kv_heads, head_dim = self.num_copies, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         eps = cfg.rms_norm_eps
@@ -993,7 +998,7 @@ class Decoder(nn.Module):
         x, mlp_out = self._output_rows(x, mlp_out, n=n, last_only=last_only)
         _, h = ops.add_rms_norm(x, self.norm, eps, mlp_out)
         logits = self._linear(h, self.lm_head).view(copies, batch, -1, cfg.vocab_size)
-        return logits if logits.dtype == torch.float64 else logits.float()
+        return logits.float() if float_logits and logits.dtype != torch.float64 else logits
 
     @staticmethod
     def _output_rows(*streams, n: torch.Tensor, last_only: bool):
@@ -1006,7 +1011,8 @@ class Decoder(nn.Module):
         rows = torch.arange(batch, device=n.device) * (streams[0].shape[1] // batch) + (n - 1).clamp(min=0)
         return tuple(None if s is None else s[:, rows] for s in streams)
 
-    def _forward_tangent(self, tokens, slots, n, start, write_pos, query_pos, lengths, cos, sin, last_only: bool):
+    def _forward_tangent(self, tokens, slots, n, start, write_pos, query_pos, lengths, cos, sin, last_only: bool,
+                         float_logits: bool):
         """The body of ``forward(..., tangent=True)``: the primal pass of :meth:`forward` with tangents."""
         cfg, cache, g = self.config, self.cache, self.tangent_weights
         batch, seq = tokens.shape
@@ -1047,7 +1053,7 @@ class Decoder(nn.Module):
         logits, dlogits = linear_jvp(h, dh, self.lm_head, g["lm_head"])
         logits = logits.reshape(copies, batch, -1, cfg.vocab_size)  # column slices with a stacked lm_head
         dlogits = dlogits.reshape(copies, batch, -1, cfg.vocab_size)
-        if logits.dtype != torch.float64:
+        if float_logits and logits.dtype != torch.float64:
             logits, dlogits = logits.float(), dlogits.float()
         return logits, dlogits
 

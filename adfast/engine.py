@@ -160,9 +160,9 @@ def _proxy_logits(proxies: Decoder, tokens, slots, num_tokens,
     cost, as the finite-difference path leaves the proxies' normalisers to cancel.
     """
     if exact:
-        _, dlogits = proxies(tokens[:, None], slots, num_tokens, check=False, tangent=True)
+        _, dlogits = proxies(tokens[:, None], slots, num_tokens, check=False, tangent=True, float_logits=False)
         return dlogits[0, :, 0], None
-    logits = proxies(tokens[:, None], slots, num_tokens, check=False)[:, :, 0]
+    logits = proxies(tokens[:, None], slots, num_tokens, check=False, float_logits=False)[:, :, 0]
     return logits[0], logits[1]
 
 
@@ -201,7 +201,7 @@ def decode_one_token(teacher: Decoder, proxies: Decoder | None, rows: StepInputs
         proxy_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(proxy_stream):
             plus, minus = _proxy_logits(proxies, tokens, slots, num_tokens, exact)
-    teacher_logits = teacher(tokens[:, None], slots, num_tokens, check=False)[0, :, 0]
+    teacher_logits = teacher(tokens[:, None], slots, num_tokens, check=False, float_logits=False)[0, :, 0]
     if proxies is not None and proxy_stream is not None:
         torch.cuda.current_stream().wait_stream(proxy_stream)
     elif proxies is not None:

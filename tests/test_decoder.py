@@ -115,6 +115,20 @@ def test_last_only_is_the_last_real_token():
         torch.testing.assert_close(last[0, row, 0], full[0, row, n - 1], **TIGHT)
 
 
+def test_logits_in_the_decoders_dtype_are_the_float_logits_unconverted():
+    """``float_logits=False`` (the engine's decode step, whose sampler reads bf16) returns the same
+    values as the default float32 logits, in the decoder's dtype."""
+    decoder = Decoder.from_hf([MODELS["qwen2"](seed=0), MODELS["qwen2"](seed=1)], dtype=torch.bfloat16)
+    decoder.setup_cache(2, 16)
+    tokens, num_tokens = right_padded(random_prompts([5, 3], seed=4))
+    slots = torch.tensor([0, 1])
+    as_float = decoder(tokens, slots, num_tokens)
+    decoder.cache.reset([0, 1])
+    native = decoder(tokens, slots, num_tokens, float_logits=False)
+    assert as_float.dtype == torch.float32 and native.dtype == torch.bfloat16
+    assert torch.equal(native.float(), as_float)
+
+
 @pytest.mark.parametrize("family", ["qwen2", "llama3-tied"])
 def test_two_copies_are_two_models(family):
     models = [MODELS[family](seed=0), MODELS[family](seed=1)]
