@@ -80,10 +80,12 @@ def permutation_and_sign(seed: int, offset: torch.Tensor | int, rows: int, vocab
                          device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row uniform random permutations ``[rows, vocab]`` (int64) and signs ``[rows]`` (+-1.0).
 
-    The permutation is the stable argsort of 32-bit Philox keys on stream ``PERM_STREAM``; the sign
-    is the low bit of a word on stream ``SIGN_STREAM``. Used by permutation sampling.
+    The permutation is the stable argsort of 32-bit Philox keys on stream ``PERM_STREAM`` (sorted
+    as int32 ``w - 2**31``, the same order); the sign is the low bit of a word on stream
+    ``SIGN_STREAM``. Used by permutation sampling (:mod:`adfast.kernels.permutation` computes the
+    same in one kernel).
     """
-    keys = random_words(seed, offset, rows, vocab, stream=PERM_STREAM, device=device)
+    keys = (random_words(seed, offset, rows, vocab, stream=PERM_STREAM, device=device) - 2**31).to(torch.int32)
     perm = torch.argsort(keys, dim=1, stable=True)
     bits = random_words(seed, offset, rows, 1, stream=SIGN_STREAM, device=device)[:, 0] & 1
     return perm, 1.0 - 2.0 * bits.to(torch.float32)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from . import philox
 from .philox import MASK32, SECOND_STREAM, WORD_RUN, gumbel2_from_words, philox4x32
 
 LOG2E = 1.4426950408889634
@@ -136,6 +137,13 @@ def fused_sample(teacher, plus, minus, perm, tau, coef, seed: int, offset, num_s
     tokens = torch.where(empty, 0, tokens)
     logprobs = t.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(t, dim=1)
     return tokens, logprobs, bad
+
+
+def permutation_and_sign(seed: int, offset: torch.Tensor, rows: int, vocab: int,
+                         device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Twin of :func:`adfast.kernels.permutation.permutation_and_sign`: :func:`adfast.philox.permutation_and_sign`
+    (``offset`` a one-element int64 tensor)."""
+    return philox.permutation_and_sign(seed, offset.reshape(()), rows, vocab, device=device)
 
 
 def adjusted_logits(teacher, plus, minus, perm, tau, coef, num_splits=None):

@@ -46,7 +46,6 @@ from typing import Union
 import torch
 
 from . import reference
-from .philox import permutation_and_sign
 
 MODES = ("antidistill", "temperature", "permutation")
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -159,15 +158,16 @@ def _offset_tensor(offset, device) -> torch.Tensor:
     return torch.tensor([int(offset)], dtype=torch.int64, device=device)
 
 
-def _coefficients(lam, eps, mode, seed, offset, batch, vocab_p, device, exact=False):
+def _coefficients(ops, lam, eps, mode, seed, offset, batch, vocab_p, exact=False):
     """``coef = sign * lam / (2 eps)`` per row (``sign * lam`` for an exact ``D``: multiplies ``D``
-    itself), and the permutation (None unless permutation mode)."""
+    itself), and the permutation (None unless permutation mode), from ``ops`` (the kernels or
+    their twins)."""
     if mode == "temperature":
         return lam, None
     coef = lam if exact else lam / (2.0 * eps)
     if mode == "antidistill":
         return coef, None
-    perm, sign = permutation_and_sign(seed, offset.reshape(()), batch, vocab_p, device=device)
+    perm, sign = ops.permutation_and_sign(seed, offset, batch, vocab_p, device=offset.device)
     return coef * sign, perm
 
 
@@ -201,9 +201,10 @@ def adjusted_logits(teacher_logits, plus_logits=None, minus_logits=None, *, delt
     t, p, m, tau_t, lam_t = _prepare(teacher_logits, plus_logits, minus_logits, tau, lam, eps, mode, check, delta)
     seed = _resolve_seed(seed, generator) if mode == "permutation" else 0
     off = _offset_tensor(offset, t.device)
-    coef, perm = _coefficients(lam_t, eps, mode, seed, off, t.shape[0], p.shape[1] if p is not None else 0, t.device,
+    ops = _kernels(t, backend)
+    coef, perm = _coefficients(ops, lam_t, eps, mode, seed, off, t.shape[0], p.shape[1] if p is not None else 0,
                                exact=p is not None and m is None)
-    out, _, bad = _kernels(t, backend).adjusted_logits(t, p, m, perm, tau_t, coef)
+    out, _, bad = ops.adjusted_logits(t, p, m, perm, tau_t, coef)
     if check:
         _raise_on_bad(bad)
     return out
@@ -260,9 +261,9 @@ def sample(teacher_logits, plus_logits=None, minus_logits=None, *, delta=None, t
     batch, vocab_t = t.shape
     seed = _resolve_seed(seed, generator)
     off = _offset_tensor(offset, t.device)
-    coef, perm = _coefficients(lam_t, eps, mode, seed, off, batch, p.shape[1] if p is not None else 0, t.device,
-                               exact=p is not None and m is None)
     ops = _kernels(t, backend)
+    coef, perm = _coefficients(ops, lam_t, eps, mode, seed, off, batch, p.shape[1] if p is not None else 0,
+                               exact=p is not None and m is None)
     proxy_vocab_only = proxy_vocab_only and p is not None
     if not isinstance(top_k, torch.Tensor) and not isinstance(top_p, torch.Tensor) and top_k == 0 and top_p == 1.0:
         tokens, logprobs, bad = ops.fused_sample(t, p, m, perm, tau_t, coef, seed, off,

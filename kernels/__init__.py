@@ -2,5 +2,6 @@
 beside its launcher; :mod:`adfast.reference` holds the PyTorch twin of each."""
 from .adjusted_logits import adjusted_logits
 from .fused_sample import fused_sample
+from .permutation import permutation_and_sign
 
-__all__ = ["adjusted_logits", "fused_sample"]
+__all__ = ["adjusted_logits", "fused_sample", "permutation_and_sign"]

@@ -282,6 +282,18 @@ def test_seed_and_offset_determine_the_draw(backend):
     assert torch.equal(sample(t, p, m, generator=g1, **kw), sample(t, p, m, generator=g2, **kw))
 
 
+@pytest.mark.parametrize("vocab,offset", [(301, 0), (64, 7), (1001, 2**40 + 3)])
+def test_permutation_kernel_equals_the_philox_reference(vocab, offset):
+    """Permutation sampling's keys and signs from one Triton launch give the permutations and
+    signs of adfast.philox's int64 arithmetic, bit for bit (the stable argsort of the same keys)."""
+    kernel = importlib.import_module("adfast.kernels.permutation").permutation_and_sign
+    perm, sign = kernel(1234, torch.tensor([offset], device=KERNEL_DEVICE), 5, vocab)
+    want_perm, want_sign = adfast.philox.permutation_and_sign(1234, offset, 5, vocab)
+    assert torch.equal(perm.cpu(), want_perm) and torch.equal(sign.cpu(), want_sign)
+    assert set(sign.tolist()) <= {-1.0, 1.0}
+    assert torch.equal(perm.sort(1).values.cpu(), torch.arange(vocab).expand(5, -1))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_permutation_keeps_each_rows_multiset_of_abs_d(backend):
     eps, tau, lam = 1e-2, 0.8, 0.5
