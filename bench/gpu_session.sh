@@ -35,8 +35,9 @@
 #             the interpreter); bench/sampler.py at batch 1 to 64                       (~5 min)
 #   sampler   the sampler's tests on the GPU, bench/sampler_tune.py (the fused sampler's launch plans:
 #             block, warps, programs per SM, pipelining), bench/sampler.py, Nsight Compute on it at
-#             batch 64, the engine's GPU tests, the engine's temperature and antidistillation rows at
-#             batch 1 and 32 (the engine now draws with proxy_vocab_only), goals; next  (~7.5 min)
+#             batch 64, the engine's GPU tests, the engine's temperature, antidistillation and
+#             permutation rows at batch 1 and 32 (the engine now draws with proxy_vocab_only from
+#             bf16 logits; permutation keys from one kernel), goals; next             (~8 min)
 #   decode    bench/decode.py: HF generate and engine temperature/antidistill/permutation (~6 min)
 #   jvp       bench/decode.py --append: engine temperature, exact-D jvp, low-rank jvp r8..r512 (~6 min);
 #             on a fresh machine, first copy the returned decode-*.json into bench/results/
@@ -103,8 +104,8 @@ stage_sampler() {
     step 30 sampler.log python3 bench/sampler.py
     sampler_ncu sampler-ncu-grouped-B64
     step 60 gpu-tests.log python3 -m pytest -q -n 4 --tb=short -m gpu tests/test_engine.py
-    step 120 decode.log python3 bench/decode.py --append --batches 1 32 --variants engine_temperature \
-        engine_antidistill
+    step 160 decode.log python3 bench/decode.py --append --batches 1 32 --variants engine_temperature \
+        engine_antidistill engine_permutation
     step 10 goals.log python3 bench/goals.py
 }
 
