@@ -26,7 +26,7 @@ short enough for one split) for the 7B teacher (28 heads over
 4), the 3B proxy pair (16 over 2, two copies), SmolLM2 (9 over 3, head dim 64) and the tests' tiny
 models (4 over 2, head dim 8, padded to 16) with bf16, fp16 and fp32 caches, and the fused layer
 kernels (norms, rotary with the cache write, gated activation, and their tangents, with and without
-a factored tangent's low-rank term) at the same models' widths, and the decode-time linear kernel
+a factored tangent's low-rank term; the positions of a forward) at the same models' widths, and the decode-time linear kernel
 at every layer shape of the 7B teacher and the 3B pair (1, 32 and 64 rows, bf16 and fp32). Every
 kernel that takes it is compiled with programmatic dependent launch, as ``ADFAST_PDL=1`` launches
 it on a Hopper GPU.
@@ -265,6 +265,13 @@ def _layer_cases():
                      ops.silu_mul_jvp(g, g, low_rank=t)),
                     (f"rope_and_cache_write {name}", lambda a=(qkv, cos, cos, cache, cache, slots, pos, heads, kv_heads):
                      ops.rope_and_cache_write(*a)),
+                    (f"rope_and_cache_write +bias {name}",  # the proxy pair's qkv bias (no bias epilogue there)
+                     lambda a=(qkv, cos, cos, cache, cache, slots, pos, heads, kv_heads), b=qkv[:, 0]:
+                     ops.rope_and_cache_write(*a, b)),
+                    (f"step_positions {name}",
+                     lambda slots=slots, seq=seq, table=torch.empty(4097, head_dim):
+                     ops.step_positions(torch.zeros(slots.shape[0] + 1, dtype=torch.int64), slots, slots, seq,
+                                        table, table)),
                     (f"rope_and_cache_write_jvp {name}",
                      lambda a=(qkv, qkv, cos, cos, cache, cache, cache, cache, slots, pos, heads, kv_heads):
                      ops.rope_and_cache_write_jvp(*a)),

@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels.decode_linear import counters_for, decode_linear
-from .layer_ops import LOW_RANK_MAX_RANK, LowRankTerm, compute_dtype, layer_ops
+from .layer_ops import LOW_RANK_MAX_RANK, TORCH, LowRankTerm, compute_dtype, layer_ops
 from .low_rank import LowRankGradient
 
 try:
@@ -865,12 +865,13 @@ class Decoder(nn.Module):
     def _linear_kernel_takes(self, x: torch.Tensor) -> bool:
         return self.linear_kernel and x.shape[1] <= LINEAR_KERNEL_ROWS
 
-    def _qkv(self, h: torch.Tensor, layer) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _qkv(self, h: torch.Tensor, layer, rotary_kernel: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(qkv, bias)``: the qkv projection of ``h`` and the bias still to add (None when added).
-        Several weight copies take theirs in the rotary kernel: their batched matmul has no bias
-        epilogue (``baddbmm`` would first copy the bias into its output, a kernel a layer), so there
-        ``qkv + bias`` rounds twice (as a separate add would) instead of once."""
-        if layer.bqkv is not None and self.num_copies > 1 and not self._linear_kernel_takes(h):
+        With the rotary kernel (``rotary_kernel``), several weight copies add theirs there: their
+        batched matmul has no bias epilogue (``baddbmm`` would first copy the bias into its output,
+        a kernel a layer), so ``qkv + bias`` rounds twice (as a separate add would) instead of once."""
+        if (rotary_kernel and layer.bqkv is not None and self.num_copies > 1
+                and not self._linear_kernel_takes(h)):
             return self._linear(h, layer.wqkv), layer.bqkv
         return self._linear(h, layer.wqkv, layer.bqkv), None
 
@@ -966,26 +967,22 @@ class Decoder(nn.Module):
         cfg, cache = self.config, self.cache
         batch, seq = tokens.shape
         n = torch.full_like(slots, seq) if num_tokens is None else num_tokens
-        start = cache.lengths[slots]
-        t = torch.arange(seq, device=tokens.device)[None, :]
-        position = start[:, None] + t
-        real = (t < n[:, None]) & (position < cache.max_seq_len)
-        write_pos = torch.where(real, position, cache.max_seq_len)
-        query_pos = (start[:, None] + torch.minimum(t, n[:, None] - 1)).clamp(0, cache.max_seq_len - 1)
-        cos, sin = self.rope_cos[query_pos], self.rope_sin[query_pos]
-        lengths = query_pos[:, 0] + 1 if seq == 1 else None  # decode attention's live lengths, once for all layers
+        ops = layer_ops(self.embed, self.fused)
+        # the slots' lengths advance here; every layer uses these positions
+        write_pos, query_pos, cos, sin, live = ops.step_positions(cache.lengths, slots, n, seq, self.rope_cos,
+                                                                  self.rope_sin)
+        lengths = live if seq == 1 else None  # decode attention's live lengths, once for all layers
         if tangent:
-            return self._forward_tangent(tokens, slots, n, start, write_pos, query_pos, lengths, cos, sin, last_only,
+            return self._forward_tangent(tokens, slots, n, write_pos, query_pos, lengths, cos, sin, last_only,
                                          float_logits)
 
         copies, heads, kv_heads, head_dim = self.num_copies, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         eps = cfg.rms_norm_eps
         x = self.embed[:, tokens].view(copies, batch * seq, cfg.hidden_size)
-        ops = layer_ops(x, self.fused)
         mlp_out = None  # each layer's MLP output joins the residual stream in the next norm
         for i, layer in enumerate(self.layers):
             x, h = ops.add_rms_norm(x, layer.attention_norm, eps, mlp_out)
-            qkv, qkv_bias = self._qkv(h, layer)
+            qkv, qkv_bias = self._qkv(h, layer, ops is not TORCH)
             q = ops.rope_and_cache_write(qkv, cos, sin, cache.k[i], cache.v[i], slots, write_pos, heads, kv_heads,
                                          qkv_bias)
             out = attend(q, cache.k[i], cache.v[i], slots, query_pos, lengths, cache.attention_counters)
@@ -993,7 +990,6 @@ class Decoder(nn.Module):
                 out.reshape(copies, batch * seq, heads * head_dim), layer.wo, layer.bo))
             mlp_out = self._linear(ops.silu_mul(self._linear(h, layer.w_gate_up, layer.b_gate_up)), layer.w_down,
                                    layer.b_down)
-        cache.lengths[slots] = (start + n).clamp(max=cache.max_seq_len)
 
         x, mlp_out = self._output_rows(x, mlp_out, n=n, last_only=last_only)
         _, h = ops.add_rms_norm(x, self.norm, eps, mlp_out)
@@ -1011,7 +1007,7 @@ class Decoder(nn.Module):
         rows = torch.arange(batch, device=n.device) * (streams[0].shape[1] // batch) + (n - 1).clamp(min=0)
         return tuple(None if s is None else s[:, rows] for s in streams)
 
-    def _forward_tangent(self, tokens, slots, n, start, write_pos, query_pos, lengths, cos, sin, last_only: bool,
+    def _forward_tangent(self, tokens, slots, n, write_pos, query_pos, lengths, cos, sin, last_only: bool,
                          float_logits: bool):
         """The body of ``forward(..., tangent=True)``: the primal pass of :meth:`forward` with tangents."""
         cfg, cache, g = self.config, self.cache, self.tangent_weights
@@ -1044,7 +1040,6 @@ class Decoder(nn.Module):
             act, dact = ops.silu_mul_jvp(gate_up, dgate_up, low_rank=term)
             mlp_out, dmlp_out, mlp_term = linear_jvp(act, dact, layer.w_down, d("w_down"), layer.b_down,
                                                      d("b_down"), defer=True)
-        cache.lengths[slots] = (start + n).clamp(max=cache.max_seq_len)
 
         z = None if mlp_term is None else mlp_term.z
         x, dx, mlp_out, dmlp_out, z = self._output_rows(x, dx, mlp_out, dmlp_out, z, n=n, last_only=last_only)

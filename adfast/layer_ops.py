@@ -7,9 +7,10 @@ and in tangent mode their forward-mode derivatives. In PyTorch each op is a kern
 weights, so on CUDA each chain is one Triton kernel (:mod:`adfast.kernels.rms_norm`,
 :mod:`adfast.kernels.rotary_cache`, :mod:`adfast.kernels.silu_mul`).
 
-:func:`layer_ops` returns one of two namespaces holding the same six functions (``add_rms_norm``,
+:func:`layer_ops` returns one of two namespaces holding the same seven functions (``add_rms_norm``,
 ``add_rms_norm_jvp``, ``rope_and_cache_write``, ``rope_and_cache_write_jvp``, ``silu_mul``,
-``silu_mul_jvp``) with the same signatures (the tangent functions take a ``low_rank``
+``silu_mul_jvp``, and ``step_positions``, a forward's cache positions and rotary rows, about 17
+small ops in PyTorch and one launch as :mod:`adfast.kernels.positions`) with the same signatures (the tangent functions take a ``low_rank``
 :class:`LowRankTerm` of the tangent they read, which the kernels add as they load it): :data:`TORCH`
 (this module: the CPU and float64 path, and the reference the kernels are tested against) or the
 Triton kernels, whose results agree up to float32 summation order and the dtype rounding each
@@ -159,20 +160,36 @@ def silu_mul_jvp(gate_up: torch.Tensor, dgate_up: torch.Tensor,
     return act * up, dact * up + act * dup
 
 
+def step_positions(lengths, slots, num_tokens, seq: int, cos_table, sin_table):
+    """A forward's positions (:mod:`adfast.kernels.positions` states the math): ``write_pos,
+    query_pos [B, T]``, rotary rows ``cos, sin [B, T, D]`` and decode's live lengths ``[B]``; the
+    slots' ``lengths`` advance in place."""
+    max_seq_len = cos_table.shape[0]
+    start = lengths[slots]
+    t = torch.arange(seq, device=slots.device)[None, :]
+    position = start[:, None] + t
+    real = (t < num_tokens[:, None]) & (position < max_seq_len)
+    write_pos = torch.where(real, position, max_seq_len)
+    query_pos = (start[:, None] + torch.minimum(t, num_tokens[:, None] - 1)).clamp(0, max_seq_len - 1)
+    lengths[slots] = (start + num_tokens).clamp(max=max_seq_len)
+    return write_pos, query_pos, cos_table[query_pos], sin_table[query_pos], query_pos[:, 0] + 1
+
+
 TORCH = SimpleNamespace(add_rms_norm=add_rms_norm, add_rms_norm_jvp=add_rms_norm_jvp,
                         rope_and_cache_write=rope_and_cache_write, rope_and_cache_write_jvp=rope_and_cache_write_jvp,
-                        silu_mul=silu_mul, silu_mul_jvp=silu_mul_jvp)
+                        silu_mul=silu_mul, silu_mul_jvp=silu_mul_jvp, step_positions=step_positions)
 
 
 @cache
 def _triton_ops() -> SimpleNamespace:
     from .kernels.rms_norm import add_rms_norm as k_add_rms_norm, add_rms_norm_jvp as k_add_rms_norm_jvp
     from .kernels.rotary_cache import rope_and_cache_write as k_rope, rope_and_cache_write_jvp as k_rope_jvp
+    from .kernels.positions import step_positions as k_step_positions
     from .kernels.silu_mul import silu_mul as k_silu_mul, silu_mul_jvp as k_silu_mul_jvp
 
     return SimpleNamespace(add_rms_norm=k_add_rms_norm, add_rms_norm_jvp=k_add_rms_norm_jvp,
                            rope_and_cache_write=k_rope, rope_and_cache_write_jvp=k_rope_jvp,
-                           silu_mul=k_silu_mul, silu_mul_jvp=k_silu_mul_jvp)
+                           silu_mul=k_silu_mul, silu_mul_jvp=k_silu_mul_jvp, step_positions=k_step_positions)
 
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

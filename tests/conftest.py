@@ -38,13 +38,25 @@ def pytest_configure(config):
 
 
 def tiny_qwen2(vocab: int = VOCAB, seed: int = 0, **overrides) -> Qwen2ForCausalLM:
-    """A random 2-layer Qwen2 (grouped-query attention, qkv bias, untied head) in float32, eval mode."""
+    """A random 2-layer Qwen2 (grouped-query attention, qkv bias, untied head) in float32, eval mode.
+    transformers initialises the qkv biases to zero: a test of a bias path takes
+    :func:`with_random_biases` of it."""
     torch.manual_seed(seed)
     cfg = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                tie_word_embeddings=False, attn_implementation="eager")
     cfg.update(overrides)
     return Qwen2ForCausalLM(Qwen2Config(**cfg)).eval()
+
+
+def with_random_biases(model, seed: int = 0, std: float = 0.5):
+    """``model`` with every bias drawn from N(0, std^2) (in place; returned)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.copy_(std * torch.randn(param.shape, generator=g))
+    return model
 
 
 def tiny_llama(vocab: int = VOCAB, seed: int = 0, **overrides) -> LlamaForCausalLM:

@@ -16,7 +16,8 @@ import pytest
 
 KERNELS = {"_fused_sample_partials", "_fused_sample_merge", "_adjusted_partials", "_adjusted_write",
            "_decode_attention", "_decode_jvp_partials", "_decode_jvp_merge",
-           "_add_rms_norm", "_add_rms_norm_jvp", "_silu_mul", "_rope_and_cache_write", "_decode_linear"}
+           "_add_rms_norm", "_add_rms_norm_jvp", "_silu_mul", "_rope_and_cache_write", "_decode_linear",
+           "_permutation_keys", "_step_positions"}
 
 
 def run_python(code: str, tmp_path) -> subprocess.CompletedProcess:

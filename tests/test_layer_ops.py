@@ -5,11 +5,11 @@ Each kernel has its own tests against the PyTorch functions of adfast.layer_ops 
 autograd references; these check the wiring: the same decoder run with ``fused=True`` and
 ``fused=False`` (a right-padded prefill of prompts of different lengths, then decode steps) gives
 the same logits, the same tangent logits and the same caches, for one copy (teacher) and two
-stacked copies (proxy pair), Qwen2 (qkv bias, untied) and Llama (tied, llama3 rope).
+stacked copies (proxy pair), Qwen2 (random qkv biases, untied) and Llama (tied, llama3 rope).
 """
 import pytest
 import torch
-from conftest import KERNEL_DEVICE, VOCAB, tiny_llama, tiny_qwen2
+from conftest import KERNEL_DEVICE, VOCAB, tiny_llama, tiny_qwen2, with_random_biases
 
 from adfast.decoder import Decoder
 from adfast.gradient import ProxyGradient, model_identity
@@ -57,7 +57,7 @@ TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rto
 @pytest.mark.parametrize("copies", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_decoder_equals_pytorch_decoder(family, copies, dtype):
-    model = (tiny_qwen2 if family == "qwen2" else tiny_llama)()
+    model = with_random_biases((tiny_qwen2 if family == "qwen2" else tiny_llama)())
     decoder = Decoder.from_hf([model] * copies, dtype=dtype, device=KERNEL_DEVICE)
     assert_same_runs(run(decoder, True, False), run(decoder, False, False), TOLERANCE[dtype])
 
@@ -68,14 +68,14 @@ def test_fused_decoder_equals_pytorch_decoder(family, copies, dtype):
 def test_decode_linear_decoder_equals_pytorch_decoder(family, copies, dtype):
     """The layers' linears (prefill of 15 rows and decode steps, all within the kernel's 64 rows) in
     adfast.kernels.decode_linear, with the bias in its epilogue: the same logits and caches."""
-    model = (tiny_qwen2 if family == "qwen2" else tiny_llama)()
+    model = with_random_biases((tiny_qwen2 if family == "qwen2" else tiny_llama)())
     decoder = Decoder.from_hf([model] * copies, dtype=dtype, device=KERNEL_DEVICE)
     assert_same_runs(run(decoder, True, False, linear_kernel=True), run(decoder, False, False), TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
 def test_fused_tangent_decoder_equals_pytorch_decoder(family):
-    model = (tiny_qwen2 if family == "qwen2" else tiny_llama)()
+    model = with_random_biases((tiny_qwen2 if family == "qwen2" else tiny_llama)())
     g = torch.Generator().manual_seed(5)
     decoder = Decoder.from_hf([model], device=KERNEL_DEVICE)
     decoder.set_tangent({name: torch.randn(p.shape, generator=g) for name, p in model.named_parameters()})
@@ -99,7 +99,8 @@ def low_rank_tangent_decoder(model, device) -> Decoder:
 def test_fused_low_rank_tangent_decoder_equals_pytorch_decoder(family):
     """The kernels add the low-rank terms of wqkv, wo, w_gate_up and w_down as they load the tangent
     (adfast.kernels.low_rank_term); the PyTorch path adds them with a matmul: same outputs."""
-    decoder = low_rank_tangent_decoder((tiny_qwen2 if family == "qwen2" else tiny_llama)(), KERNEL_DEVICE)
+    model = with_random_biases((tiny_qwen2 if family == "qwen2" else tiny_llama)())
+    decoder = low_rank_tangent_decoder(model, KERNEL_DEVICE)
     assert_same_runs(run(decoder, True, True), run(decoder, False, True), TOLERANCE[torch.float32])
 
 
@@ -119,10 +120,11 @@ def test_layer_ops_choice():
 def test_cuda_fused_decoder_equals_pytorch_decoder(dtype):
     """On the GPU: the compiled kernels (and CUDA decode attention) against the PyTorch chains; the
     GPU-marked subset of the tests above, which run on the GPU too where one exists."""
-    model = tiny_llama()
-    decoder = Decoder.from_hf([model] * 2, dtype=dtype, device="cuda")
-    assert_same_runs(run(decoder, True, False), run(decoder, False, False), TOLERANCE[dtype])
-    for model in (model, tiny_qwen2()):  # the tangent pass adds Qwen2's qkv bias in the rotary kernel
+    model, qwen2 = tiny_llama(), with_random_biases(tiny_qwen2())
+    for pair_model in (model, qwen2):  # a Qwen2 pair adds its qkv bias in the rotary kernel
+        decoder = Decoder.from_hf([pair_model] * 2, dtype=dtype, device="cuda")
+        assert_same_runs(run(decoder, True, False), run(decoder, False, False), TOLERANCE[dtype])
+    for model in (model, qwen2):  # the tangent pass adds Qwen2's qkv bias in the rotary kernel
         decoder = Decoder.from_hf([model], dtype=torch.float32, device="cuda")
         g = torch.Generator().manual_seed(5)
         decoder.set_tangent({name: torch.randn(p.shape, generator=g) for name, p in model.named_parameters()})
