@@ -71,7 +71,7 @@ import triton.language as tl
 
 from . import split as launch_plan
 from .group_draw import (GROUP, GROUP_SIZE, WORD_RUN, part_keys, part_pick, row_scaling, shared_gumbel_words,
-                         split_offset)
+                         split_offset, word_k)
 from .launch_order import wait_for_predecessor
 from .online_lse import ref_sum_in_range, ref_sum_lse, ref_sum_update, row_lse
 from .proxy_block import load_proxy_block
@@ -201,7 +201,7 @@ def _fused_sample_partials(
                 k = block % 4
                 if ((k == 0) | (start == lo)) & (not greedy):
                     w0, w1, w2, w3 = shared_gumbel_words(seed, block, row, off_lo, off_hi, ROWS)
-                word = tl.where(k == 0, w0, tl.where(k == 1, w1, tl.where(k == 2, w2, w3)))
+                word = word_k(k, w0, w1, w2, w3)
             t_sum, p_sum, m_sum, best, best_group, proxy_check = _proxy_covered_block(
                 t_sum, p_sum, m_sum, best, best_group, proxy_check, t_row, plus_ptr, minus_ptr, perm_ptr, row,
                 stride_p, stride_perm, start, end, a, scale, greedy, seed, off_lo, off_hi, word,

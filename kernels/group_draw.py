@@ -70,12 +70,17 @@ def shared_gumbel_words(seed, block, row, off_lo, off_hi, ROWS: tl.constexpr):
 
 
 @triton.jit
+def word_k(k, r0, r1, r2, r3):
+    """Word ``k`` (0 to 3, a scalar or per lane) of a Philox call's four."""
+    return tl.where(k == 0, r0, tl.where(k == 1, r1, tl.where(k == 2, r2, r3)))
+
+
+@triton.jit
 def prefix_gumbel_word(seed, groups, row, off_lo, off_hi):
     """The Gumbel word of each proxy-covered part, by the layout of :mod:`adfast.philox`: call
     ``(g // (4 WORD_RUN)) WORD_RUN + g % WORD_RUN``, word ``(g // WORD_RUN) % 4``."""
     r0, r1, r2, r3 = _philox(seed, (groups // (4 * WORD_RUN)) * WORD_RUN + groups % WORD_RUN, row, off_lo, off_hi)
-    k = (groups // WORD_RUN) % 4
-    return tl.where(k == 0, r0, tl.where(k == 1, r1, tl.where(k == 2, r2, r3)))
+    return word_k((groups // WORD_RUN) % 4, r0, r1, r2, r3)
 
 
 @triton.jit
