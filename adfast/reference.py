@@ -59,11 +59,10 @@ def draw_groups(scores: torch.Tensor, vocab_p: int, greedy: torch.Tensor, scale:
     it compares the winners); each set is cut into the parts of groups of 8 entries. Per part, with
     ``w = 2 ** (s' * scale - max s' * scale)`` (``scale [B]``): key ``max s' * scale + log2(sum w)
     + log2(e) G`` (greedy rows, ``greedy [B]`` bool: key ``max s'``), and the entry picked by
-    inverse CDF over the running sums of ``w`` with one uniform (greedy: the first maximal entry),
-    the Philox words by the sampling layout of :mod:`adfast.philox`;
-    per set, the first part of the largest key. Returns ``(best_pre, index_pre, best_tail,
-    index_tail)``, ``[B]`` each: the winning key (-inf when every score of the set is -inf) and
-    vocabulary index.
+    inverse CDF over the running sums of ``w`` with one uniform (greedy: the first maximal entry);
+    per set, the first part of the largest key. The Philox words follow the sampling layout of
+    :mod:`adfast.philox`. Returns ``(best_pre, index_pre, best_tail, index_tail)``, ``[B]`` each:
+    the winning key (-inf when every score of the set is -inf) and vocabulary index.
     """
     batch, vocab = scores.shape
     groups = -(-vocab // 8)
