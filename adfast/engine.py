@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import torch
 
 from .decoder import Decoder
-from .sampling import MODES, sample
+from .sampling import BAD_INPUT_BITS, MODES, sample
 
 # Seeds of ranks > 0 in generate_distributed: rank r samples with seed + r * RANK_SEED_STRIDE (mod 2**63).
 RANK_SEED_STRIDE = 0x9E3779B97F4A7C15
@@ -97,7 +97,8 @@ class StepInputs:
     ``tokens`` int64: each row's last token, overwritten in place by the drawn one; ``slots``
     int64: the rows' cache slots (distinct); ``num_tokens`` int64: 1 for active rows, 0 for idle
     ones; ``tau``, ``lam`` float32; ``top_k`` int64, ``top_p`` float32 (read only when the
-    step's config is ``filtered``); ``offset``: int64 ``[1]``, advanced by one per step.
+    step's config is ``filtered``); ``bad`` int32: written by the step, each row's bad-input bits
+    (:data:`adfast.sampling.BAD_INPUT_BITS`); ``offset``: int64 ``[1]``, advanced by one per step.
     """
 
     tokens: torch.Tensor
@@ -107,6 +108,7 @@ class StepInputs:
     lam: torch.Tensor
     top_k: torch.Tensor
     top_p: torch.Tensor
+    bad: torch.Tensor
     offset: torch.Tensor
 
     @classmethod
@@ -114,12 +116,13 @@ class StepInputs:
         ints = lambda: torch.zeros(max_batch, dtype=torch.int64, device=device)  # noqa: E731
         floats = lambda: torch.zeros(max_batch, dtype=torch.float32, device=device)  # noqa: E731
         return cls(ints(), ints(), ints(), floats(), floats(), ints(), floats(),
+                   torch.zeros(max_batch, dtype=torch.int32, device=device),
                    torch.zeros(1, dtype=torch.int64, device=device))
 
     def head(self, rows: int) -> "StepInputs":
         """Views of the first ``rows`` entries (the same memory, as a captured graph needs)."""
         return StepInputs(*(t[:rows] for t in (self.tokens, self.slots, self.num_tokens, self.tau, self.lam,
-                                                self.top_k, self.top_p)), self.offset)
+                                                self.top_k, self.top_p, self.bad)), self.offset)
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -211,7 +214,7 @@ def decode_one_token(teacher: Decoder, proxies: Decoder | None, rows: StepInputs
     filters = dict(top_k=rows.top_k, top_p=rows.top_p) if config.filtered else {}
     drawn, logprobs = sample(teacher_logits, **proxy_inputs, tau=rows.tau, lam=rows.lam, eps=config.eps,
                              mode=config.mode, seed=config.seed, offset=rows.offset, return_logprobs=True,
-                             proxy_vocab_only=True, check=False, **filters)
+                             proxy_vocab_only=True, check=False, bad_out=rows.bad, **filters)
     tokens.copy_(drawn)
     rows.offset += 1
     return drawn, logprobs
@@ -492,9 +495,15 @@ class Engine:
             if rows_changed or admitted:
                 self._load_rows(active, bucket, free)
             drawn, logprobs = self._decode(bucket, config, proxies)
-            drawn, logprobs = drawn[:len(active)].tolist(), logprobs[:len(active)].tolist()
+            n = len(active)  # one read of the step's tokens, log-probs and bad-input bits (exact in float64)
+            drawn, logprobs, bad = torch.stack((drawn[:n].double(), logprobs[:n].double(),
+                                                self.inputs.bad[:n].double())).tolist()
+            for seq, bits in zip(active, bad):
+                if bits:
+                    problems = "; ".join(what for bit, what in BAD_INPUT_BITS.items() if int(bits) & bit)
+                    raise ValueError(f"prompt {seq.index}, generated token {len(seq.tokens)}: {problems}")
             still = []
-            for seq, token, logprob in zip(active, drawn, logprobs):
+            for seq, token, logprob in zip(active, map(int, drawn), logprobs):
                 seq.tokens.append(token)
                 seq.last_token = token
                 seq.logprob_sum += logprob

@@ -171,18 +171,17 @@ def _coefficients(ops, lam, eps, mode, seed, offset, batch, vocab_p, exact=False
     return coef * sign, perm
 
 
+BAD_INPUT_BITS = {1: "teacher logits contain NaN or +inf", 2: "proxy logits (or delta) contain NaN or +-inf",
+                  4: "every token has -inf score"}
+"""The kernels' bad-input bits of a row and what each means."""
+
+
 def _raise_on_bad(bad: torch.Tensor) -> None:
     bad = bad.cpu()
     if not bool(bad.any()):
         return
     rows = lambda bit: torch.nonzero(bad & bit).flatten().tolist()[:8]  # noqa: E731
-    problems = []
-    if rows(1):
-        problems.append(f"teacher logits contain NaN or +inf (rows {rows(1)})")
-    if rows(2):
-        problems.append(f"proxy logits (or delta) contain NaN or +-inf (rows {rows(2)})")
-    if rows(4):
-        problems.append(f"every token has -inf score (rows {rows(4)})")
+    problems = [f"{what} (rows {rows(bit)})" for bit, what in BAD_INPUT_BITS.items() if rows(bit)]
     raise ValueError("bad logits: " + "; ".join(problems))
 
 
@@ -233,7 +232,7 @@ def sample(teacher_logits, plus_logits=None, minus_logits=None, *, delta=None, t
            eps: float = 1e-4, top_k=0, top_p=1.0, mode: str = "antidistill",
            generator: torch.Generator | None = None, seed: int | None = None, offset=0,
            return_logprobs: bool = False, proxy_vocab_only: bool = False, check: bool = True,
-           backend: str | None = None):
+           bad_out: torch.Tensor | None = None, backend: str | None = None):
     """Draw one token per row from ``softmax(log_softmax(t)/tau + lam * D)`` (module docstring).
 
     Args:
@@ -253,6 +252,9 @@ def sample(teacher_logits, plus_logits=None, minus_logits=None, *, delta=None, t
             above restricted to ``[0, V_P)`` and renormalised; the log-probabilities stay those of
             the teacher's whole vocabulary. Ignored without proxies (temperature mode).
         check: validate inputs and raise on NaN/inf logits (one device sync on a ``[B]`` flag).
+        bad_out: an int32 ``[B]`` tensor on the logits' device that receives each row's bad-input
+            bits (:data:`BAD_INPUT_BITS`), with no sync: how a caller under ``check=False`` (a
+            captured decode step) still learns of NaN logits.
 
     Returns:
         tokens int64 ``[B]``, and float32 ``[B]`` log-probabilities with ``return_logprobs``.
@@ -280,6 +282,8 @@ def sample(teacher_logits, plus_logits=None, minus_logits=None, *, delta=None, t
         greedy_only = torch.where(tau_t == 0, 0.0, 1.0)
         tokens, _, _ = ops.fused_sample(filtered, None, None, None, greedy_only, torch.zeros_like(coef), seed, off)
         logprobs = t.gather(1, tokens[:, None])[:, 0].float() - lse_t
+    if bad_out is not None:
+        bad_out.copy_(bad)
     if check:
         _raise_on_bad(bad)
     return (tokens, logprobs) if return_logprobs else tokens

@@ -174,6 +174,20 @@ def test_top_k_one_is_greedy(engine):
     assert [r.tokens for r in engine.generate(PROMPTS, tau=1.0, top_p=1e-6, seed=3, **kw)] == [r.tokens for r in greedy]
 
 
+@pytest.mark.parametrize("where", ["teacher", "proxy"])
+def test_nan_logits_during_decode_are_an_error_naming_the_prompt(where):
+    """The decode step runs unchecked (as a captured graph must) but hands back each row's bad-input
+    bits with its tokens: a NaN in a model's head is an error naming the prompt and the model."""
+    teacher, pair = tiny_qwen2(), make_pair()
+    model = teacher if where == "teacher" else pair.plus
+    with torch.no_grad():
+        model.lm_head.weight[5, 0] = math.nan
+    engine = Engine(teacher, pair, max_batch_size=2, max_seq_len=16)
+    message = "teacher logits contain NaN" if where == "teacher" else "proxy logits .* contain NaN"
+    with pytest.raises(ValueError, match=f"prompt 0, generated token 0: {message}"):
+        engine.generate(PROMPTS[:2], max_new_tokens=3, tau=1.0, lam=0.1, seed=0)
+
+
 def test_errors(teachers, pair, engine):
     kw = dict(max_new_tokens=4)
     assert engine.generate([], **kw) == []
