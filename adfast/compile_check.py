@@ -18,18 +18,18 @@ limits).
 
 Usage: ``python -m adfast.compile_check [--arch 90] [--sms 132] [--jobs N] [--json PATH]``; exit
 status 1 when a kernel fails to compile or spills. ``--jobs`` (default: the CPU count) shares the
-cases out over that many fresh processes (compiling is CPU-bound; the cases are independent).
-Needs ``TRITON_INTERPRET`` unset (the interpreter replaces ``triton.jit`` at import). The cases
-cover the Qwen2.5 vocabularies (teacher 152064, proxy 151936) at batch 1 and 64 in every sampling
-mode and logit dtype, and decode attention (primal and tangent; the primal also with a cache
-short enough for one split) for the 7B teacher (28 heads over
-4), the 3B proxy pair (16 over 2, two copies), SmolLM2 (9 over 3, head dim 64) and the tests' tiny
-models (4 over 2, head dim 8, padded to 16) with bf16, fp16 and fp32 caches, and the fused layer
-kernels (norms, rotary with the cache write, gated activation, and their tangents, with and without
-a factored tangent's low-rank term; the positions of a forward) at the same models' widths, and the decode-time linear kernel
-at every layer shape of the 7B teacher and the 3B pair (1, 32 and 64 rows, bf16 and fp32). Every
-kernel that takes it is compiled with programmatic dependent launch, as ``ADFAST_PDL=1`` launches
-it on a Hopper GPU.
+cases out over that many fresh processes (compiling is CPU-bound; the cases are independent). Needs
+``TRITON_INTERPRET`` unset (the interpreter replaces ``triton.jit`` at import). The cases cover the
+Qwen2.5 vocabularies (teacher 152064, proxy 151936) at batch 1 and 64 in every sampling mode and
+logit dtype, and decode attention (primal and tangent; the primal also with a cache short enough
+for one split) for the 7B teacher (28 heads over 4), the 3B proxy pair (16 over 2, two copies),
+SmolLM2 (9 over 3, head dim 64) and the tests' tiny models (4 over 2, head dim 8, padded to 16)
+with bf16, fp16 and fp32 caches, and the fused layer kernels (norms, rotary with the cache write,
+gated activation, and their tangents, with and without a factored tangent's low-rank term; the
+positions of a forward) at the same models' widths, and the decode-time linear kernel at every
+layer shape of the 7B teacher and the 3B pair (1, 32 and 64 rows, bf16 and fp32). Every kernel that
+takes it is compiled with programmatic dependent launch, as it launches on a Hopper GPU (unless
+``ADFAST_PDL=0``).
 """
 from __future__ import annotations
 

@@ -10,12 +10,12 @@ weights, so on CUDA each chain is one Triton kernel (:mod:`adfast.kernels.rms_no
 :func:`layer_ops` returns one of two namespaces holding the same seven functions (``add_rms_norm``,
 ``add_rms_norm_jvp``, ``rope_and_cache_write``, ``rope_and_cache_write_jvp``, ``silu_mul``,
 ``silu_mul_jvp``, and ``step_positions``, a forward's cache positions and rotary rows, about 17
-small ops in PyTorch and one launch as :mod:`adfast.kernels.positions`) with the same signatures (the tangent functions take a ``low_rank``
-:class:`LowRankTerm` of the tangent they read, which the kernels add as they load it): :data:`TORCH`
-(this module: the CPU and float64 path, and the reference the kernels are tested against) or the
-Triton kernels, whose results agree up to float32 summation order and the dtype rounding each
-kernel's docstring states (a kernel computes its chain in float32 and rounds once where PyTorch
-rounds after each op).
+small ops in PyTorch and one launch as :mod:`adfast.kernels.positions`) with the same signatures
+(the tangent functions take a ``low_rank`` :class:`LowRankTerm` of the tangent they read, which the
+kernels add as they load it): :data:`TORCH` (this module: the CPU and float64 path, and the
+reference the kernels are tested against) or the Triton kernels, whose results agree up to float32
+summation order and the dtype rounding each kernel's docstring states (a kernel computes its chain
+in float32 and rounds once where PyTorch rounds after each op).
 
 Shapes: ``C`` weight copies, ``N = B T`` token rows, ``E`` hidden size, ``I`` MLP width,
 ``H`` / ``KV`` query / key-value heads of dim ``D``; caches are one layer's

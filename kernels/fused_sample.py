@@ -265,7 +265,7 @@ def _lse(sum_ptr, s, smask, row_ptr, n):
     (:func:`adfast.kernels.online_lse.row_lse`) where their total is out of range."""
     total = tl.sum(tl.load(sum_ptr + s * 5, mask=smask, other=0.0), axis=0)
     lse = ref_sum_lse(total)
-    bad = total != total
+    bad = tl.zeros([], tl.int1)  # a total in range is finite: no NaN or +inf in the row
     if not ref_sum_in_range(total):
         lse, bad = row_lse(row_ptr, n, EXACT_LSE_BLOCK)
     return lse, bad
@@ -359,21 +359,19 @@ def fused_sample(teacher, plus, minus, perm, tau, coef, seed: int, offset, num_s
     tokens = torch.empty(batch, device=dev, dtype=torch.int64)
     logprobs = torch.empty(batch, device=dev, dtype=torch.float32)
     bad = torch.empty(batch, device=dev, dtype=torch.int32)
+    # what both stages read (absent inputs stand in as pointers never dereferenced)
+    inputs = (teacher, plus if has_proxy else teacher, minus if minus is not None else teacher,
+              perm if perm is not None else tokens, tau, coef, offset, fpart, ipart)
+    strides = (teacher.stride(0), plus.stride(0) if has_proxy else 0, perm.stride(0) if perm is not None else 0)
+    flags = dict(HAS_PROXY=has_proxy, SHIFT=shift, PERMUTE=perm is not None, EXACT_D=exact, NOISE=noise,
+                 **launch_plan.dependent_launch(dev))
     _fused_sample_partials[(batch, plan.splits)](
-        teacher, plus if has_proxy else teacher, minus if minus is not None else teacher,
-        perm if perm is not None else tokens, tau, coef, offset, fpart, ipart,
-        teacher.stride(0), plus.stride(0) if has_proxy else 0, perm.stride(0) if perm is not None else 0,
-        vocab_t, vocab_p, plan.chunk, plan.splits, seed,
-        HAS_PROXY=has_proxy, SHIFT=shift, PERMUTE=perm is not None, BLOCK=plan.block, EXACT_D=exact,
-        FAST_LOG=launch_plan.multiprocessor_count(dev) is not None, NUM_STAGES=num_stages, NOISE=noise,
-        DRAW_TAIL=draw_tail, num_warps=plan.num_warps, **launch_plan.dependent_launch(dev),
+        *inputs, *strides, vocab_t, vocab_p, plan.chunk, plan.splits, seed, BLOCK=plan.block,
+        FAST_LOG=launch_plan.multiprocessor_count(dev) is not None, NUM_STAGES=num_stages, DRAW_TAIL=draw_tail,
+        num_warps=plan.num_warps, **flags,
     )
     _fused_sample_merge[(batch,)](
-        teacher, plus if has_proxy else teacher, minus if minus is not None else teacher,
-        perm if perm is not None else tokens, tau, coef, offset, fpart, ipart, tokens, logprobs, bad,
-        teacher.stride(0), plus.stride(0) if has_proxy else 0, perm.stride(0) if perm is not None else 0,
-        vocab_t, vocab_p, plan.splits, seed,
-        HAS_PROXY=has_proxy, SHIFT=shift, PERMUTE=perm is not None, EXACT_D=exact,
-        SPLITS=triton.next_power_of_2(plan.splits), NOISE=noise, **launch_plan.dependent_launch(dev),
+        *inputs, tokens, logprobs, bad, *strides, vocab_t, vocab_p, plan.splits, seed,
+        SPLITS=triton.next_power_of_2(plan.splits), **flags,
     )
     return tokens, logprobs, bad
