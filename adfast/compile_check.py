@@ -26,10 +26,10 @@ for one split) for the 7B teacher (28 heads over 4), the 3B proxy pair (16 over 
 SmolLM2 (9 over 3, head dim 64) and the tests' tiny models (4 over 2, head dim 8, padded to 16)
 with bf16, fp16 and fp32 caches, and the fused layer kernels (norms, rotary with the cache write,
 gated activation, and their tangents, with and without a factored tangent's low-rank term; the
-positions of a forward) at the same models' widths, and the decode-time linear kernel at every
-layer shape of the 7B teacher and the 3B pair (1, 32 and 64 rows, bf16 and fp32). Every kernel that
-takes it is compiled with programmatic dependent launch, as it launches on a Hopper GPU (unless
-``ADFAST_PDL=0``).
+positions of a forward) at the same models' widths, the decode-time linear kernel at every layer
+shape of the 7B teacher and the 3B pair (1, 32 and 64 rows, bf16 and fp32), and the L2 prefetch of
+a weight (whole, and row heads). Every kernel that takes it is compiled with programmatic dependent
+launch, as it launches on a Hopper GPU (unless ``ADFAST_PDL=0``).
 """
 from __future__ import annotations
 
@@ -136,9 +136,10 @@ def _compile_instead_of_launch(arch: int, sms: int, compiled: list, case: list):
     import triton
     from triton.runtime.jit import JITFunction
 
-    from .kernels import split
+    from .kernels import l2_prefetch, split
 
     run, count, dependent = JITFunction.run, split.multiprocessor_count, split.dependent_launch
+    prefetches = l2_prefetch.prefetch_supported
     seen = set()
 
     def compile_only(self, *args, grid, warmup, **kwargs):
@@ -158,10 +159,12 @@ def _compile_instead_of_launch(arch: int, sms: int, compiled: list, case: list):
     triton.runtime.driver.set_active(_CudaTarget(arch))
     JITFunction.run, split.multiprocessor_count = compile_only, lambda device: sms
     split.dependent_launch = lambda device: {"PDL": True, "launch_pdl": True}  # as on Hopper
+    l2_prefetch.prefetch_supported = lambda device: True
     try:
         yield
     finally:
         JITFunction.run, split.multiprocessor_count, split.dependent_launch = run, count, dependent
+        l2_prefetch.prefetch_supported = prefetches
         if torch.cuda.is_available():  # without a GPU there is no real driver to go back to
             triton.runtime.driver.reset_active()
 
@@ -307,6 +310,18 @@ def _linear_cases():
     return cases
 
 
+def _prefetch_cases():
+    """``(label, thunk)`` pairs driving :func:`adfast.kernels.l2_prefetch.prefetch_l2` on the 7B
+    teacher's qkv weight (whole) and gate/up weight (row heads), bf16."""
+    from .kernels.l2_prefetch import prefetch_l2
+
+    label, _, hidden, inter, heads, kv_heads, head_dim = LAYER_SHAPES[0]
+    qkv = torch.empty(1, (heads + 2 * kv_heads) * head_dim, hidden, dtype=torch.bfloat16)
+    gate_up = torch.empty(1, 2 * inter, hidden, dtype=torch.bfloat16)
+    return [(f"prefetch_l2 {label} qkv", lambda: prefetch_l2(qkv, 48 << 20)),
+            (f"prefetch_l2 {label} gate_up", lambda: prefetch_l2(gate_up, 24 << 20))]
+
+
 def compile_all(arch: int = 90, sms: int = 132, cases=None, jobs: int = 1,
                 ) -> tuple[list[CompiledKernel], list[tuple[str, str]]]:
     """Compile every case for ``sm_<arch>`` with GPU plans for ``sms`` SMs (H100 SXM: 132).
@@ -334,7 +349,7 @@ def compile_all(arch: int = 90, sms: int = 132, cases=None, jobs: int = 1,
 
 
 def _default_cases():
-    return _sampling_cases() + _attention_cases() + _layer_cases() + _linear_cases()
+    return _sampling_cases() + _attention_cases() + _layer_cases() + _linear_cases() + _prefetch_cases()
 
 
 def _compile_share(args: tuple[int, int, int, int]):

@@ -68,6 +68,7 @@ from torch import nn
 from .kernels.decode_linear import counters_for, decode_linear
 from .layer_ops import LOW_RANK_MAX_RANK, TORCH, LowRankTerm, compute_dtype, layer_ops
 from .low_rank import LowRankGradient
+from .weight_prefetch import side_stream, weight_prefetcher
 
 try:
     from flash_attn import flash_attn_with_kvcache
@@ -635,6 +636,12 @@ class Decoder(nn.Module):
         # decoder runs on one stream at a time) come with setup_cache.
         self.linear_kernel = False
         self.linear_counters: torch.Tensor | None = None
+        # Decode steps' weight prefetch (adfast.weight_prefetch): bytes of each layer matmul's weight
+        # pulled into L2 on a side stream while the kernels before that matmul run; 0 (the default
+        # until measured) turns it off. The side stream comes with setup_cache (None where the
+        # prefetch does not apply: CPU, GPUs before Hopper).
+        self.prefetch_bytes = 0
+        self.prefetch_stream: torch.cuda.Stream | None = None
 
     # ----------------------------------------------------------------------------------- loading
 
@@ -852,6 +859,7 @@ class Decoder(nn.Module):
         widest = max(cfg.vocab_size, cfg.hidden_size, 2 * cfg.intermediate_size,
                      (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim)
         self.linear_counters = counters_for(self.num_copies, widest, device)
+        self.prefetch_stream = side_stream(torch.device(device))
         return self.cache
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -980,16 +988,22 @@ class Decoder(nn.Module):
         eps = cfg.rms_norm_eps
         x = self.embed[:, tokens].view(copies, batch * seq, cfg.hidden_size)
         mlp_out = None  # each layer's MLP output joins the residual stream in the next norm
+        prefetch = weight_prefetcher(self.prefetch_stream, self.prefetch_bytes, seq)
         for i, layer in enumerate(self.layers):
+            prefetch(layer.wqkv)  # each weight once the matmul before has read its own
             x, h = ops.add_rms_norm(x, layer.attention_norm, eps, mlp_out)
             qkv, qkv_bias = self._qkv(h, layer, ops is not TORCH)
+            prefetch(layer.wo)
             q = ops.rope_and_cache_write(qkv, cos, sin, cache.k[i], cache.v[i], slots, write_pos, heads, kv_heads,
                                          qkv_bias)
             out = attend(q, cache.k[i], cache.v[i], slots, query_pos, lengths, cache.attention_counters)
-            x, h = ops.add_rms_norm(x, layer.ffn_norm, eps, self._linear(
-                out.reshape(copies, batch * seq, heads * head_dim), layer.wo, layer.bo))
-            mlp_out = self._linear(ops.silu_mul(self._linear(h, layer.w_gate_up, layer.b_gate_up)), layer.w_down,
-                                   layer.b_down)
+            attention_out = self._linear(out.reshape(copies, batch * seq, heads * head_dim), layer.wo, layer.bo)
+            prefetch(layer.w_gate_up)
+            x, h = ops.add_rms_norm(x, layer.ffn_norm, eps, attention_out)
+            gate_up = self._linear(h, layer.w_gate_up, layer.b_gate_up)
+            prefetch(layer.w_down)
+            mlp_out = self._linear(ops.silu_mul(gate_up), layer.w_down, layer.b_down)
+        prefetch.join()
 
         x, mlp_out = self._output_rows(x, mlp_out, n=n, last_only=last_only)
         _, h = ops.add_rms_norm(x, self.norm, eps, mlp_out)

@@ -14,8 +14,10 @@ Variants, each at batch sizes 1, 8, 32, 64 (prompt 128 random tokens, 256 new to
 Engine rows run with the engine's defaults: the decoders' linears in cuBLAS, and on a Hopper GPU
 our kernels with programmatic dependent launch (:func:`adfast.kernels.split.dependent_launch`).
 Settings off the defaults name their rows: ``--linear kernel`` (adfast's decode-time kernel,
-:mod:`adfast.kernels.decode_linear`) appends ``_kernel``, ``ADFAST_PDL=0`` on a Hopper GPU
-appends ``_nopdl``.
+:mod:`adfast.kernels.decode_linear`) appends ``_kernel``, ``--prefetch-mb N`` (each layer
+weight's first N MB pulled into L2 on a side stream before its matmul, :mod:`adfast.weight_prefetch`;
+teacher and finite-difference pair, not the tangent pass) appends ``_pf<N>``, ``ADFAST_PDL=0`` on a
+Hopper GPU appends ``_nopdl``.
 
 Models have the real architectures with random bf16 weights (throughput does not depend on the
 values): a Qwen2.5-7B-shaped teacher and a Qwen2.5-3B-shaped proxy pair (``--shapes real``, a CUDA
@@ -86,11 +88,12 @@ def device_for(shapes: str) -> torch.device | None:
     return device
 
 
-def variant_suffix(linear_kernel: bool, device) -> str:
+def variant_suffix(linear_kernel: bool, prefetch_mb: int, device) -> str:
     """What an engine row's variant name gets for settings off the defaults: ``_kernel`` (the
-    linears in adfast's kernel), ``_nopdl`` (programmatic dependent launch turned off where it applies)."""
+    linears in adfast's kernel), ``_pf<N>`` (N MB of each layer weight prefetched to L2),
+    ``_nopdl`` (programmatic dependent launch turned off where it applies)."""
     off = dependent_launch_supported(device) and not dependent_launch(device)
-    return ("_kernel" if linear_kernel else "") + ("_nopdl" if off else "")
+    return ("_kernel" if linear_kernel else "") + (f"_pf{prefetch_mb}" if prefetch_mb else "") + ("_nopdl" if off else "")
 
 
 def random_model(spec: dict, dtype, device) -> Qwen2ForCausalLM:
@@ -171,6 +174,9 @@ def main(argv=None) -> int:
     parser.add_argument("--linear", choices=["cublas", "kernel"], default="cublas",
                         help="the engine's layer linears at decode: cuBLAS (the default) or adfast's kernel "
                              "(rows named <variant>_kernel)")
+    parser.add_argument("--prefetch-mb", type=int, default=0,
+                        help="MB of each layer weight the engine's decoders prefetch to L2 before its matmul "
+                             "(0: off, the default; rows named <variant>_pf<N>)")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
@@ -205,8 +211,9 @@ def main(argv=None) -> int:
     # One teacher Decoder shared by every engine (each engine would otherwise copy the 15 GB teacher).
     teacher_decoder = Decoder.from_hf([teacher], dtype=dtype, device=device)
     linear_kernel = args.linear == "kernel"
-    suffix = variant_suffix(linear_kernel, device)
+    suffix = variant_suffix(linear_kernel, args.prefetch_mb, device)
     teacher_decoder.linear_kernel = linear_kernel
+    teacher_decoder.prefetch_bytes = args.prefetch_mb << 20
     if not any(v.startswith("hf_") for v in args.variants):
         del teacher
         gc.collect()
@@ -255,6 +262,7 @@ def main(argv=None) -> int:
         tangent, KV caches and captured graphs, not the shared teacher decoder."""
         if engine.proxies is not None:
             engine.proxies.linear_kernel = linear_kernel
+            engine.proxies.prefetch_bytes = args.prefetch_mb << 20
         for batch in args.batches:
             kw = dict(tau=TAU, lam=LAM, mode=mode, seed=0)
             engine.generate(prompts(batch), max_new_tokens=4, **kw)  # warm-up: graph capture

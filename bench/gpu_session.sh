@@ -33,11 +33,12 @@
 #             tests on the GPU, bench/sampler.py, goals                               (~2.5 min)
 #   kernels   the whole test suite (the GPU tests, and the kernel tests on CUDA tensors instead of
 #             the interpreter); bench/sampler.py at batch 1 to 64                       (~5 min)
-#   sampler   the sampler's tests on the GPU, bench/sampler_tune.py (the fused sampler's launch plans:
-#             block, warps, programs per SM, pipelining), bench/sampler.py, Nsight Compute on it at
-#             batch 64, the engine's GPU tests, the engine's temperature, antidistillation and
-#             permutation rows at batch 1 and 32 (the engine now draws with proxy_vocab_only from
-#             bf16 logits; permutation keys from one kernel), goals; next             (~8 min)
+#   sampler   the sampler's tests on the GPU, bench/sampler.py, the engine's GPU tests with the L2
+#             prefetch's, the engine's temperature, antidistillation and permutation rows at batch 1
+#             and 32 (the engine now draws with proxy_vocab_only from bf16 logits; permutation keys
+#             from one kernel), temperature and antidistillation again with --prefetch-mb 24 (rows
+#             *_pf24), goals, bench/sampler_tune.py over the plans with shared Philox words (8
+#             warps, block 2048), Nsight Compute on the sampler at batch 64; next        (~9 min)
 #   decode    bench/decode.py: HF generate and engine temperature/antidistill/permutation (~6 min)
 #   jvp       bench/decode.py --append: engine temperature, exact-D jvp, low-rank jvp r8..r512 (~6 min);
 #             on a fresh machine, first copy the returned decode-*.json into bench/results/
@@ -97,16 +98,18 @@ stage_kernels() {
     step 200 sampler.log python3 bench/sampler.py
 }
 
-stage_sampler() {
+stage_sampler() {  # most important first: a call cut short keeps what came before
     step 70 gpu-tests.log python3 -m pytest -q -n 8 --tb=short tests/test_sampling.py
-    step 100 sampler.log python3 bench/sampler_tune.py --blocks 1024 2048 --warps 4 8 --programs-per-sm 2 4 \
-        --stages 1 3
     step 30 sampler.log python3 bench/sampler.py
-    sampler_ncu sampler-ncu-grouped-B64
-    step 60 gpu-tests.log python3 -m pytest -q -n 4 --tb=short -m gpu tests/test_engine.py
+    step 70 gpu-tests.log python3 -m pytest -q -n 4 --tb=short -m gpu tests/test_engine.py \
+        tests/test_l2_prefetch_kernel.py
     step 160 decode.log python3 bench/decode.py --append --batches 1 32 --variants engine_temperature \
         engine_antidistill engine_permutation
+    step 110 decode.log python3 bench/decode.py --append --batches 1 32 --prefetch-mb 24 --variants \
+        engine_temperature engine_antidistill
     step 10 goals.log python3 bench/goals.py
+    step 45 sampler.log python3 bench/sampler_tune.py --blocks 2048 --warps 8 --programs-per-sm 2 4 --stages 1 3
+    sampler_ncu sampler-ncu-grouped-B64
 }
 
 stage_followup() {

@@ -28,6 +28,11 @@ def test_decode_benchmark_runs_every_variant_on_tiny_shapes(tmp_path):
             [r for r in first if (r["batch"], r["variant"]) == (2, "engine_temperature")]
         assert bench.main(tiny + ["--batches", "1", "--variants", "engine_temperature"]) == 0
         assert [(r["batch"], r["variant"]) for r in json.loads(result.read_text())] == [(1, "engine_temperature")]
+        # a setting off the defaults names its rows (the prefetch itself does nothing on CPU)
+        assert bench.main(tiny + ["--batches", "1", "--variants", "engine_temperature", "--prefetch-mb", "2",
+                                  "--append"]) == 0
+        assert [r["variant"] for r in json.loads(result.read_text())] == ["engine_temperature",
+                                                                          "engine_temperature_pf2"]
     variants = [v for v in bench.VARIANTS if v != "engine_jvp_lowrank"] + ["engine_jvp_r4"]
     assert sorted((r["variant"], r["batch"]) for r in rows) == sorted((v, b) for v in variants for b in (1, 2))
     for row in rows:

@@ -17,7 +17,7 @@ import pytest
 KERNELS = {"_fused_sample_partials", "_fused_sample_merge", "_adjusted_partials", "_adjusted_write",
            "_decode_attention", "_decode_jvp_partials", "_decode_jvp_merge",
            "_add_rms_norm", "_add_rms_norm_jvp", "_silu_mul", "_rope_and_cache_write", "_decode_linear",
-           "_permutation_keys", "_step_positions"}
+           "_permutation_keys", "_step_positions", "_prefetch_l2"}
 
 
 def run_python(code: str, tmp_path) -> subprocess.CompletedProcess:

@@ -129,6 +129,73 @@ def test_logits_in_the_decoders_dtype_are_the_float_logits_unconverted():
     assert torch.equal(native.float(), as_float)
 
 
+def test_decode_steps_prefetch_each_layer_weight_before_its_matmul(monkeypatch):
+    """With ``prefetch_bytes`` set, a decode step asks its prefetcher (adfast.weight_prefetch) for
+    each layer's weights in the order the matmuls read them, each issued after the matmul before
+    it (so that the prefetch runs beside the small kernels in between), and joins it before the
+    logits; a prefill prefetches nothing. The calls are recorded against the decoder's own
+    matmuls (a stand-in prefetcher and a counting ``_linear``); the logits are unchanged."""
+    from adfast import decoder as decoder_module
+    from adfast.weight_prefetch import NO_PREFETCH
+
+    events, budgets = [], []
+
+    class Recorder:
+        def __call__(self, weight):
+            events.append(("prefetch", weight))
+
+        def join(self):
+            events.append(("join", None))
+
+    real = decoder_module.weight_prefetcher
+
+    def recording(stream, budget, tokens_per_row):
+        budgets.append((budget, tokens_per_row))
+        # where a side stream would make it prefetch (CPU has none), record instead
+        return NO_PREFETCH if real(object(), budget, tokens_per_row) is NO_PREFETCH else Recorder()
+
+    decoder = Decoder.from_hf([MODELS["qwen2"]()])
+    decoder.setup_cache(2, 16)
+    tokens, num_tokens = right_padded(random_prompts([5, 3], seed=2))
+    slots = torch.tensor([0, 1])
+    step = torch.tensor([[7], [9]])
+    reference = [decoder(tokens, slots, num_tokens), decoder(step, slots)]
+
+    linear = decoder._linear
+    monkeypatch.setattr(decoder, "_linear", lambda x, w, b=None: events.append(("matmul", w)) or linear(x, w, b))
+    monkeypatch.setattr(decoder_module, "weight_prefetcher", recording)
+    decoder.prefetch_bytes = 1 << 20
+    decoder.cache.reset(slots)
+    assert torch.equal(decoder(tokens, slots, num_tokens), reference[0])
+    assert not any(kind == "prefetch" for kind, _ in events)
+    events.clear()
+    assert torch.equal(decoder(step, slots), reference[1])
+    assert budgets == [(1 << 20, tokens.shape[1]), (1 << 20, 1)]
+
+    expected = []
+    for layer in decoder.layers:
+        for weight in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down):
+            expected += [("prefetch", weight), ("matmul", weight)]
+    expected += [("join", None), ("matmul", decoder.lm_head)]
+    # the prefetch of each weight comes right after the matmul before it reads its own
+    assert [(kind, w is None or id(w)) for kind, w in events] == [(kind, w is None or id(w)) for kind, w in expected]
+
+
+def test_weight_prefetcher_applies_to_decode_steps_with_a_budget_and_a_side_stream():
+    from adfast.weight_prefetch import NO_PREFETCH, WeightPrefetcher, weight_prefetcher
+
+    stream = object()  # a stand-in: nothing is launched here
+    assert isinstance(weight_prefetcher(stream, 1 << 20, 1), WeightPrefetcher)
+    assert weight_prefetcher(stream, 0, 1) is NO_PREFETCH  # off
+    assert weight_prefetcher(stream, 1 << 20, 7) is NO_PREFETCH  # a prefill
+    assert weight_prefetcher(None, 1 << 20, 1) is NO_PREFETCH  # CPU, or a GPU without bulk prefetch
+    with pytest.raises(ValueError, match="prefetch_bytes"):
+        weight_prefetcher(stream, -1, 1)
+    decoder = Decoder.from_hf([MODELS["qwen2"]()])
+    decoder.setup_cache(1, 8)
+    assert decoder.prefetch_stream is None and decoder.prefetch_bytes == 0  # CPU: no side stream; off by default
+
+
 @pytest.mark.parametrize("family", ["qwen2", "llama3-tied"])
 def test_two_copies_are_two_models(family):
     models = [MODELS[family](seed=0), MODELS[family](seed=1)]

@@ -275,6 +275,33 @@ def test_dependent_launch_changes_no_result(teachers, pair, monkeypatch):
     assert [run(False), run(True)] == dependent
 
 
+@cuda_test
+def test_weight_prefetch_changes_no_result(teachers, pair):
+    """The decoders' L2 weight prefetch (a side stream forked and joined in every captured decode
+    step) gives the same tokens and log-probs as none, with whole weights (a budget they fit) and
+    row heads (a budget of one 128-byte line a row) prefetched; bf16, CUDA graphs."""
+    from adfast.kernels.l2_prefetch import prefetch_supported
+
+    if not prefetch_supported(torch.device("cuda")):
+        pytest.skip("the bulk prefetch needs a Hopper (sm_90) or later GPU")
+    kw = dict(max_new_tokens=MAX_NEW, tau=[1.0, 0.0, 0.7, 1.0, 1.3, 1.0], lam=[0.5, 1.0, 0.0, 2.0, 1.0, 0.5],
+              seed=5, stop_token_ids=[5])
+
+    def run(budget_per_row):
+        engine = Engine(teachers["qwen2"], pair, max_batch_size=4, max_seq_len=16, device="cuda",
+                        dtype=torch.bfloat16)
+        for model in (engine.teacher, engine.proxies):
+            model.prefetch_bytes = budget_per_row * model.layers[0].w_gate_up.shape[1] * model.num_copies
+        results = [(r.tokens, r.mean_logprob) for mode in ("antidistill", "permutation", "temperature")
+                   for r in engine.generate(PROMPTS, mode=mode, **kw)]
+        assert engine._graphs
+        return results
+
+    none = run(0)
+    assert run(1 << 20) == none
+    assert run(128) == none
+
+
 # ------------------------------------------------------------------------------- torchrun sharding
 
 DIST_PROMPTS = PROMPTS[:5]
