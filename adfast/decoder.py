@@ -194,8 +194,11 @@ def rope_inv_freq(config: DecoderConfig, dtype: torch.dtype) -> torch.Tensor:
 
 
 LINEAR_KERNEL_ROWS = 32
-"""The most rows :attr:`Decoder.linear_kernel` gives the decode-time GEMM: at 64 rows it was slower
-than cuBLAS on every layer of the 7B teacher and 3B pair on an H200 (``bench/linear.py``)."""
+"""The default of :attr:`Decoder.linear_kernel_rows`, the most rows a call gives the decode-time
+GEMM: at 64 rows it was slower than cuBLAS on every layer of the 7B teacher and 3B pair on an H200
+(``bench/linear.py``)."""
+LINEAR_PROJECTIONS = ("qkv", "o", "gate_up", "down", "lm_head")
+"""The decoder's linears by name, as :attr:`Decoder.linear_kernel` may list them."""
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -629,12 +632,14 @@ class Decoder(nn.Module):
         # The layers' elementwise chains: None runs the Triton kernels on CUDA and PyTorch elsewhere;
         # True / False force one (adfast.layer_ops.layer_ops).
         self.fused: bool | None = None
-        # The linears (layers and lm_head): True runs calls of at most LINEAR_KERNEL_ROWS rows (decode
+        # The linears (layers and lm_head): True runs calls of at most linear_kernel_rows rows (decode
         # steps, short prefills) in the decode-time Triton GEMM (adfast.kernels.decode_linear; on CPU
-        # tensors it needs TRITON_INTERPRET=1), False (the default: cuBLAS was faster in the engine,
-        # bench/linear.py) runs them all as `linear`. The kernel's split-K tickets (one buffer: a
-        # decoder runs on one stream at a time) come with setup_cache.
+        # tensors it needs TRITON_INTERPRET=1), a set of LINEAR_PROJECTIONS names only those linears
+        # (per product the kernel beat cuBLAS on some and lost on others, bench/linear.py), False (the
+        # default: cuBLAS was faster in the engine) runs them all as `linear`. The kernel's split-K
+        # tickets (one buffer: a decoder runs on one stream at a time) come with setup_cache.
         self.linear_kernel = False
+        self.linear_kernel_rows = LINEAR_KERNEL_ROWS
         self.linear_counters: torch.Tensor | None = None
         # Decode steps' weight prefetch (adfast.weight_prefetch): bytes of each layer matmul's weight
         # pulled into L2 on a side stream while the kernels before that matmul run; 0 (the default
@@ -862,16 +867,34 @@ class Decoder(nn.Module):
         self.prefetch_stream = side_stream(torch.device(device))
         return self.cache
 
-    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``x W^T + b``: with :attr:`linear_kernel` and at most :data:`LINEAR_KERNEL_ROWS` rows the
-        decode-time Triton GEMM (the same function: float32 accumulation, bias added before one
-        rounding), else :func:`linear`."""
-        if self._linear_kernel_takes(x):
+    @property
+    def linear_kernel(self) -> bool | frozenset[str]:
+        """Which linears run in the decode-time GEMM (comment in ``__init__``): True (all), False
+        (none) or a set of :data:`LINEAR_PROJECTIONS` names."""
+        return self._linear_kernel
+
+    @linear_kernel.setter
+    def linear_kernel(self, value) -> None:
+        if not isinstance(value, bool):
+            value = frozenset(value)
+            unknown = sorted(value - set(LINEAR_PROJECTIONS))
+            if unknown:
+                raise ValueError(f"linear_kernel names linears of {LINEAR_PROJECTIONS}, got {unknown}")
+        self._linear_kernel = value
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, projection: str
+                ) -> torch.Tensor:
+        """``x W^T + b`` of the linear named ``projection``: in the decode-time Triton GEMM where
+        :attr:`linear_kernel` takes it and ``x`` has at most :attr:`linear_kernel_rows` rows (the
+        same function: float32 accumulation, bias added before one rounding), else :func:`linear`."""
+        if self._linear_kernel_takes(x, projection):
             return decode_linear(x, weight, bias, counters=self.linear_counters)
         return linear(x, weight, bias)
 
-    def _linear_kernel_takes(self, x: torch.Tensor) -> bool:
-        return self.linear_kernel and x.shape[1] <= LINEAR_KERNEL_ROWS
+    def _linear_kernel_takes(self, x: torch.Tensor, projection: str) -> bool:
+        kernel = self.linear_kernel
+        return (x.shape[1] <= self.linear_kernel_rows and kernel is not False
+                and (kernel is True or projection in kernel))
 
     def _qkv(self, h: torch.Tensor, layer, rotary_kernel: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(qkv, bias)``: the qkv projection of ``h`` and the bias still to add (None when added).
@@ -879,9 +902,9 @@ class Decoder(nn.Module):
         batched matmul has no bias epilogue (``baddbmm`` would first copy the bias into its output,
         a kernel a layer), so ``qkv + bias`` rounds twice (as a separate add would) instead of once."""
         if (rotary_kernel and layer.bqkv is not None and self.num_copies > 1
-                and not self._linear_kernel_takes(h)):
-            return self._linear(h, layer.wqkv), layer.bqkv
-        return self._linear(h, layer.wqkv, layer.bqkv), None
+                and not self._linear_kernel_takes(h, "qkv")):
+            return self._linear(h, layer.wqkv, None, "qkv"), layer.bqkv
+        return self._linear(h, layer.wqkv, layer.bqkv, "qkv"), None
 
     # ----------------------------------------------------------------------------------- forward
 
@@ -997,17 +1020,18 @@ class Decoder(nn.Module):
             q = ops.rope_and_cache_write(qkv, cos, sin, cache.k[i], cache.v[i], slots, write_pos, heads, kv_heads,
                                          qkv_bias)
             out = attend(q, cache.k[i], cache.v[i], slots, query_pos, lengths, cache.attention_counters)
-            attention_out = self._linear(out.reshape(copies, batch * seq, heads * head_dim), layer.wo, layer.bo)
+            attention_out = self._linear(out.reshape(copies, batch * seq, heads * head_dim), layer.wo, layer.bo,
+                                         "o")
             prefetch(layer.w_gate_up)
             x, h = ops.add_rms_norm(x, layer.ffn_norm, eps, attention_out)
-            gate_up = self._linear(h, layer.w_gate_up, layer.b_gate_up)
+            gate_up = self._linear(h, layer.w_gate_up, layer.b_gate_up, "gate_up")
             prefetch(layer.w_down)
-            mlp_out = self._linear(ops.silu_mul(gate_up), layer.w_down, layer.b_down)
+            mlp_out = self._linear(ops.silu_mul(gate_up), layer.w_down, layer.b_down, "down")
         prefetch.join()
 
         x, mlp_out = self._output_rows(x, mlp_out, n=n, last_only=last_only)
         _, h = ops.add_rms_norm(x, self.norm, eps, mlp_out)
-        logits = self._linear(h, self.lm_head).view(copies, batch, -1, cfg.vocab_size)
+        logits = self._linear(h, self.lm_head, None, "lm_head").view(copies, batch, -1, cfg.vocab_size)
         return logits.float() if float_logits and logits.dtype != torch.float64 else logits
 
     @staticmethod

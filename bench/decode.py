@@ -14,7 +14,9 @@ Variants, each at batch sizes 1, 8, 32, 64 (prompt 128 random tokens, 256 new to
 Engine rows run with the engine's defaults: the decoders' linears in cuBLAS, and on a Hopper GPU
 our kernels with programmatic dependent launch (:func:`adfast.kernels.split.dependent_launch`).
 Settings off the defaults name their rows: ``--linear kernel`` (adfast's decode-time kernel,
-:mod:`adfast.kernels.decode_linear`) appends ``_kernel``, ``--prefetch-mb N`` (each layer
+:mod:`adfast.kernels.decode_linear`) appends ``_kernel`` (with ``--linear-projections o lm_head``,
+only those linears: ``_kernel-o-lm_head``; with ``--linear-rows N``, calls of at most N rows:
+``-r<N>``), ``--prefetch-mb N`` (each layer
 weight's first N MB pulled into L2 on a side stream before its matmul, :mod:`adfast.weight_prefetch`;
 teacher and finite-difference pair, not the tangent pass) appends ``_pf<N>``, ``ADFAST_PDL=0`` on a
 Hopper GPU appends ``_nopdl``.
@@ -53,7 +55,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import adfast
-from adfast.decoder import Decoder, decode_attention_backend
+from adfast.decoder import LINEAR_KERNEL_ROWS, LINEAR_PROJECTIONS, Decoder, decode_attention_backend
 from adfast.gradient import model_identity
 from adfast.hf import AntidistillationLogitsProcessor
 from adfast.kernels.split import dependent_launch, dependent_launch_supported
@@ -88,12 +90,43 @@ def device_for(shapes: str) -> torch.device | None:
     return device
 
 
-def variant_suffix(linear_kernel: bool, prefetch_mb: int, device) -> str:
+def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
+    """The engine settings off the defaults that name their rows (:func:`variant_suffix`)."""
+    parser.add_argument("--linear", choices=["cublas", "kernel"], default="cublas",
+                        help="the engine's layer linears at decode: cuBLAS (the default) or adfast's kernel "
+                             "(rows named <variant>_kernel)")
+    parser.add_argument("--linear-projections", nargs="+", choices=LINEAR_PROJECTIONS, default=None,
+                        help="with --linear kernel: only these linears in the kernel (rows <variant>_kernel-<names>)")
+    parser.add_argument("--linear-rows", type=int, default=LINEAR_KERNEL_ROWS,
+                        help="with --linear kernel: the most rows a call gives the kernel (rows <variant>_kernel-r<N> "
+                             f"off the default {LINEAR_KERNEL_ROWS})")
+    parser.add_argument("--prefetch-mb", type=int, default=0,
+                        help="MB of each layer weight the engine's decoders prefetch to L2 before its matmul "
+                             "(0: off, the default; rows named <variant>_pf<N>)")
+
+
+def apply_settings(decoder: Decoder, args) -> None:
+    """Give ``decoder`` the settings of :func:`add_setting_arguments`."""
+    kernel = args.linear == "kernel"
+    decoder.linear_kernel = args.linear_projections if kernel and args.linear_projections else kernel
+    decoder.linear_kernel_rows = args.linear_rows
+    decoder.prefetch_bytes = args.prefetch_mb << 20
+
+
+def variant_suffix(args, device) -> str:
     """What an engine row's variant name gets for settings off the defaults: ``_kernel`` (the
-    linears in adfast's kernel), ``_pf<N>`` (N MB of each layer weight prefetched to L2),
-    ``_nopdl`` (programmatic dependent launch turned off where it applies)."""
+    linears in adfast's kernel; ``-<names>`` for some of them, ``-r<N>`` for at most N rows),
+    ``_pf<N>`` (N MB of each layer weight prefetched to L2), ``_nopdl`` (programmatic dependent
+    launch turned off where it applies)."""
+    suffix = ""
+    if args.linear == "kernel":
+        names = [p for p in LINEAR_PROJECTIONS if p in (args.linear_projections or LINEAR_PROJECTIONS)]
+        suffix = "_kernel" + ("-" + "-".join(names) if len(names) < len(LINEAR_PROJECTIONS) else "") + (
+            f"-r{args.linear_rows}" if args.linear_rows != LINEAR_KERNEL_ROWS else "")
+    if args.prefetch_mb:
+        suffix += f"_pf{args.prefetch_mb}"
     off = dependent_launch_supported(device) and not dependent_launch(device)
-    return ("_kernel" if linear_kernel else "") + (f"_pf{prefetch_mb}" if prefetch_mb else "") + ("_nopdl" if off else "")
+    return suffix + ("_nopdl" if off else "")
 
 
 def random_model(spec: dict, dtype, device) -> Qwen2ForCausalLM:
@@ -171,12 +204,7 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--jvp-ranks", type=int, nargs="+", default=None,
                         help="ranks of engine_jvp_lowrank (default: 8 32 128 512 real, 4 16 tiny)")
-    parser.add_argument("--linear", choices=["cublas", "kernel"], default="cublas",
-                        help="the engine's layer linears at decode: cuBLAS (the default) or adfast's kernel "
-                             "(rows named <variant>_kernel)")
-    parser.add_argument("--prefetch-mb", type=int, default=0,
-                        help="MB of each layer weight the engine's decoders prefetch to L2 before its matmul "
-                             "(0: off, the default; rows named <variant>_pf<N>)")
+    add_setting_arguments(parser)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
@@ -210,10 +238,8 @@ def main(argv=None) -> int:
     teacher_bytes, proxy_bytes = weight_bytes(teacher), weight_bytes(pair.plus)
     # One teacher Decoder shared by every engine (each engine would otherwise copy the 15 GB teacher).
     teacher_decoder = Decoder.from_hf([teacher], dtype=dtype, device=device)
-    linear_kernel = args.linear == "kernel"
-    suffix = variant_suffix(linear_kernel, args.prefetch_mb, device)
-    teacher_decoder.linear_kernel = linear_kernel
-    teacher_decoder.prefetch_bytes = args.prefetch_mb << 20
+    suffix = variant_suffix(args, device)
+    apply_settings(teacher_decoder, args)
     if not any(v.startswith("hf_") for v in args.variants):
         del teacher
         gc.collect()
@@ -261,8 +287,7 @@ def main(argv=None) -> int:
         (taken just before the engine was built) after the row: its proxy copies or proxy and
         tangent, KV caches and captured graphs, not the shared teacher decoder."""
         if engine.proxies is not None:
-            engine.proxies.linear_kernel = linear_kernel
-            engine.proxies.prefetch_bytes = args.prefetch_mb << 20
+            apply_settings(engine.proxies, args)
         for batch in args.batches:
             kw = dict(tau=TAU, lam=LAM, mode=mode, seed=0)
             engine.generate(prompts(batch), max_new_tokens=4, **kw)  # warm-up: graph capture

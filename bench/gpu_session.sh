@@ -39,6 +39,10 @@
 #             from one kernel), temperature and antidistillation again with --prefetch-mb 24 (rows
 #             *_pf24), goals, bench/sampler_tune.py over the plans with shared Philox words (8
 #             warps, block 2048), Nsight Compute on the sampler at batch 64; next        (~9 min)
+#   levers    after sampler: engine temperature and antidistillation rows with the L2 weight prefetch
+#             at 16 and 40 MB (batch 1 and 32), with the linear kernel on the projections where it
+#             beat cuBLAS at one row (o, gate/up, down, lm_head; batch 1), with both, and a profile
+#             of temperature with the prefetch                                        (~8 min)
 #   decode    bench/decode.py: HF generate and engine temperature/antidistill/permutation (~6 min)
 #   jvp       bench/decode.py --append: engine temperature, exact-D jvp, low-rank jvp r8..r512 (~6 min);
 #             on a fresh machine, first copy the returned decode-*.json into bench/results/
@@ -110,6 +114,19 @@ stage_sampler() {  # most important first: a call cut short keeps what came befo
     step 10 goals.log python3 bench/goals.py
     step 45 sampler.log python3 bench/sampler_tune.py --blocks 2048 --warps 8 --programs-per-sm 2 4 --stages 1 3
     sampler_ncu sampler-ncu-grouped-B64
+}
+
+stage_levers() {  # after sampler: the step's settings not yet measured, each a run of its own
+    step 120 decode.log python3 bench/decode.py --append --batches 1 32 --prefetch-mb 16 --variants \
+        engine_temperature engine_antidistill
+    step 120 decode.log python3 bench/decode.py --append --batches 1 32 --prefetch-mb 40 --variants \
+        engine_temperature engine_antidistill
+    step 100 decode.log python3 bench/decode.py --append --batches 1 --linear kernel --linear-projections o \
+        gate_up down lm_head --variants engine_temperature engine_antidistill
+    step 100 decode.log python3 bench/decode.py --append --batches 1 --linear kernel --linear-projections o \
+        gate_up down lm_head --prefetch-mb 24 --variants engine_temperature engine_antidistill
+    step 50 profile.log python3 bench/profile_step.py --variant engine_temperature --batch 1 --prefetch-mb 24
+    step 10 goals.log python3 bench/goals.py
 }
 
 stage_followup() {
@@ -209,6 +226,7 @@ for stage in "$@"; do
         quick) stage_quick ;;
         kernels) stage_kernels ;;
         sampler) stage_sampler ;;
+        levers) stage_levers ;;
         followup) stage_followup ;;
         linear) stage_linear ;;
         pdl) stage_pdl ;;
@@ -219,7 +237,7 @@ for stage in "$@"; do
         eps) stage_eps ;;
         profile) stage_profile ;;
         all) stage_kernels; stage_decode; stage_jvp; stage_eps; stage_profile; step 10 goals.log python3 bench/goals.py ;;
-        *) echo "unknown stage $stage (quick, followup, linear, pdl, defaults, stages, kernels, sampler, decode, jvp, eps, profile, all)"; exit 2 ;;
+        *) echo "unknown stage $stage (quick, followup, linear, pdl, defaults, stages, kernels, sampler, levers, decode, jvp, eps, profile, all)"; exit 2 ;;
     esac
 done
 exit $status

@@ -12,15 +12,15 @@ graph are traced one by one) and reduces the trace to, per step:
 - per kernel name: launches and milliseconds per step, largest first: the matmuls' share against
   the weight-read limit, and the small kernels' count and cost.
 
-``--linear kernel``, ``--prefetch-mb N`` and ``ADFAST_PDL=0`` profile those settings (as
-:mod:`bench.decode`; the variant's name gets ``_kernel`` / ``_pf<N>`` / ``_nopdl``). Writes
-``bench/results/profile-<device>-<variant>-b<batch>.json`` (``device, variant, batch,
-steps, busy_ms, span_ms, idle_frac, kernels: [{name, launches_per_step, ms_per_step}]``).
+:mod:`bench.decode`'s settings (``--linear kernel``, ``--linear-projections``, ``--linear-rows``,
+``--prefetch-mb``; ``ADFAST_PDL=0``) profile those settings and name the variant as there. Writes
+``bench/results/profile-<device>-<variant>-b<batch>.json`` (``device, variant, batch, steps,
+busy_ms, span_ms, idle_frac, kernels: [{name, launches_per_step, ms_per_step}]``).
 On CPU (``--shapes tiny``, a smoke test) the same reduction runs over the CPU operators instead.
 
 Usage: ``python bench/profile_step.py [--shapes real|tiny] [--variant engine_antidistill] [--batch 1]
-[--steps 16] [--rank 8] [--linear cublas|kernel] [--prefetch-mb 0]``; variants: engine_temperature, engine_antidistill,
-engine_jvp, engine_jvp_lowrank.
+[--steps 16] [--rank 8] [--linear cublas|kernel] [--linear-projections ...] [--linear-rows 32]
+[--prefetch-mb 0]``; variants: engine_temperature, engine_antidistill, engine_jvp, engine_jvp_lowrank.
 """
 import argparse
 import collections
@@ -33,7 +33,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import adfast
 from adfast.decoder import Decoder
-from decode import EPS, LAM, SHAPES, TAU, device_for, random_low_rank, random_model, variant_suffix
+from decode import (EPS, LAM, SHAPES, TAU, add_setting_arguments, apply_settings, device_for, random_low_rank,
+                    random_model, variant_suffix)
 
 VARIANTS = ("engine_temperature", "engine_antidistill", "engine_jvp", "engine_jvp_lowrank")
 PROMPT_LEN = 128
@@ -84,10 +85,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--rank", type=int, default=8, help="engine_jvp_lowrank: the gradient's rank")
-    parser.add_argument("--linear", choices=["cublas", "kernel"], default="cublas",
-                        help="the layers' linears as in bench/decode.py (kernel: variant <variant>_kernel)")
-    parser.add_argument("--prefetch-mb", type=int, default=0,
-                        help="the decoders' L2 weight prefetch as in bench/decode.py (variant <variant>_pf<N>)")
+    add_setting_arguments(parser)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     device = device_for(args.shapes)
@@ -99,8 +97,7 @@ def main(argv=None) -> int:
     engine = build_engine(args.variant, spec, args.rank, args.batch, PROMPT_LEN + args.steps + 8, dtype, device)
     for model in (engine.teacher, engine.proxies):
         if model is not None:
-            model.linear_kernel = args.linear == "kernel"
-            model.prefetch_bytes = args.prefetch_mb << 20
+            apply_settings(model, args)
     prompts = torch.randint(1, spec["proxy"]["vocab_size"], (args.batch, PROMPT_LEN),
                             generator=torch.Generator().manual_seed(0)).tolist()
     mode = "temperature" if args.variant == "engine_temperature" else "antidistill"
@@ -119,7 +116,7 @@ def main(argv=None) -> int:
             torch.cuda.synchronize(device)
     name = torch.cuda.get_device_name(device) if on_device else "cpu"
     variant = args.variant if args.variant != "engine_jvp_lowrank" else f"engine_jvp_r{args.rank}"
-    variant += variant_suffix(args.linear == "kernel", args.prefetch_mb, device)
+    variant += variant_suffix(args, device)
     result = dict(device=name, variant=variant, batch=args.batch, steps=args.steps,
                   **summarize(prof.events(), args.steps, on_device))
     args.out.mkdir(parents=True, exist_ok=True)

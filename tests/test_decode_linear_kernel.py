@@ -134,6 +134,31 @@ def test_decoder_dispatch(monkeypatch):
     assert calls == [2] * (4 * layers + 1)  # qkv, o, gate_up, down of every layer, and the lm_head
 
 
+def test_decoder_dispatch_by_projection_and_rows(monkeypatch):
+    """``linear_kernel`` as a set of names gives the kernel those linears only, and
+    ``linear_kernel_rows`` bounds the rows it takes; an unknown name is refused."""
+    import adfast.decoder
+
+    weights = []
+    monkeypatch.setattr(adfast.decoder, "decode_linear", lambda x, w, *a, **k: weights.append(w) or
+                        decode_linear(x, w, *a, **k))
+    decoder = adfast.decoder.Decoder.from_hf([tiny_qwen2()], device=DEVICE)
+    decoder.setup_cache(2, 64)
+    slots, step = torch.tensor([0, 1], device=DEVICE), torch.ones(2, 1, dtype=torch.int64, device=DEVICE)
+    decoder.linear_kernel = ["o", "lm_head"]
+    assert decoder.linear_kernel == frozenset({"o", "lm_head"})
+    decoder(step, slots)
+    assert [id(w) for w in weights] == [id(layer.wo) for layer in decoder.layers] + [id(decoder.lm_head)]
+    weights.clear()
+    decoder.linear_kernel, decoder.linear_kernel_rows = True, 1
+    decoder(step, slots)  # two rows: past the bound
+    assert weights == []
+    decoder(step[:1], slots[:1])
+    assert len(weights) == 4 * decoder.config.num_layers + 1
+    with pytest.raises(ValueError, match="'up'"):
+        decoder.linear_kernel = {"qkv", "up"}
+
+
 def _bad_calls():
     x, w, b = make(2, 3, 20, 40, torch.float32)
     return [
