@@ -28,6 +28,10 @@ on an H100 or an H200; ``limit_frac`` is the weight-read floor over the measured
   target costs at most 1.45x temperature sampling per step, at each batch measured; the full-rank
   jvp engine against the finite-difference pair is reported, with no target.
 
+Engine rows of settings off the defaults (variant names with ``_kernel...``, ``_pf<N>`` or
+``_nopdl``, :func:`bench.decode.variant_suffix`) are listed beside the default row of the same
+variant and batch (step times and their ratio), so that a setting that would meet a goal shows.
+
 A ratio of two rows that different runs of :mod:`bench.decode` measured (their ``run`` fields
 differ: other processes, maybe other machines, which have differed by ~5% in step time) carries
 "(rows of two runs)" after its verdict.
@@ -39,6 +43,7 @@ Usage: ``python bench/goals.py [--results bench/results]`` (no GPU needed).
 import argparse
 import json
 import pathlib
+import re
 import sys
 from dataclasses import dataclass
 
@@ -132,6 +137,28 @@ def step_breakdown(profiles: list[dict], rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+SETTING = re.compile(r"^(engine_.+?)((?:_kernel|_pf\d|_nopdl).*)$")
+"""An engine variant with settings off the defaults: the default variant, then the settings' suffix."""
+
+
+def settings_table(rows: list[dict]) -> str | None:
+    """A markdown table of each engine row with settings off the defaults against the default row
+    of its variant and batch; None without such rows."""
+    lines = ["| variant | batch | setting | ms/step | of limit | default ms/step | of limit | setting / default |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in sorted(rows, key=lambda r: (r["variant"], r["batch"])):
+        match = SETTING.match(row["variant"])
+        if not match:
+            continue
+        base = find(rows, match.group(1), row["batch"])
+        default = ("-", "-", "-") if base is None else (
+            f"{base['ms_step']:.2f}", f"{base['limit_frac']:.1%}",
+            f"{row['ms_step'] / base['ms_step']:.3f}" + (" (rows of two runs)" if mixed(row, base) else ""))
+        lines.append(f"| {match.group(1)} | {row['batch']} | {match.group(2)[1:]} | {row['ms_step']:.2f} | "
+                     f"{row['limit_frac']:.1%} | " + " | ".join(default) + " |")
+    return "\n".join(lines) if len(lines) > 2 else None
+
+
 def table(goals: list[Goal]) -> str:
     lines = ["| issue | goal | batch | measured | target | verdict |", "|---|---|---|---|---|---|"]
     for g in goals:
@@ -169,6 +196,9 @@ def main(argv=None) -> int:
         text = (f"# Goals on {device}\n\nFrom {args.results}; the low-rank rank ({rank}) is the smallest "
                 f"whose D keeps cosine >= 0.95 ({fidelity.name}).\n\n"
                 + table(sampler_goals(sampler.get(device, [])) + decode_goals(decode.get(device, []), rank)) + "\n")
+        settings = settings_table(decode.get(device, []))
+        if settings:
+            text += "\n## Engine settings off the defaults (bench/decode.py)\n\n" + settings + "\n"
         if profiles.get(device):
             text += ("\n## Where the profiled steps' time goes (bench/profile_step.py, ms per step)\n\n"
                      "Kernel times overlap where programmatic dependent launch is on (rows without `_nopdl`"

@@ -99,3 +99,24 @@ def test_ratios_of_rows_from_two_runs_are_marked(goals):
     assert verdicts[("(d) tok/s over HF generate + processor", 1)].endswith("(rows of two runs)")
     assert verdicts[("exact-D rank 8 step time over temperature", 1)].endswith("(rows of two runs)")
     assert not verdicts[("(d) engine antidistill, fraction of its limit", 32)].endswith("(rows of two runs)")
+
+
+def test_settings_off_the_defaults_are_listed_against_the_defaults(goals, tmp_path):
+    gpu = "NVIDIA H200"
+    write(tmp_path / "decode-NVIDIA_H200.json", [
+        decode_row(gpu, 1, "engine_temperature", 4.4, 3.34),
+        decode_row(gpu, 1, "engine_temperature_pf24", 4.0, 3.34),
+        decode_row(gpu, 1, "engine_temperature_kernel-o-gate_up-down-lm_head_pf24", 3.9, 3.34),
+        decode_row(gpu, 32, "engine_antidistill_nopdl", 8.6, 6.27),  # no default row at batch 32
+        decode_row(gpu, 1, "engine_jvp_r8_kernel", 6.0, 4.81), decode_row(gpu, 1, "engine_jvp_r8", 6.3, 4.81)])
+    assert goals.main(["--results", str(tmp_path)]) == 0
+    report = (tmp_path / "goals-NVIDIA_H200.md").read_text()
+    assert "| engine_temperature | 1 | pf24 | 4.00 | 83.5% | 4.40 | 75.9% | 0.909 |" in report
+    assert ("| engine_temperature | 1 | kernel-o-gate_up-down-lm_head_pf24 | 3.90 | 85.6% | 4.40 | 75.9% | "
+            "0.886 |") in report
+    assert "| engine_antidistill | 32 | nopdl | 8.60 | 72.9% | - | - | - |" in report
+    assert "| engine_jvp_r8 | 1 | kernel | 6.00 | 80.2% | 6.30 | 76.3% | 0.952 |" in report
+    assert report.count("| engine_") == 4  # the default rows are not settings
+    write(tmp_path / "decode-NVIDIA_H200.json", [decode_row(gpu, 1, "engine_temperature", 4.4, 3.34)])
+    assert goals.main(["--results", str(tmp_path)]) == 0
+    assert "settings off the defaults" not in (tmp_path / "goals-NVIDIA_H200.md").read_text()
