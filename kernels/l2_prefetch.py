@@ -10,7 +10,7 @@ reads from L2 instead of memory; the bytes read from memory stay the same, they 
 What is prefetched, for a contiguous weight of ``rows`` rows of ``row_bytes`` bytes (``[C, N, K]``:
 ``C N`` rows of ``K`` elements) and a budget of ``budget`` bytes (what L2 should hold of it):
 
-* the whole weight when it fits the budget (the small projections: the 7B's qkv and o, 33 and 26 MB);
+* the whole weight when it fits the budget (at 40 MB the 7B's qkv and o, 33 and 26 MB);
 * else the head of every row, ``head = budget / rows`` bytes rounded down to 128-byte lines:
   a matmul that streams ``W[n, k]`` in ``k`` order on every tile at once (no split over ``k``)
   finds its first ``head`` bytes of every tile in L2, so all its programs start ahead, not a few.
@@ -34,7 +34,7 @@ import triton.language as tl
 from . import split as launch_plan
 
 CHUNK = 16384
-"""Bytes per bulk prefetch (the instruction's size field holds up to 1 MiB; a multiple of 16)."""
+"""Bytes per bulk prefetch (a multiple of 16, as the instruction requires)."""
 LINE = 128
 """L2 line size: row heads are whole lines."""
 BLOCK = 128
