@@ -26,8 +26,6 @@ class WeightPrefetcher:
     """Prefetches weights on ``stream`` (a CUDA stream of the weights' device), ``budget`` bytes each."""
 
     def __init__(self, stream: torch.cuda.Stream, budget: int):
-        if budget <= 0:
-            raise ValueError(f"a prefetch budget must be > 0 bytes, got {budget}")
         self.stream, self.budget = stream, budget
 
     def __call__(self, weight: torch.Tensor) -> None:

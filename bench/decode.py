@@ -16,10 +16,9 @@ our kernels with programmatic dependent launch (:func:`adfast.kernels.split.depe
 Settings off the defaults name their rows: ``--linear kernel`` (adfast's decode-time kernel,
 :mod:`adfast.kernels.decode_linear`) appends ``_kernel`` (with ``--linear-projections o lm_head``,
 only those linears: ``_kernel-o-lm_head``; with ``--linear-rows N``, calls of at most N rows:
-``-r<N>``), ``--prefetch-mb N`` (each layer
-weight's first N MB pulled into L2 on a side stream before its matmul, :mod:`adfast.weight_prefetch`;
-teacher and finite-difference pair, not the tangent pass) appends ``_pf<N>``, ``ADFAST_PDL=0`` on a
-Hopper GPU appends ``_nopdl``.
+``-r<N>``), ``--prefetch-mb N`` (each layer weight's first N MB pulled into L2 on a side stream
+before its matmul, :mod:`adfast.weight_prefetch`; teacher and finite-difference pair, not the
+tangent pass) appends ``_pf<N>``, ``ADFAST_PDL=0`` on a Hopper GPU appends ``_nopdl``.
 
 Models have the real architectures with random bf16 weights (throughput does not depend on the
 values): a Qwen2.5-7B-shaped teacher and a Qwen2.5-3B-shaped proxy pair (``--shapes real``, a CUDA
