@@ -41,18 +41,20 @@ BLOCK = 128
 """Items per program (four warps, one item a thread)."""
 
 
-def prefetch_span(rows: int, row_bytes: int, budget: int) -> tuple[int, int, int]:
-    """``(rows, row_bytes, span)`` of the items for a weight of ``rows`` rows of ``row_bytes``
-    bytes and a budget of ``budget`` bytes: the whole weight as one row when it fits (its bytes
-    rounded down to 16, the bulk prefetch's unit), else every row's first ``span`` bytes (a
-    multiple of :data:`LINE`; 0, nothing to prefetch, where that does not fit or rows do not start
-    on 16-byte boundaries)."""
+def prefetch_plan(rows: int, row_bytes: int, budget: int) -> tuple[int, int, int, int]:
+    """``(rows, row_bytes, span, items)`` of the work for a weight of ``rows`` rows of
+    ``row_bytes`` bytes and a budget of ``budget`` bytes: the whole weight as one row when it fits
+    (its bytes rounded down to 16, the bulk prefetch's unit), else every row's first ``span`` bytes
+    (a multiple of :data:`LINE`; 0, nothing to prefetch, where that does not fit or rows do not
+    start on 16-byte boundaries); ``items`` chunks of at most :data:`CHUNK` bytes in all."""
     total = rows * row_bytes
     if total <= budget:
-        return 1, total, total // 16 * 16
-    if row_bytes % 16:
-        return rows, row_bytes, 0
-    return rows, row_bytes, min(row_bytes, budget // rows // LINE * LINE)
+        rows, row_bytes, span = 1, total, total // 16 * 16
+    elif row_bytes % 16:
+        span = 0
+    else:
+        span = min(row_bytes, budget // rows // LINE * LINE)
+    return rows, row_bytes, span, rows * triton.cdiv(span, CHUNK)
 
 
 @triton.jit
@@ -93,9 +95,8 @@ def prefetch_l2(weight: torch.Tensor, budget: int) -> None:
             or weight.data_ptr() % 16):
         return
     row_bytes = weight.shape[-1] * weight.element_size()
-    rows, row_bytes, span = prefetch_span(weight.numel() // weight.shape[-1], row_bytes, budget)
-    if span == 0:
+    rows, row_bytes, span, items = prefetch_plan(weight.numel() // weight.shape[-1], row_bytes, budget)
+    if items == 0:
         return
-    items = rows * triton.cdiv(span, CHUNK)
     _prefetch_l2[(triton.cdiv(items, BLOCK),)](weight, rows, row_bytes, span, BLOCK=BLOCK, CHUNK=CHUNK,
                                                num_warps=BLOCK // 32)

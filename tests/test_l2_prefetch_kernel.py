@@ -22,7 +22,7 @@ import triton.language as tl
 from conftest import KERNEL_DEVICE as DEVICE
 
 from adfast.kernels import l2_prefetch
-from adfast.kernels.l2_prefetch import CHUNK, LINE, prefetch_items, prefetch_span
+from adfast.kernels.l2_prefetch import CHUNK, LINE, prefetch_items, prefetch_plan
 
 
 @triton.jit
@@ -36,10 +36,10 @@ def _items(offset_ptr, size_ptr, rows, row_bytes, span, BLOCK: tl.constexpr, CHU
 
 def kernel_items(rows: int, row_bytes: int, budget: int, block: int):
     """``[(offset, size)]`` of every item the launcher's grid would issue, in item order (size 0 dropped)."""
-    rows, row_bytes, span = prefetch_span(rows, row_bytes, budget)
-    if span == 0:
+    rows, row_bytes, span, items = prefetch_plan(rows, row_bytes, budget)
+    if items == 0:
         return []
-    programs = triton.cdiv(rows * triton.cdiv(span, CHUNK), block)
+    programs = triton.cdiv(items, block)
     offsets = torch.full((programs * block,), -1, dtype=torch.int64, device=DEVICE)
     sizes = torch.full((programs * block,), -1, dtype=torch.int32, device=DEVICE)
     _items[(programs,)](offsets, sizes, rows, row_bytes, span, BLOCK=block, CHUNK=CHUNK)
