@@ -34,15 +34,16 @@
 #   kernels   the whole test suite (the GPU tests, and the kernel tests on CUDA tensors instead of
 #             the interpreter); bench/sampler.py at batch 1 to 64                       (~5 min)
 #   sampler   the sampler's tests on the GPU, bench/sampler.py, the engine's GPU tests with the L2
-#             prefetch's, the engine's temperature, antidistillation and permutation rows at batch 1
-#             and 32 (the engine now draws with proxy_vocab_only from bf16 logits; permutation keys
-#             from one kernel), temperature and antidistillation again with --prefetch-mb 24 (rows
-#             *_pf24), goals, bench/sampler_tune.py over the plans with shared Philox words (8
-#             warps, block 2048), Nsight Compute on the sampler at batch 64; next        (~9 min)
-#   levers    after sampler: engine temperature and antidistillation rows with the L2 weight prefetch
-#             at 16 and 40 MB (batch 1 and 32), with the linear kernel on the projections where it
-#             beat cuBLAS at one row (o, gate/up, down, lm_head; batch 1), with both, and a profile
-#             of temperature with the prefetch                                        (~8 min)
+#             prefetch's, the engine's temperature and antidistillation rows at batch 1 and 32 (the
+#             engine now draws with proxy_vocab_only from bf16 logits), the same with --prefetch-mb 24
+#             (rows *_pf24), and at batch 1 with the linear kernel on o, gate/up, down and lm_head
+#             beside the prefetch (the likeliest combination for batch 1), goals,
+#             bench/sampler_tune.py over the plans with shared Philox words (8 warps, block 2048) (~9 min)
+#   levers    after sampler: Nsight Compute on the sampler at batch 64; engine temperature and
+#             antidistillation rows with the L2 weight prefetch at 16 and 40 MB (batch 1 and 32),
+#             with the linear kernel on o/gate_up/down/lm_head without the prefetch (batch 1), the
+#             permutation rows at batch 1 and 32, a profile of temperature with the prefetch, goals
+#                                                                                       (~9 min)
 #   decode    bench/decode.py: HF generate and engine temperature/antidistill/permutation (~6 min)
 #   jvp       bench/decode.py --append: engine temperature, exact-D jvp, low-rank jvp r8..r512 (~6 min);
 #             on a fresh machine, first copy the returned decode-*.json into bench/results/
@@ -107,24 +108,25 @@ stage_sampler() {  # most important first: a call cut short keeps what came befo
     step 30 sampler.log python3 bench/sampler.py
     step 70 gpu-tests.log python3 -m pytest -q -n 4 --tb=short -m gpu tests/test_engine.py \
         tests/test_l2_prefetch_kernel.py
-    step 160 decode.log python3 bench/decode.py --append --batches 1 32 --variants engine_temperature \
-        engine_antidistill engine_permutation
+    step 110 decode.log python3 bench/decode.py --append --batches 1 32 --variants engine_temperature \
+        engine_antidistill
     step 110 decode.log python3 bench/decode.py --append --batches 1 32 --prefetch-mb 24 --variants \
         engine_temperature engine_antidistill
+    step 100 decode.log python3 bench/decode.py --append --batches 1 --linear kernel --linear-projections o \
+        gate_up down lm_head --prefetch-mb 24 --variants engine_temperature engine_antidistill
     step 10 goals.log python3 bench/goals.py
     step 45 sampler.log python3 bench/sampler_tune.py --blocks 2048 --warps 8 --programs-per-sm 2 4 --stages 1 3
-    sampler_ncu sampler-ncu-grouped-B64
 }
 
 stage_levers() {  # after sampler: the step's settings not yet measured, each a run of its own
+    sampler_ncu sampler-ncu-grouped-B64
     step 120 decode.log python3 bench/decode.py --append --batches 1 32 --prefetch-mb 16 --variants \
         engine_temperature engine_antidistill
     step 120 decode.log python3 bench/decode.py --append --batches 1 32 --prefetch-mb 40 --variants \
         engine_temperature engine_antidistill
     step 100 decode.log python3 bench/decode.py --append --batches 1 --linear kernel --linear-projections o \
         gate_up down lm_head --variants engine_temperature engine_antidistill
-    step 100 decode.log python3 bench/decode.py --append --batches 1 --linear kernel --linear-projections o \
-        gate_up down lm_head --prefetch-mb 24 --variants engine_temperature engine_antidistill
+    step 60 decode.log python3 bench/decode.py --append --batches 1 32 --variants engine_permutation
     step 50 profile.log python3 bench/profile_step.py --variant engine_temperature --batch 1 --prefetch-mb 24
     step 10 goals.log python3 bench/goals.py
 }
