@@ -6,7 +6,7 @@ with two copies (``C = 2``) that share their input tokens, so every layer of the
 batched matmul over the copy dimension (``torch.bmm`` on ``[C, out, in]`` weights), which is the
 fastest arrangement measured on an H100 (``/work/shared/notes/h100-ceilings.md``); a one-copy
 decoder (the teacher, the jvp proxy) runs the plain 2-D GEMM, the path those measurements timed
-for the teacher (:func:`matmul_t`).
+for the teacher (:mod:`adfast.matmul`).
 
 Every weight has a leading copy dimension ``C``. With ``H`` query heads, ``KV`` key/value heads,
 head size ``D``, hidden size ``E``, MLP size ``I`` and vocabulary ``V``::
@@ -36,24 +36,24 @@ cache knows how many tokens each slot holds (``lengths``), new tokens are append
 their slot and ``forward`` advances ``lengths`` itself, with device tensors only, so a captured
 CUDA graph replays the whole step. ``KVCache.reset(slots)`` empties slots for new prompts.
 
-Tangent (JVP) mode: :meth:`Decoder.set_tangent` stores a weight direction ``g`` (a proxy
-gradient) in the fused layout, and ``forward(..., tangent=True)`` returns the logits and their
-exact derivative ``d/dh logits(theta + h g)`` from one pass that carries primal and tangent
-together (tangent K/V cached per slot); :func:`log_softmax_tangent` / :meth:`Decoder.delta` turn
-that into ``D = d/dh log_softmax``, the antidistillation term, with no ``eps``. A linear layer
-``y = x W^T + b`` carries ``dy = dx W^T + x G^T + db`` (:func:`linear_jvp`), the embedding
-``dx = G_embed[tokens]``. The direction is dense (``G`` shaped as its weight, ``m n`` numbers
-per ``[m, n]`` weight) or, from a :class:`adfast.low_rank.LowRankGradient`, factored
-(:class:`FactoredTangent`): with ``G_i = U_i V_i^T`` (``U_i [m_i, r]``, ``V_i [n, r]``) for
-each source block of a fused weight (q/k/v of ``wqkv``, gate/up of ``w_gate_up``), ``x G^T``
-is ``z = x [V_1 | V_2 | ...]`` (one matmul, ``[N, sum r_i]``) then ``z_i U_i^T`` per block,
-concatenated, and the embedding's rows are ``U[tokens] V^T``: ``r (m_i + n)`` numbers per
-factored block instead of ``m_i n``. Blocks too small to factor (``min(m_i, n) <= r``) stay
-dense inside the factored weight (``V_i = G_i^T``, no ``U_i``); a weight with no factored block
-stays dense. On CUDA the norms, rotary and gated activation with their tangents are fused Triton
-kernels (:mod:`adfast.layer_ops`) and decode attention runs the split-K tangent kernel over live
-positions (:func:`attend_jvp`); a decode step is captured in a CUDA graph like the
-finite-difference one.
+Tangent (JVP) mode: :meth:`Decoder.set_tangent` stores a weight direction ``g`` (a proxy gradient)
+in the fused layout, and ``forward(..., tangent=True)`` returns the logits and their exact
+derivative ``d/dh logits(theta + h g)`` from one pass that carries primal and tangent together
+(tangent K/V cached per slot); :func:`adfast.tangent.log_softmax_tangent` / :meth:`Decoder.delta`
+turn that into ``D = d/dh log_softmax``, the antidistillation term, with no ``eps``. A linear layer
+``y = x W^T + b`` carries ``dy = dx W^T + x G^T + db`` (:func:`adfast.tangent.linear_jvp`), the
+embedding ``dx = G_embed[tokens]``. The direction is dense (``G`` shaped as its weight, ``m n``
+numbers per ``[m, n]`` weight) or, from a :class:`adfast.low_rank.LowRankGradient`, factored
+(:class:`adfast.tangent.FactoredTangent`): with ``G_i = U_i V_i^T`` (``U_i [m_i, r]``,
+``V_i [n, r]``) for each source block of a fused weight (q/k/v of ``wqkv``, gate/up of
+``w_gate_up``), ``x G^T`` is ``z = x [V_1 | V_2 | ...]`` (one matmul, ``[N, sum r_i]``) then
+``z_i U_i^T`` per block, concatenated, and the embedding's rows are ``U[tokens] V^T``:
+``r (m_i + n)`` numbers per factored block instead of ``m_i n``. Blocks too small to factor
+(``min(m_i, n) <= r``) stay dense inside the factored weight (``V_i = G_i^T``, no ``U_i``); a weight
+with no factored block stays dense. On CUDA the norms, rotary and gated activation with their
+tangents are fused Triton kernels (:mod:`adfast.layer_ops`) and decode attention runs the split-K
+tangent kernel over live positions (:func:`adfast.attention.attend_jvp`); a decode step is captured
+in a CUDA graph like the finite-difference one.
 """
 from __future__ import annotations
 
@@ -62,18 +62,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .attention import attend, attend_jvp
 from .kernels.decode_linear import counters_for, decode_linear
-from .layer_ops import LOW_RANK_MAX_RANK, TORCH, LowRankTerm, compute_dtype, layer_ops
-from .low_rank import LowRankGradient
+from .layer_ops import TORCH, LowRankTerm, compute_dtype, layer_ops
+from .matmul import linear
+from .tangent import (BLOCK_DIAGONAL_PADDING_BYTES, FactoredTangent, linear_jvp, log_softmax_tangent, source_shape,
+                      tangent_sources)
 from .weight_prefetch import side_stream, weight_prefetcher
-
-try:
-    from flash_attn import flash_attn_with_kvcache
-except ImportError:
-    flash_attn_with_kvcache = None
 
 MODEL_TYPES = ("llama", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -199,356 +196,6 @@ GEMM: at 64 rows it was slower than cuBLAS on every layer of the 7B teacher and 
 (``bench/linear.py``)."""
 LINEAR_PROJECTIONS = ("qkv", "o", "gate_up", "down", "lm_head")
 """The decoder's linears by name, as :attr:`Decoder.linear_kernel` may list them."""
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight^T + bias`` per copy (one batched matmul over the copy dimension; one GEMM for
-    one copy, as :func:`matmul_t`).
-
-    ``x [C, N, in]``, ``weight [C, out, in]``, ``bias [C, out]`` -> ``[C, N, out]``.
-    """
-    if x.shape[0] == 1:
-        return F.linear(x[0], weight[0], None if bias is None else bias[0])[None]
-    if bias is None:
-        return torch.bmm(x, weight.transpose(1, 2))
-    return torch.baddbmm(bias[:, None], x, weight.transpose(1, 2))
-
-
-def matmul_t(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x w^T`` per copy: ``x [C, N, k]``, ``w [C, m, k]`` -> ``[C, N, m]``. Several copies run as
-    one batched matmul; one copy as the plain 2-D GEMM (``F.linear``: cuBLAS's GEMM heuristics,
-    not its batched ones for a batch of one)."""
-    if x.shape[0] == 1:
-        return F.linear(x[0], w[0])[None]
-    return torch.bmm(x, w.transpose(1, 2))
-
-
-def add_matmul_t_(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
-    """``out += x w^T`` in place, per copy as :func:`matmul_t` (``out`` may be a strided view with a
-    unit last stride, e.g. a column slice)."""
-    if x.shape[0] == 1:
-        out[0].addmm_(x[0], w[0].T)
-    else:
-        out.baddbmm_(x, w.transpose(1, 2))
-
-
-def decode_attention_backend(dtype: torch.dtype, cache_dtype: torch.dtype | None = None) -> str:
-    """Which kernel :func:`attend` runs for a CUDA decode step with queries in ``dtype`` (and a
-    cache in ``cache_dtype``, default the same): ``"flash-attn"`` (``flash_attn_with_kvcache``:
-    flash-attn installed, fp16/bf16) or ``"adfast split-K"`` (our Triton kernel)."""
-    if (flash_attn_with_kvcache is not None and dtype in (torch.float16, torch.bfloat16)
-            and (cache_dtype or dtype) == dtype):
-        return "flash-attn"
-    return "adfast split-K"
-
-
-def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-           query_pos: torch.Tensor, lengths: torch.Tensor | None = None,
-           counters: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal attention of new queries over their slots' cached keys and values.
-
-    Args:
-        q: ``[C, B, T, H, D]`` rotated queries.
-        k_cache, v_cache: one layer's cache, ``[C, max_batch, max_seq_len + 1, KV, D]``.
-        slots: int64 ``[B]``, the cache slot of each row.
-        query_pos: int64 ``[B, T]``; query ``(b, t)`` attends to positions ``0 .. query_pos[b, t]``
-            of slot ``slots[b]`` (all of them already written), scaled by ``1 / sqrt(D)``.
-        lengths: ``query_pos[:, 0] + 1`` if the caller has it (a decode step computes it once for
-            all layers rather than once per layer: one kernel launch instead of one per layer).
-        counters: the CUDA decode kernel's split tickets (``KVCache.attention_counters``; None
-            allocates them per call).
-
-    Returns:
-        ``[C, B, T, H, D]``. Head ``h`` reads key/value head ``h // (H / KV)`` (grouped-query).
-
-    Three paths. CUDA decode (``T == 1``, fp16/bf16) with flash-attn installed calls
-    ``flash_attn_with_kvcache`` on the cache in place (the layout is its ``[batch, seqlen,
-    heads, dim]`` with copy and slot folded into the batch, selected by ``cache_batch_idx``), so
-    its cost follows each slot's length. Without flash-attn, CUDA decode runs our split-K Triton
-    kernel :func:`adfast.kernels.decode_attention.decode_attention`, which also reads only live
-    positions (tested against this function's SDPA path under the Triton interpreter; not yet
-    measured on a GPU). Everything else runs ``scaled_dot_product_attention``
-    with a boolean mask over gathered copies of the slots' rows: that path reads all
-    ``max_seq_len`` positions of every slot, whatever their lengths (cost grows with
-    ``max_seq_len``); it is the reference and the prefill path, not the fast decode path.
-    """
-    num_copies, batch, seq, heads, head_dim = q.shape
-    max_batch, max_seq_len, kv_heads = k_cache.shape[1], k_cache.shape[2] - 1, k_cache.shape[3]
-    if q.is_cuda and seq == 1 and decode_attention_backend(q.dtype, k_cache.dtype) == "flash-attn":
-        rows = torch.arange(num_copies, device=q.device)[:, None] * max_batch + slots
-        out = flash_attn_with_kvcache(
-            q.reshape(num_copies * batch, 1, heads, head_dim), k_cache.flatten(0, 1), v_cache.flatten(0, 1),
-            cache_seqlens=(query_pos[:, 0] + 1 if lengths is None else lengths).to(torch.int32).repeat(num_copies),
-            cache_batch_idx=rows.flatten().to(torch.int32), causal=True)
-        return out.view(num_copies, batch, 1, heads, head_dim)
-    if q.is_cuda and seq == 1:
-        from .kernels.decode_attention import decode_attention
-
-        return decode_attention(q, k_cache, v_cache, slots, query_pos[:, 0] + 1 if lengths is None else lengths,
-                                counters=counters)
-
-    def gather(cache):  # [C, max_batch, S + 1, KV, D] -> [C B, H, S, D]
-        x = cache[:, slots, :max_seq_len].to(q.dtype).permute(0, 1, 3, 2, 4)
-        x = x[:, :, :, None].expand(-1, -1, -1, heads // kv_heads, -1, -1)
-        return x.reshape(num_copies * batch, heads, max_seq_len, head_dim)
-
-    keys = torch.arange(max_seq_len, device=q.device)
-    mask = keys[None, None, :] <= query_pos[:, :, None]  # [B, T, S]
-    mask = mask[None, :, None].expand(num_copies, -1, -1, -1, -1).reshape(num_copies * batch, 1, seq, max_seq_len)
-    out = F.scaled_dot_product_attention(q.transpose(2, 3).reshape(num_copies * batch, heads, seq, head_dim),
-                                         gather(k_cache), gather(v_cache), attn_mask=mask)
-    return out.view(num_copies, batch, heads, seq, head_dim).transpose(2, 3)
-
-
-# ------------------------------------------------------------------------------ tangent (JVP) mode
-#
-# Forward-mode derivatives along a weight direction ``g``: every function below maps a primal and
-# its tangent (d/dh at h = 0 of the value at weights ``theta + h g``) to the output and its tangent.
-# The norms', rotary's and activation's tangents are in adfast.layer_ops (PyTorch, or fused Triton
-# kernels on CUDA); here are the linear layers', attention's (a Triton kernel in CUDA decode) and the
-# log-softmax's.
-
-
-BLOCK_DIAGONAL_PADDING_BYTES = 4 << 20
-"""Zeros a fused weight's factored tangent may add to merge its blocks' ``U_i`` into one
-block-diagonal matrix, which saves a kernel launch per extra block at each step: 4 MiB is what
-an H100 reads (about 3 TB/s) in the ~1.5 us a launch costs inside a CUDA graph (an estimate)."""
-
-
-@dataclass(frozen=True)
-class FactoredTangent:
-    """A weight's tangent ``G [C, m, n]`` kept as factors: row blocks ``G_i = U_i V_i^T`` stacked.
-
-    The blocks are the fused weight's sources (q, k, v for ``wqkv``; gate, up for ``w_gate_up``;
-    one block elsewhere), ``m = sum m_i``. ``v [C, n, R]``: the blocks' ``V_i [n, r_i]`` side by
-    side, ``R = sum r_i``; ``u``: per block ``U_i [C, m_i, r_i]``, or None for a block kept dense,
-    whose ``V_i`` is ``G_i^T`` (``r_i = m_i``, ``U_i = I``); ``ranks``: the ``r_i``. So ``x G^T``
-    is ``z = x V`` (one matmul over every block) followed by ``z_i U_i^T`` per factored block
-    (:meth:`add_products_to`): ``r_i (m_i + n)`` numbers per factored block and ``m_i n`` per dense
-    one are read, instead of ``m n``.
-
-    ``stacked`` (set by :meth:`Decoder.set_tangent` for a linear layer's weight ``W [C, m, n]``):
-    ``[C, m + R, n]``, ``W`` with ``V^T`` appended as rows, the storage of ``W`` itself (the
-    decoder's parameter becomes its first ``m`` rows), so that :func:`linear_jvp` gets ``x W^T``,
-    ``dx W^T`` and ``z = x V`` from one matmul: a factored tangent then costs one kernel launch
-    per block and no extra matmul over ``x``, and none at all where ``z U^T`` is one product
-    (:attr:`whole_u`) that the next fused layer kernel adds (``linear_jvp(..., defer=True)``).
-
-    ``block_diagonal`` (set when every block is factored and the zeros cost few bytes, see
-    :meth:`from_blocks`): ``[C, m, R]``, the ``U_i`` on the diagonal and zeros elsewhere, whose
-    blocks are the storage of ``u``: all blocks' products then take one kernel launch.
-    """
-
-    v: torch.Tensor
-    u: tuple[torch.Tensor | None, ...]
-    ranks: tuple[int, ...]
-    stacked: torch.Tensor | None = None
-    block_diagonal: torch.Tensor | None = None
-
-    @classmethod
-    def from_blocks(cls, blocks, num_copies: int, dtype: torch.dtype, device,
-                    max_padding_bytes: int = 0) -> "FactoredTangent":
-        """From row blocks, each a tensor ``G_i [m_i, n]`` or factors ``(U_i [m_i, r_i], V_i [n, r_i])``,
-        cast to ``dtype`` / ``device`` and shared by ``num_copies`` copies (expanded, not copied).
-
-        With more than one block, all factored, whose block-diagonal ``U`` would hold at most
-        ``max_padding_bytes`` of zeros (``m R - sum m_i r_i`` numbers), the ``U_i`` are stored as
-        the blocks of ``block_diagonal``. Every ``U`` is stored column-major (a contiguous ``U^T``
-        viewed as ``U``): the fused kernels that add ``z U^T`` read ``U`` along ``m`` at each rank
-        index (:mod:`adfast.kernels.low_rank_term`), and the matmuls take either layout.
-        """
-        def cast(t):
-            return t.detach().to(device, dtype)
-
-        def copies(t):
-            return t[None].expand(num_copies, *t.shape)
-
-        factored = [isinstance(block, tuple) for block in blocks]
-        v = torch.cat([cast(block[1]) if f else cast(block).T for block, f in zip(blocks, factored)], dim=1)
-        ranks = tuple(block[1].shape[1] if f else block.shape[0] for block, f in zip(blocks, factored))
-        if len(blocks) > 1 and all(factored):
-            heights = [block[0].shape[0] for block in blocks]
-            zeros = sum(heights) * sum(ranks) - sum(m * r for m, r in zip(heights, ranks))
-            if zeros * v.element_size() <= max_padding_bytes:
-                merged = torch.zeros(sum(ranks), sum(heights), device=device, dtype=dtype).T
-                row = col = 0
-                blocks_of_merged = []
-                for (u_i, _), m, r in zip(blocks, heights, ranks):
-                    merged[row:row + m, col:col + r] = cast(u_i)
-                    blocks_of_merged.append(merged[row:row + m, col:col + r])
-                    row, col = row + m, col + r
-                return cls(copies(v), tuple(map(copies, blocks_of_merged)), ranks, block_diagonal=copies(merged))
-        u = tuple(copies(cast(block[0]).T.contiguous().T) if f else None for block, f in zip(blocks, factored))
-        return cls(copies(v), u, ranks)
-
-    @property
-    def whole_u(self) -> torch.Tensor | None:
-        """One ``U [C, m, R]`` for every row, ``G = U V^T``: the ``block_diagonal`` one, or the only
-        block's when that block is factored; None otherwise."""
-        if self.block_diagonal is not None:
-            return self.block_diagonal
-        return self.u[0] if len(self.u) == 1 else None
-
-    def add_products_to(self, out: torch.Tensor, z: torch.Tensor) -> None:
-        """``out += x G^T`` in place given ``z = x V [C, N, R]``, ``out [C, N, m]``: with a
-        :attr:`whole_u`, ``out += z U^T`` (one in-place matmul, :func:`add_matmul_t_`); otherwise
-        each block's columns of ``out`` get ``z_i U_i^T`` (one in-place matmul into the column
-        slice) or ``z_i`` (a dense block): one kernel launch per block, no concatenation."""
-        if self.whole_u is not None:
-            add_matmul_t_(out, z, self.whole_u)
-            return
-        start = 0
-        for z_i, u_i in zip(z.split(self.ranks, dim=-1), self.u):
-            rows = z_i.shape[-1] if u_i is None else u_i.shape[1]
-            block = out[..., start:start + rows]
-            if u_i is None:
-                block.add_(z_i)
-            else:
-                add_matmul_t_(block, z_i, u_i)
-            start += rows
-
-    def rows(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Rows ``G[tokens]`` of a one-block factored ``G`` (the embedding): ``U[tokens] V^T``,
-        ``[C, N, n]`` for ``N = tokens.numel()``."""
-        (u,) = self.u
-        return torch.bmm(u[:, tokens.flatten()], self.v.transpose(1, 2))
-
-    def numel(self) -> int:
-        """Numbers held per copy: ``n R`` in ``V`` plus ``m_i r_i`` per factored block."""
-        return self.v[0].numel() + sum(u[0].numel() for u in self.u if u is not None)
-
-
-def primal_tangent_rows(x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
-    """``[C, 2N, E]``: each copy's ``N`` rows of ``x [C, N, E]``, then those of ``dx``.
-
-    A view when ``dx`` lies in memory where the rows after ``x``'s would (same strides, offset by
-    ``N`` rows): the fused jvp layer kernels return their primal and tangent as the halves of one
-    ``[2, C, N, E]`` buffer, which qualifies for ``C = 1`` (the jvp engine's one proxy), and so do
-    :func:`linear_jvp`'s own outputs for any ``C``. Otherwise a concatenation (one copy kernel).
-    """
-    rows = x.shape[1]
-    if (dx.shape == x.shape and dx.stride() == x.stride() and dx.dtype == x.dtype and dx.device == x.device
-            and dx.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
-            and dx.storage_offset() == x.storage_offset() + rows * x.stride(1)):
-        return x.as_strided((x.shape[0], 2 * rows, x.shape[2]), x.stride(), x.storage_offset())
-    return torch.cat((x, dx), dim=1)
-
-
-def linear_jvp(x: torch.Tensor, dx: torch.Tensor, weight: torch.Tensor, dweight: torch.Tensor | FactoredTangent,
-               bias: torch.Tensor | None = None, dbias: torch.Tensor | None = None, *, defer: bool = False):
-    """:func:`linear` and its tangent ``dx W^T + x G^T + db``: ``(y, dy)``, or with ``defer``
-    ``(y, dy, term)``.
-
-    ``x`` and ``dx`` go through ``W`` as one batched matmul (``W`` read once for both; the rows
-    are :func:`primal_tangent_rows`, a view where they already lie that way), then
-    ``x G^T`` is added to the tangent: ``G [C, out, in]`` dense, or a :class:`FactoredTangent`,
-    whose ``x G^T = (x V) U^T`` reads ``r (out + in)`` numbers per block instead of ``out in``
-    (with its ``stacked`` weight, ``x V`` comes out of the same matmul as ``x W^T``). ``y`` and
-    ``dy`` may be column slices of one buffer (last dimension contiguous).
-
-    ``defer``: where ``x G^T`` is one product ``z U^T`` (a :attr:`FactoredTangent.whole_u` of rank
-    at most ``LOW_RANK_MAX_RANK``), it is not added but returned as ``term``, a
-    :class:`adfast.layer_ops.LowRankTerm` for the layer op that reads ``dy`` next (the fused
-    kernels add it as they load ``dy``: one launch per layer and weight fewer); ``term`` is None
-    where it was added here. ``dy + term`` is then the tangent (``db`` already in ``dy``).
-    """
-    n, out = x.shape[1], weight.shape[1]
-    factored = isinstance(dweight, FactoredTangent)
-    stacked = dweight.stacked if factored and dweight.stacked is not None else weight
-    both = matmul_t(primal_tangent_rows(x, dx), stacked)  # [C, 2N, out (+ R)]
-    y, dy = both[:, :n, :out], both[:, n:, :out]
-    term = None
-    if factored:  # dy is a view of ``both``: adding into it (in place) leaves y alone
-        z = both[:, :n, out:] if dweight.stacked is not None else torch.bmm(x, dweight.v)
-        u = dweight.whole_u
-        if defer and u is not None and u.shape[-1] <= LOW_RANK_MAX_RANK:
-            term = LowRankTerm(z, u)
-        else:
-            dweight.add_products_to(dy, z)
-    else:
-        add_matmul_t_(dy, x, dweight)
-    if bias is not None:
-        y = y + bias[:, None]
-        dy = dy + dbias[:, None]
-    return (y, dy, term) if defer else (y, dy)
-
-
-def attend_jvp(q: torch.Tensor, dq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               dk_cache: torch.Tensor, dv_cache: torch.Tensor, slots: torch.Tensor,
-               query_pos: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`attend` and its tangent, by an explicit masked softmax (same masking and grouping).
-
-    With ``S = Q K^T / sqrt(D)`` (keys past ``query_pos`` masked), ``P = softmax(S)``, ``O = P V``:
-    ``dS = (dQ K^T + Q dK^T) / sqrt(D)``, ``dP = P (dS - sum(P dS))``, ``dO = dP V + P dV``.
-    ``dk_cache``, ``dv_cache`` hold the cached keys' and values' tangents, laid out as the caches;
-    ``lengths`` as in :func:`attend`. Returns ``(out, dout)``, ``[C, B, T, H, D]``.
-
-    CUDA decode (``T == 1``) runs the split-K Triton kernel
-    :func:`adfast.kernels.decode_attention_jvp.decode_attention_jvp`, which reads only each slot's
-    live positions of the four caches (tested against this function's float64 path and
-    ``torch.func.jvp`` under the Triton interpreter). Everything else (CPU, prefill) is the
-    reference path below: scores and softmax in float32 (float64 for float64) over all
-    ``max_seq_len`` positions of every slot, masked.
-    """
-    if q.is_cuda and q.shape[2] == 1:
-        from .kernels.decode_attention_jvp import decode_attention_jvp
-
-        return decode_attention_jvp(q, dq, k_cache, v_cache, dk_cache, dv_cache, slots,
-                                    query_pos[:, 0] + 1 if lengths is None else lengths)
-    heads, head_dim = q.shape[3:]
-    max_seq_len, kv_heads = k_cache.shape[2] - 1, k_cache.shape[3]
-    dtype = q.dtype
-    work = compute_dtype(dtype)
-
-    def gather(cache):  # [C, max_batch, S + 1, KV, D] -> [C, B, H, S, D]
-        x = cache[:, slots, :max_seq_len].to(work).permute(0, 1, 3, 2, 4)
-        return x.repeat_interleave(heads // kv_heads, dim=2)
-
-    keys, values, dkeys, dvalues = gather(k_cache), gather(v_cache), gather(dk_cache), gather(dv_cache)
-    q, dq = q.to(work).transpose(2, 3), dq.to(work).transpose(2, 3)  # [C, B, H, T, D]
-    scale = 1.0 / math.sqrt(head_dim)
-    mask = torch.arange(max_seq_len, device=q.device)[None, None, :] <= query_pos[:, :, None]  # [B, T, S]
-    mask = mask[None, :, None]  # [1, B, 1, T, S]
-    scores = (q @ keys.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
-    dscores = ((dq @ keys.transpose(-1, -2) + q @ dkeys.transpose(-1, -2)) * scale).masked_fill(~mask, 0)
-    p = torch.softmax(scores, dim=-1)
-    dp = p * (dscores - (p * dscores).sum(-1, keepdim=True))
-    out = p @ values
-    dout = dp @ values + p @ dvalues
-    return out.transpose(2, 3).to(dtype), dout.transpose(2, 3).to(dtype)
-
-
-def log_softmax_tangent(logits: torch.Tensor, dlogits: torch.Tensor) -> torch.Tensor:
-    """The tangent of ``log_softmax(logits)`` along ``dlogits``: ``dlogits - sum_v softmax(logits)_v dlogits_v``.
-
-    Over the last (vocabulary) dimension, in float64 for float64 inputs, else float32. With the
-    output of ``Decoder.forward(..., tangent=True)`` it is ``D = d/dh log_softmax(logits(theta + h g))``.
-    """
-    work = torch.float64 if torch.float64 in (logits.dtype, dlogits.dtype) else torch.float32
-    logits, dlogits = logits.to(work), dlogits.to(work)
-    return dlogits - (torch.softmax(logits, dim=-1) * dlogits).sum(-1, keepdim=True)
-
-
-def _tangent_sources(gradient) -> dict:
-    """``set_tangent``'s ``gradient`` as a dict name -> tensor ``G`` or factors ``(U, V)`` of ``G = U V^T``."""
-    if isinstance(gradient, LowRankGradient):
-        return {**gradient.dense, **gradient.factors}
-    grads = getattr(gradient, "grads", gradient)
-    if not hasattr(grads, "keys"):
-        raise ValueError("gradient must be a ProxyGradient, a LowRankGradient or a mapping name -> tensor, "
-                         f"got {type(gradient)}")
-    return dict(grads)
-
-
-def _source_shape(value) -> tuple[int, ...] | None:
-    """The shape of ``G`` for a tensor, ``(m, n)`` for factors ``(U [m, r], V [n, r])``; None for anything else."""
-    if isinstance(value, torch.Tensor):
-        return tuple(value.shape)
-    factors = isinstance(value, tuple) and len(value) == 2 and all(
-        isinstance(t, torch.Tensor) and t.dim() == 2 for t in value)
-    if factors and value[0].shape[1] == value[1].shape[1]:
-        return value[0].shape[0], value[1].shape[0]
-    return None
 
 
 class KVCache(nn.Module):
@@ -768,7 +415,7 @@ class Decoder(nn.Module):
         if gradient is None:
             self.tangent_weights = None
             return
-        grads = _tangent_sources(gradient)
+        grads = tangent_sources(gradient)
         self._check_tangent_sources(grads)
         dtype, device = self.embed.dtype, self.embed.device
         tangent = {}
@@ -821,8 +468,8 @@ class Decoder(nn.Module):
                 rows = (shape[0],)
             for key, row in zip(keys, rows):
                 value, want = grads.get(key), (row, *shape[1:])
-                if value is not None and _source_shape(value) != want:
-                    got = _source_shape(value) or type(value).__name__
+                if value is not None and source_shape(value) != want:
+                    got = source_shape(value) or type(value).__name__
                     bad_shapes.append(f"{key}: {got}, expected {want}")
         if missing or unexpected or bad_shapes:
             raise ValueError(f"the gradient does not fit this decoder ({self.config}): missing {missing}, "
@@ -1102,5 +749,4 @@ class Decoder(nn.Module):
         return f"num_copies={self.num_copies}, {self.config}"
 
 
-__all__ = ["Decoder", "DecoderConfig", "FactoredTangent", "KVCache", "attend", "attend_jvp", "decode_attention_backend",
-           "linear_jvp", "log_softmax_tangent", "primal_tangent_rows", "rope_inv_freq"]
+__all__ = ["Decoder", "DecoderConfig", "KVCache", "rope_inv_freq"]

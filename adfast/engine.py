@@ -156,11 +156,12 @@ def _proxy_logits(proxies: Decoder, tokens, slots, num_tokens,
                   exact: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(plus, minus)`` logits of the pair, or ``(dlogits, None)`` from a tangent-mode proxy (``exact``).
 
-    ``dlogits`` is ``D`` plus the row constant ``sum_v p_v dlogits_v`` (:func:`adfast.decoder.log_softmax_tangent`
-    subtracts it), and a constant added to a row of ``D`` changes nothing the sampler computes: the
-    adjusted softmax, its argmax, its top-k/top-p sets, a permuted and sign-flipped ``D`` (still a
-    constant per row). So the step skips the softmax over the proxy's vocabulary that ``D`` would
-    cost, as the finite-difference path leaves the proxies' normalisers to cancel.
+    ``dlogits`` is ``D`` plus the row constant ``sum_v p_v dlogits_v``
+    (:func:`adfast.tangent.log_softmax_tangent` subtracts it), and a constant added to a row of
+    ``D`` changes nothing the sampler computes: the adjusted softmax, its argmax, its top-k/top-p
+    sets, a permuted and sign-flipped ``D`` (still a constant per row). So the step skips the
+    softmax over the proxy's vocabulary that ``D`` would cost, as the finite-difference path leaves
+    the proxies' normalisers to cancel.
     """
     if exact:
         _, dlogits = proxies(tokens[:, None], slots, num_tokens, check=False, tangent=True, float_logits=False)

@@ -36,7 +36,7 @@ LOW_RANK_MAX_RANK = 64  # the largest R the fused kernels take (adfast.kernels.l
 
 class LowRankTerm(NamedTuple):
     """``z U^T``, still to be added to a linear layer's output tangent ``d [C, N, m]``: ``z [C, N, R]``,
-    ``u [C, m, R]`` (a factored weight tangent's ``x G^T``; :func:`adfast.decoder.linear_jvp`).
+    ``u [C, m, R]`` (a factored weight tangent's ``x G^T``; :func:`adfast.tangent.linear_jvp`).
     The fused kernels add it as they load ``d`` (:mod:`adfast.kernels.low_rank_term`, ``R <=
     LOW_RANK_MAX_RANK``); here :meth:`added_to` is one ``baddbmm``."""
 

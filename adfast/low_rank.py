@@ -8,7 +8,7 @@ cost ``r (m + n)`` numbers per matrix instead of ``m n`` (memory and bandwidth p
 matmul ``r (m + n)`` multiply-adds per token instead of ``m n``. For the embedding
 (``G [vocab, E]``) the tangent of token ``t``'s row is ``U[t] V^T``: ``r`` numbers gathered, then
 ``r E`` multiply-adds. :meth:`adfast.decoder.Decoder.set_tangent` takes a :class:`LowRankGradient`
-and keeps it factored this way (:class:`adfast.decoder.FactoredTangent`), and so does
+and keeps it factored this way (:class:`adfast.tangent.FactoredTangent`), and so does
 ``Engine(delta="jvp", gradient=...)`` given one or its file. ``G_r`` is the best rank-``r``
 approximation of ``G`` in Frobenius norm (Eckart-Young), with error
 ``||G - G_r||_F^2 = sum_{i > r} sigma_i^2``.

@@ -30,7 +30,7 @@ twice in the antidistillation variants and ``engine_jvp``; ``engine_jvp_r<rank>`
 once plus every number of its factors and dense entries, all read each step as the proxies tie their
 embeddings) over the device-to-device copy bandwidth measured in the same run.
 ``limit_frac = limit_ms / ms_step``; ``attention``: the decode attention kernel the row ran
-(:func:`adfast.decoder.decode_attention_backend` for the engine: flash-attn's kv-cache kernel when
+(:func:`adfast.attention.decode_attention_backend` for the engine: flash-attn's kv-cache kernel when
 it is installed, else ours); ``engine_gb`` (engine rows on CUDA): the device memory the engine
 holds beyond the shared teacher decoder (proxy copies, or proxy and tangent; KV caches; graphs).
 Writes ``bench/results/decode-<device>.json`` (rows: ``device, batch, variant, tok_s, ms_step,
@@ -54,7 +54,8 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import adfast
-from adfast.decoder import LINEAR_KERNEL_ROWS, LINEAR_PROJECTIONS, Decoder, decode_attention_backend
+from adfast.attention import decode_attention_backend
+from adfast.decoder import LINEAR_KERNEL_ROWS, LINEAR_PROJECTIONS, Decoder
 from adfast.gradient import model_identity
 from adfast.hf import AntidistillationLogitsProcessor
 from adfast.kernels.split import dependent_launch, dependent_launch_supported

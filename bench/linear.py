@@ -4,7 +4,7 @@ For every linear weight of a decode step (the Qwen2.5-7B-shaped teacher, one cop
 Qwen2.5-3B-shaped proxy pair, two copies stacked as the engine holds them; bf16) and batch rows
 ``M``, the time of one ``x W^T (+ b)``:
 
-- ``cublas``: :func:`adfast.decoder.linear` (``F.linear`` for one copy, ``bmm`` / ``baddbmm`` for the pair);
+- ``cublas``: :func:`adfast.matmul.linear` (``F.linear`` for one copy, ``bmm`` / ``baddbmm`` for the pair);
 - ``kernel``: :func:`adfast.kernels.decode_linear.decode_linear` with its default plan;
 - with ``--sweep``, the kernel with one choice of the plan changed at a time (``block_n``,
   ``block_k``, ``programs_per_sm`` which sets the K split, ``num_stages``, ``num_warps``), at the
@@ -30,7 +30,7 @@ import sys
 
 import torch
 
-from adfast.decoder import linear
+from adfast.matmul import linear
 from adfast.kernels.decode_linear import counters_for, decode_linear, plan_linear
 from sampler import device_and_bandwidth, graph_time_ms
 

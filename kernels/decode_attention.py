@@ -183,7 +183,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     ``[1, max_seq_len]``. ``num_splits``/``block_n`` override the plan (tests, tuning).
     ``counters``: the split tickets, int32, at least ``C B KV`` of them, zero at entry and left zero
     (a CUDA-graph captured step passes its own, one buffer per stream); None
-    allocates zeroed ones when the plan splits. Same result as :func:`adfast.decoder.attend` with
+    allocates zeroed ones when the plan splits. Same result as :func:`adfast.attention.attend` with
     ``query_pos = (lengths - 1)[:, None]``.
     """
     num_copies, batch, seq, heads, head_dim = q.shape

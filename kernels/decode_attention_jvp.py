@@ -276,7 +276,7 @@ def decode_attention_jvp(q: torch.Tensor, dq: torch.Tensor, k_cache: torch.Tenso
     Returns ``(out, dout)``, each ``[C, B, 1, H, D]`` in q's dtype (the two halves of one buffer).
     ``lengths`` must be in ``[1, max_seq_len]`` (not checked: that would sync with the device).
     ``num_splits``/``block_n`` override the plan (tests, tuning). Same result as
-    :func:`adfast.decoder.attend_jvp` with ``query_pos = (lengths - 1)[:, None]``; ``out`` is
+    :func:`adfast.attention.attend_jvp` with ``query_pos = (lengths - 1)[:, None]``; ``out`` is
     :func:`adfast.kernels.decode_attention.decode_attention`'s. Raises ValueError for malformed inputs.
     """
     _check_inputs(q, dq, k_cache, v_cache, dk_cache, dv_cache, slots, lengths)
@@ -302,7 +302,7 @@ def decode_attention_jvp(q: torch.Tensor, dq: torch.Tensor, k_cache: torch.Tenso
     part_ds = torch.empty_like(part_m)
     part_o = torch.empty(rows * head_dim, device=q.device, dtype=torch.float32)
     part_t = torch.empty_like(part_o)
-    # halves of one buffer: see adfast.decoder.primal_tangent_rows
+    # halves of one buffer: see adfast.tangent.primal_tangent_rows
     out, dout = torch.empty((2, num_copies, batch, 1, heads, head_dim), device=q.device, dtype=q.dtype)
 
     _decode_jvp_partials[(programs, splits)](

@@ -1,8 +1,8 @@
 """A factored tangent's product, added to a tangent by the fused layer kernel that loads it.
 
-A linear layer whose weight tangent is factored, ``G = U V^T`` (:class:`adfast.decoder.FactoredTangent`
+A linear layer whose weight tangent is factored, ``G = U V^T`` (:class:`adfast.tangent.FactoredTangent`
 with one block, or with its blocks merged into one block-diagonal ``U``), adds ``x G^T = z U^T``,
-``z = x V``, to its output's tangent ``d``. :func:`adfast.decoder.linear_jvp` gets ``z`` from the
+``z = x V``, to its output's tangent ``d``. :func:`adfast.tangent.linear_jvp` gets ``z`` from the
 matmul that computes ``x W^T`` (``V^T`` is stacked under ``W``); the in-place ``d += z U^T``
 would be one more launch per layer and weight. The kernel that reads ``d`` next (the residual add
 and RMSNorm after ``wo`` and ``w_down``, the rotary / cache write after ``wqkv``, the gated
@@ -15,7 +15,7 @@ order of the float32 sum. Shapes: ``z [C, N, R]``, ``U [C, m, R]`` (``m``: the l
 width), ``1 <= R <= MAX_RANK``, both in ``d``'s dtype, any strides (``U`` is usually expanded
 over the copies: stride 0 in its first dimension). A program loads ``U[i, j]`` for a tile of
 columns ``i`` at each ``j``: with ``U`` stored as a contiguous ``U^T`` (unit stride along ``m``,
-as :class:`adfast.decoder.FactoredTangent` keeps it) those loads are contiguous, which matters
+as :class:`adfast.tangent.FactoredTangent` keeps it) those loads are contiguous, which matters
 when one program covers a whole row (batch-1 decode: the rotary kernel reads all of ``wqkv``'s
 ``U``, 2560 x 24 numbers for the 3B proxy at rank 8, in one program). Each element costs ``R``
 loads of ``U`` and ``z``: cheap at the ranks whose blocks merge, and the launch it saves costs

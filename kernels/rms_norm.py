@@ -227,7 +227,7 @@ def add_rms_norm_jvp(x: torch.Tensor, dx: torch.Tensor, weight: torch.Tensor, dw
     if low_rank is not None:
         check_low_rank(low_rank, *dresidual.shape, dresidual, "dresidual")
     num_copies, rows, hidden = x.shape
-    # halves of one buffer: see adfast.decoder.primal_tangent_rows
+    # halves of one buffer: see adfast.tangent.primal_tangent_rows
     y, dy = torch.empty((2, num_copies, rows, hidden), device=x.device, dtype=x.dtype)
     s = x if residual is None else torch.empty_like(y)
     ds = dx if dresidual is None else torch.empty_like(y)

@@ -20,7 +20,7 @@ with ``x1, x2`` the halves of a head and ``c1, c2`` / ``s1, s2`` the halves of t
 and in tangent mode (rotary is linear in x) ``dq = rope(dq heads)``, ``dk_cache[...] =
 rope(dk heads)``, ``dv_cache[...] = dv heads``. With a bias, ``qkv + bias`` (rounded to qkv's
 dtype, as a separate PyTorch add would) takes qkv's place, and ``dqkv + dbias`` dqkv's: the
-tangent pass's projection (``adfast.decoder.linear_jvp``, one matmul for primal and tangent rows)
+tangent pass's projection (``adfast.tangent.linear_jvp``, one matmul for primal and tangent rows)
 has no per-half bias input, so its bias add happens here instead of in two more launches. With
 a factored weight tangent's term ``(z, U)`` (:mod:`adfast.kernels.low_rank_term`), ``round(dqkv + z
 U^T)`` takes dqkv's place before ``dbias`` joins.

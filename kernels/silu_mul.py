@@ -144,7 +144,7 @@ def _launch(gate_up, dgate_up, block, low_rank=None):
     inter = two_inter // 2
     if dgate_up is None:
         a, da = torch.empty((num_copies, rows, inter), device=gate_up.device, dtype=gate_up.dtype), None
-    else:  # halves of one buffer: see adfast.decoder.primal_tangent_rows
+    else:  # halves of one buffer: see adfast.tangent.primal_tangent_rows
         a, da = torch.empty((2, num_copies, rows, inter), device=gate_up.device, dtype=gate_up.dtype)
     if num_copies * rows == 0:
         return a, da

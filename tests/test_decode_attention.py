@@ -1,11 +1,11 @@
 """Split-K decode attention (adfast.kernels.decode_attention) against a float64 reference computed
-straight from the cache, and against adfast.decoder.attend (SDPA path). Positions >= length hold
+straight from the cache, and against adfast.attention.attend (SDPA path). Positions >= length hold
 NaN / huge values: any read of them would poison the output."""
 import pytest
 import torch
 from conftest import KERNEL_DEVICE as DEVICE
 
-from adfast.decoder import attend
+from adfast.attention import attend
 from adfast.kernels.decode_attention import decode_attention
 
 MAX_SEQ = 40

@@ -1,6 +1,6 @@
 """Split-K decode attention with its tangent (adfast.kernels.decode_attention_jvp) against float64
 references: torch.func.jvp of a plain softmax attention over each row's live positions (autograd
-checks the tangent formula itself), adfast.decoder.attend_jvp (the decoder's explicit masked
+checks the tangent formula itself), adfast.attention.attend_jvp (the decoder's explicit masked
 softmax), and, for ``out``, the primal kernel adfast.kernels.decode_attention. Positions >= length
 and the unused slot hold NaN / huge values: any read of them would poison the output.
 
@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import KERNEL_DEVICE as DEVICE
 
-from adfast.decoder import attend_jvp
+from adfast.attention import attend_jvp
 from adfast.kernels.decode_attention import decode_attention
 from adfast.kernels.decode_attention_jvp import decode_attention_jvp
 
@@ -91,7 +91,7 @@ def func_jvp_reference(q, dq, k, v, dk, dv, slots, lengths):
 
 
 def attend_jvp_reference(q, dq, k, v, dk, dv, slots, lengths):
-    """``(out, dout)`` by adfast.decoder.attend_jvp in float64. It reads every position and masks
+    """``(out, dout)`` by adfast.attention.attend_jvp in float64. It reads every position and masks
     the dead ones, and a masked probability times an inf or NaN value is NaN: the garbage is zeroed
     for it (the kernel gets it as is)."""
     def clean(x):

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from conftest import VOCAB, tiny_llama, tiny_qwen2
 from transformers import GPT2Config, LlamaConfig
 
-from adfast.decoder import Decoder, DecoderConfig, decode_attention_backend
+from adfast.attention import decode_attention_backend
+from adfast.decoder import Decoder, DecoderConfig
 
 TIGHT = dict(atol=1e-5, rtol=1e-5)
 LINEAR_ROPE = {"rope_type": "linear", "factor": 2.0}
@@ -418,11 +419,11 @@ def test_errors():
 
 def test_decode_attention_backend(monkeypatch):
     """flash-attn's kv-cache kernel for fp16/bf16 where it is installed, our split-K kernel otherwise."""
-    import adfast.decoder as decoder_module
+    import adfast.attention as attention_module
 
-    monkeypatch.setattr(decoder_module, "flash_attn_with_kvcache", None)
+    monkeypatch.setattr(attention_module, "flash_attn_with_kvcache", None)
     assert {decode_attention_backend(d) for d in (torch.float32, torch.bfloat16)} == {"adfast split-K"}
-    monkeypatch.setattr(decoder_module, "flash_attn_with_kvcache", object())
+    monkeypatch.setattr(attention_module, "flash_attn_with_kvcache", object())
     assert decode_attention_backend(torch.bfloat16) == decode_attention_backend(torch.float16) == "flash-attn"
     assert decode_attention_backend(torch.float32) == "adfast split-K"
     assert decode_attention_backend(torch.bfloat16, torch.float32) == "adfast split-K"

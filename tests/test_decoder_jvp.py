@@ -3,12 +3,12 @@ import pytest
 import torch
 from conftest import VOCAB, tiny_llama, tiny_qwen2
 
-from adfast.decoder import (Decoder, DecoderConfig, FactoredTangent, linear_jvp, log_softmax_tangent,
-                            primal_tangent_rows)
+from adfast.decoder import Decoder, DecoderConfig
 from adfast.exact_delta import exact_delta, relative_error
 from adfast.gradient import proxy_gradient
 from adfast.layer_ops import LOW_RANK_MAX_RANK
 from adfast.low_rank import low_rank_gradient
+from adfast.tangent import FactoredTangent, linear_jvp, log_softmax_tangent, primal_tangent_rows
 
 # torch's forward AD (exact_delta) loads its JVP decompositions with torch.jit.script, deprecated in torch 2.13
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")

@@ -463,7 +463,7 @@ def low_rank_of(proxy, grads, rank: int):
 def test_jvp_low_rank_gradient_draws_as_its_dense_reconstruction(teachers, rank, tmp_path):
     """gradient=LowRankGradient (or its file) keeps the tangent factored and draws the tokens of
     gradient=G_r: greedy with lam > 0, and sampled under a fixed seed."""
-    from adfast.decoder import FactoredTangent
+    from adfast.tangent import FactoredTangent
     from adfast.low_rank import save_low_rank_gradient
 
     teacher, lam = teachers["qwen2"], 0.05
