@@ -29,12 +29,19 @@ parameters except an untied input embedding, of which a step reads only B rows; 
 twice in the antidistillation variants and ``engine_jvp``; ``engine_jvp_r<rank>`` counts the proxy
 once plus every number of its factors and dense entries, all read each step as the proxies tie their
 embeddings) over the device-to-device copy bandwidth measured in the same run.
-``limit_frac = limit_ms / ms_step``; ``attention``: the decode attention kernel the row ran
+``ms_step`` and ``tok_s`` follow the issue's protocol: the whole ``generate`` call, the prompts'
+prefill included, over the new tokens. ``decode_ms_step`` is the decode steps alone: the same
+call's time less ``first_token_s`` (a ``generate`` of the same prompts for one new token: prefill
+and one step) over the other ``new_tokens - 1`` steps; at batch 32 a prefill of 32 x 128 tokens
+is compute-bound, so its share of ``ms_step`` grows with the batch.
+``limit_frac = limit_ms / ms_step``, ``decode_limit_frac = limit_ms / decode_ms_step``;
+``attention``: the decode attention kernel the row ran
 (:func:`adfast.attention.decode_attention_backend` for the engine: flash-attn's kv-cache kernel when
 it is installed, else ours); ``engine_gb`` (engine rows on CUDA): the device memory the engine
 holds beyond the shared teacher decoder (proxy copies, or proxy and tangent; KV caches; graphs).
 Writes ``bench/results/decode-<device>.json`` (rows: ``device, batch, variant, tok_s, ms_step,
-limit_ms, limit_frac, attention, engine_gb, new_tokens, run``, ``run`` being when the process
+limit_ms, limit_frac, first_token_s, decode_ms_step, decode_limit_frac, attention, engine_gb,
+new_tokens, run``, ``run`` being when the process
 started: :mod:`bench.goals` flags ratios of rows from different runs, which may be different
 machines; rewritten after every row, so a run cut short keeps what it measured; ``--append``
 merges into the rows already there) and a PNG of tok/s against batch (with matplotlib;
@@ -206,13 +213,17 @@ def main(argv=None) -> int:
                         help="ranks of engine_jvp_lowrank (default: 8 32 128 512 real, 4 16 tiny)")
     add_setting_arguments(parser)
     parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=256,
+                        help="tokens each prompt generates (>= 2: the decode steps alone are timed as the "
+                             "difference to a one-token run)")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     parser.add_argument("--append", action="store_true",
                         help="keep the rows already in the results file (a row of the same batch and variant "
                              "is replaced): one table from several runs")
     parser.add_argument("--plot-only", type=pathlib.Path, metavar="JSON", help="only draw the PNG of a results file")
     args = parser.parse_args(argv)
+    if args.new_tokens < 2:
+        parser.error(f"--new-tokens must be >= 2, got {args.new_tokens}")
     if args.plot_only:
         plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png"))
         return 0
@@ -253,21 +264,25 @@ def main(argv=None) -> int:
         else []
     engine_attention = decode_attention_backend(dtype) if device.type == "cuda" else "sdpa (CPU reference path)"
 
-    def record(batch, variant, seconds, bytes_per_step, engine_gb=None):
+    def record(batch, variant, seconds, first_seconds, bytes_per_step, engine_gb=None):
         """Add a row (replacing an earlier one of the same batch and variant) and rewrite the JSON now,
-        so that a run cut short keeps every row it finished."""
+        so that a run cut short keeps every row it finished. ``seconds``: the timed ``generate`` of
+        ``new_tokens``; ``first_seconds``: that of one new token (module docstring)."""
         if variant.startswith("engine_"):
             variant += suffix
         ms_step = 1e3 * seconds / args.new_tokens
+        decode_ms_step = 1e3 * (seconds - first_seconds) / (args.new_tokens - 1)
         limit_ms = 1e3 * bytes_per_step / bandwidth
         attention = "transformers sdpa" if variant.startswith("hf_") else engine_attention
         row = dict(device=name, batch=batch, variant=variant, tok_s=batch * args.new_tokens / seconds,
-                   ms_step=ms_step, limit_ms=limit_ms, limit_frac=limit_ms / ms_step, attention=attention,
+                   ms_step=ms_step, limit_ms=limit_ms, limit_frac=limit_ms / ms_step, first_token_s=first_seconds,
+                   decode_ms_step=decode_ms_step, decode_limit_frac=limit_ms / decode_ms_step, attention=attention,
                    engine_gb=engine_gb, new_tokens=args.new_tokens, run=run)
         rows[:] = [r for r in rows if (r["batch"], r["variant"]) != (batch, variant)] + [row]
         stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
         print(f"B={batch:3d} {variant:20s} {row['tok_s']:9.1f} tok/s {ms_step:8.2f} ms/step "
-              f"(limit {limit_ms:6.2f} ms, {row['limit_frac']:6.1%})", flush=True)
+              f"(limit {limit_ms:6.2f} ms, {row['limit_frac']:6.1%}; decode steps alone {decode_ms_step:6.2f} ms, "
+              f"{row['decode_limit_frac']:6.1%})", flush=True)
 
     def prompts(batch):
         return torch.randint(1, vocab, (batch, args.prompt_len), generator=gen).tolist()
@@ -276,7 +291,9 @@ def main(argv=None) -> int:
         mode = variant.split("_", 1)[1]
         for batch in args.batches:
             hf_run(teacher, pair, mode, prompts(batch), 4)()  # warm-up
-            record(batch, variant, timed(hf_run(teacher, pair, mode, prompts(batch), args.new_tokens), device),
+            batch_prompts = prompts(batch)
+            first = timed(hf_run(teacher, pair, mode, batch_prompts, 1), device)
+            record(batch, variant, timed(hf_run(teacher, pair, mode, batch_prompts, args.new_tokens), device), first,
                    teacher_bytes + (0 if mode == "temperature" else 2 * proxy_bytes))
 
     def allocated() -> int:
@@ -292,8 +309,9 @@ def main(argv=None) -> int:
             kw = dict(tau=TAU, lam=LAM, mode=mode, seed=0)
             engine.generate(prompts(batch), max_new_tokens=4, **kw)  # warm-up: graph capture
             batch_prompts = prompts(batch)
+            first = timed(lambda: engine.generate(batch_prompts, max_new_tokens=1, **kw), device)
             seconds = timed(lambda: engine.generate(batch_prompts, max_new_tokens=args.new_tokens, **kw), device)
-            record(batch, variant, seconds, bytes_per_step,
+            record(batch, variant, seconds, first, bytes_per_step,
                    (allocated() - before) / 1e9 if device.type == "cuda" else None)
 
     engine_kw = dict(max_batch_size=max(args.batches), max_seq_len=args.prompt_len + args.new_tokens + 1,

@@ -41,9 +41,12 @@ def test_decode_benchmark_runs_every_variant_on_tiny_shapes(tmp_path):
     variants = [v for v in bench.VARIANTS if v != "engine_jvp_lowrank"] + ["engine_jvp_r4"]
     assert sorted((r["variant"], r["batch"]) for r in rows) == sorted((v, b) for v in variants for b in (1, 2))
     for row in rows:
-        assert set(row) == {"device", "batch", "variant", "tok_s", "ms_step", "limit_ms", "limit_frac", "attention",
-                            "engine_gb", "new_tokens", "run"}
-        assert row["tok_s"] > 0 and row["limit_ms"] > 0 and 0 < row["limit_frac"]
+        assert set(row) == {"device", "batch", "variant", "tok_s", "ms_step", "limit_ms", "limit_frac", "first_token_s",
+                            "decode_ms_step", "decode_limit_frac", "attention", "engine_gb", "new_tokens", "run"}
+        assert row["tok_s"] > 0 and row["limit_ms"] > 0 and 0 < row["limit_frac"] and row["first_token_s"] > 0
+        # the decode steps alone: the timed call less the one-token call, over the other new_tokens - 1 steps
+        assert row["decode_ms_step"] * 2 == pytest.approx(row["ms_step"] * 3 - 1e3 * row["first_token_s"])
+        assert row["decode_limit_frac"] == pytest.approx(row["limit_ms"] / row["decode_ms_step"])
     assert result.with_suffix(".png").stat().st_size > 0
     result.with_suffix(".png").unlink()
     assert bench.main(["--plot-only", str(result)]) == 0  # the GPU image has no matplotlib: drawn later
