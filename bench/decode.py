@@ -34,14 +34,16 @@ prefill included, over the new tokens. ``decode_ms_step`` is the decode steps al
 call's time less ``first_token_s`` (a ``generate`` of the same prompts for one new token: prefill
 and one step) over the other ``new_tokens - 1`` steps; at batch 32 a prefill of 32 x 128 tokens
 is compute-bound, so its share of ``ms_step`` grows with the batch.
-``limit_frac = limit_ms / ms_step``, ``decode_limit_frac = limit_ms / decode_ms_step``;
-``attention``: the decode attention kernel the row ran
+``limit_frac = limit_ms / ms_step``, ``decode_limit_frac = limit_ms / decode_ms_step``.
+``kv_ms``: the keys and values a step reads from the KV caches, on average over the new tokens
+(:func:`cache_read_bytes`), over the same bandwidth: bytes the weight-read limit leaves out, which
+grow with the batch and the context. ``attention``: the decode attention kernel the row ran
 (:func:`adfast.attention.decode_attention_backend` for the engine: flash-attn's kv-cache kernel when
 it is installed, else ours); ``engine_gb`` (engine rows on CUDA): the device memory the engine
 holds beyond the shared teacher decoder (proxy copies, or proxy and tangent; KV caches; graphs).
 Writes ``bench/results/decode-<device>.json`` (rows: ``device, batch, variant, tok_s, ms_step,
-limit_ms, limit_frac, first_token_s, decode_ms_step, decode_limit_frac, attention, engine_gb,
-new_tokens, run``, ``run`` being when the process
+limit_ms, limit_frac, first_token_s, decode_ms_step, decode_limit_frac, kv_ms, attention,
+engine_gb, new_tokens, run``, ``run`` being when the process
 started: :mod:`bench.goals` flags ratios of rows from different runs, which may be different
 machines; rewritten after every row, so a run cut short keeps what it measured; ``--append``
 merges into the rows already there) and a PNG of tok/s against batch (with matplotlib;
@@ -164,6 +166,17 @@ def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in skip)
 
 
+def cache_read_bytes(spec: dict, caches: int, batch: int, prompt_len: int, new_tokens: int, element_size: int) -> float:
+    """Mean bytes of keys and values a decode step reads from ``caches`` KV caches of the model
+    ``spec`` (a ``SHAPES`` entry) at ``batch`` rows: the engine's step ``t`` (0 to ``new_tokens - 1``)
+    attends ``prompt_len + t`` positions of each row, so ``prompt_len + (new_tokens - 1) / 2`` on
+    average, each ``2 KV D`` numbers (a key and a value per kv head) per layer."""
+    head_dim = spec["hidden_size"] // spec["num_attention_heads"]
+    positions = prompt_len + (new_tokens - 1) / 2
+    return caches * batch * spec["num_hidden_layers"] * positions * 2 * spec["num_key_value_heads"] * head_dim * \
+        element_size
+
+
 def copy_bandwidth(device) -> float:
     """Bytes per second of a device-to-device copy (read + written); on CPU, of a memory copy."""
     src = torch.randn(1 << 28 if device.type == "cuda" else 1 << 24, device=device)
@@ -231,6 +244,7 @@ def main(argv=None) -> int:
     if device is None:
         return 2
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    element_size = torch.empty((), dtype=dtype).element_size()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     bandwidth = copy_bandwidth(device)
     run = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # rows of one process share it
@@ -264,25 +278,30 @@ def main(argv=None) -> int:
         else []
     engine_attention = decode_attention_backend(dtype) if device.type == "cuda" else "sdpa (CPU reference path)"
 
-    def record(batch, variant, seconds, first_seconds, bytes_per_step, engine_gb=None):
+    def record(batch, variant, seconds, first_seconds, bytes_per_step, proxy_caches, engine_gb=None):
         """Add a row (replacing an earlier one of the same batch and variant) and rewrite the JSON now,
         so that a run cut short keeps every row it finished. ``seconds``: the timed ``generate`` of
-        ``new_tokens``; ``first_seconds``: that of one new token (module docstring)."""
+        ``new_tokens``; ``first_seconds``: that of one new token (module docstring); ``proxy_caches``:
+        the proxy-shaped KV caches a step reads beside the teacher's (2: the pair's, or the jvp
+        proxy's keys and values and their tangents; 0: temperature)."""
         if variant.startswith("engine_"):
             variant += suffix
         ms_step = 1e3 * seconds / args.new_tokens
         decode_ms_step = 1e3 * (seconds - first_seconds) / (args.new_tokens - 1)
         limit_ms = 1e3 * bytes_per_step / bandwidth
+        kv_bytes = sum(cache_read_bytes(spec[model], caches, batch, args.prompt_len, args.new_tokens, element_size)
+                       for model, caches in (("teacher", 1), ("proxy", proxy_caches)))
         attention = "transformers sdpa" if variant.startswith("hf_") else engine_attention
         row = dict(device=name, batch=batch, variant=variant, tok_s=batch * args.new_tokens / seconds,
                    ms_step=ms_step, limit_ms=limit_ms, limit_frac=limit_ms / ms_step, first_token_s=first_seconds,
-                   decode_ms_step=decode_ms_step, decode_limit_frac=limit_ms / decode_ms_step, attention=attention,
-                   engine_gb=engine_gb, new_tokens=args.new_tokens, run=run)
+                   decode_ms_step=decode_ms_step, decode_limit_frac=limit_ms / decode_ms_step,
+                   kv_ms=1e3 * kv_bytes / bandwidth, attention=attention, engine_gb=engine_gb,
+                   new_tokens=args.new_tokens, run=run)
         rows[:] = [r for r in rows if (r["batch"], r["variant"]) != (batch, variant)] + [row]
         stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
         print(f"B={batch:3d} {variant:20s} {row['tok_s']:9.1f} tok/s {ms_step:8.2f} ms/step "
               f"(limit {limit_ms:6.2f} ms, {row['limit_frac']:6.1%}; decode steps alone {decode_ms_step:6.2f} ms, "
-              f"{row['decode_limit_frac']:6.1%})", flush=True)
+              f"{row['decode_limit_frac']:6.1%}; KV reads {row['kv_ms']:5.2f} ms)", flush=True)
 
     def prompts(batch):
         return torch.randint(1, vocab, (batch, args.prompt_len), generator=gen).tolist()
@@ -293,8 +312,9 @@ def main(argv=None) -> int:
             hf_run(teacher, pair, mode, prompts(batch), 4)()  # warm-up
             batch_prompts = prompts(batch)
             first = timed(hf_run(teacher, pair, mode, batch_prompts, 1), device)
+            proxy_caches = 0 if mode == "temperature" else 2
             record(batch, variant, timed(hf_run(teacher, pair, mode, batch_prompts, args.new_tokens), device), first,
-                   teacher_bytes + (0 if mode == "temperature" else 2 * proxy_bytes))
+                   teacher_bytes + proxy_caches * proxy_bytes, proxy_caches)
 
     def allocated() -> int:
         return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
@@ -311,7 +331,7 @@ def main(argv=None) -> int:
             batch_prompts = prompts(batch)
             first = timed(lambda: engine.generate(batch_prompts, max_new_tokens=1, **kw), device)
             seconds = timed(lambda: engine.generate(batch_prompts, max_new_tokens=args.new_tokens, **kw), device)
-            record(batch, variant, seconds, first, bytes_per_step,
+            record(batch, variant, seconds, first, bytes_per_step, 0 if mode == "temperature" else 2,
                    (allocated() - before) / 1e9 if device.type == "cuda" else None)
 
     engine_kw = dict(max_batch_size=max(args.batches), max_seq_len=args.prompt_len + args.new_tokens + 1,

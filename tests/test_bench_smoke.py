@@ -42,7 +42,8 @@ def test_decode_benchmark_runs_every_variant_on_tiny_shapes(tmp_path):
     assert sorted((r["variant"], r["batch"]) for r in rows) == sorted((v, b) for v in variants for b in (1, 2))
     for row in rows:
         assert set(row) == {"device", "batch", "variant", "tok_s", "ms_step", "limit_ms", "limit_frac", "first_token_s",
-                            "decode_ms_step", "decode_limit_frac", "attention", "engine_gb", "new_tokens", "run"}
+                            "decode_ms_step", "decode_limit_frac", "kv_ms", "attention", "engine_gb", "new_tokens",
+                            "run"}
         assert row["tok_s"] > 0 and row["limit_ms"] > 0 and 0 < row["limit_frac"] and row["first_token_s"] > 0
         # the decode steps alone: the timed call less the one-token call, over the other new_tokens - 1 steps
         assert row["decode_ms_step"] * 2 == pytest.approx(row["ms_step"] * 3 - 1e3 * row["first_token_s"])
@@ -51,6 +52,24 @@ def test_decode_benchmark_runs_every_variant_on_tiny_shapes(tmp_path):
     result.with_suffix(".png").unlink()
     assert bench.main(["--plot-only", str(result)]) == 0  # the GPU image has no matplotlib: drawn later
     assert result.with_suffix(".png").stat().st_size > 0
+
+
+def test_cache_read_bytes_is_the_mean_kv_cache_a_step_attends():
+    """Against transformers' own cache: the bytes of its keys and values after each context length
+    the engine's steps attend (prompt_len, prompt_len + 1, ...), averaged over the steps."""
+    spec = importlib.util.spec_from_file_location("decode_bench", ROOT / "bench" / "decode.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    shape = bench.SHAPES["tiny"]["proxy"]
+    model = bench.random_model(shape, torch.float32, torch.device("cpu"))
+    prompt_len, new_tokens, batch = 5, 4, 3
+
+    def held(length):  # bytes of every layer's keys and values for `batch` rows of `length` tokens
+        cache = model(torch.ones(batch, length, dtype=torch.int64), use_cache=True).past_key_values
+        return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+    mean = sum(held(prompt_len + t) for t in range(new_tokens)) / new_tokens
+    assert bench.cache_read_bytes(shape, 2, batch, prompt_len, new_tokens, 4) == pytest.approx(2 * mean)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's forward AD
