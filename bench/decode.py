@@ -312,9 +312,9 @@ def main(argv=None) -> int:
             hf_run(teacher, pair, mode, prompts(batch), 4)()  # warm-up
             batch_prompts = prompts(batch)
             first = timed(hf_run(teacher, pair, mode, batch_prompts, 1), device)
-            proxy_caches = 0 if mode == "temperature" else 2
+            proxies = mode != "temperature"
             record(batch, variant, timed(hf_run(teacher, pair, mode, batch_prompts, args.new_tokens), device), first,
-                   teacher_bytes + proxy_caches * proxy_bytes, proxy_caches)
+                   teacher_bytes + (2 * proxy_bytes if proxies else 0), 2 if proxies else 0)
 
     def allocated() -> int:
         return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
