@@ -33,7 +33,7 @@ def decode_attention_backend(dtype: torch.dtype, cache_dtype: torch.dtype | None
 
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
            query_pos: torch.Tensor, lengths: torch.Tensor | None = None,
-           counters: torch.Tensor | None = None) -> torch.Tensor:
+           counters: torch.Tensor | None = None, key_span: int | None = None) -> torch.Tensor:
     """Causal attention of new queries over their slots' cached keys and values.
 
     Args:
@@ -44,8 +44,11 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots:
             of slot ``slots[b]`` (all of them already written), scaled by ``1 / sqrt(D)``.
         lengths: ``query_pos[:, 0] + 1`` if the caller has it (a decode step computes it once for
             all layers rather than once per layer: one kernel launch instead of one per layer).
-        counters: the CUDA decode kernel's split tickets (``adfast.decoder.KVCache.attention_counters``; None
-            allocates them per call).
+        counters: the CUDA decode kernel's split tickets (``adfast.decoder.KVCache.attention_counters``;
+            None allocates them per call).
+        key_span: a bound on the positions any query attends (every ``query_pos < key_span``), if
+            the caller knows one (a checked forward does, from its host-side length check); None
+            means ``max_seq_len``.
 
     Returns:
         ``[C, B, T, H, D]``. Head ``h`` reads key/value head ``h // (H / KV)`` (grouped-query).
@@ -57,9 +60,9 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots:
     kernel :func:`adfast.kernels.decode_attention.decode_attention`, which also reads only live
     positions (tested against this function's SDPA path under the Triton interpreter; not yet
     measured on a GPU). Everything else runs ``scaled_dot_product_attention``
-    with a boolean mask over gathered copies of the slots' rows: that path reads all
-    ``max_seq_len`` positions of every slot, whatever their lengths (cost grows with
-    ``max_seq_len``); it is the reference and the prefill path, not the fast decode path.
+    with a boolean mask over gathered copies of the slots' first ``key_span`` positions (all
+    ``max_seq_len`` without it: the cost then grows with ``max_seq_len``, whatever the slots'
+    lengths); it is the reference and the prefill path, not the fast decode path.
     """
     num_copies, batch, seq, heads, head_dim = q.shape
     max_batch, max_seq_len, kv_heads = k_cache.shape[1], k_cache.shape[2] - 1, k_cache.shape[3]
@@ -76,35 +79,37 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots:
         return decode_attention(q, k_cache, v_cache, slots, query_pos[:, 0] + 1 if lengths is None else lengths,
                                 counters=counters)
 
-    def gather(cache):  # [C, max_batch, S + 1, KV, D] -> [C B, H, S, D]
-        x = cache[:, slots, :max_seq_len].to(q.dtype).permute(0, 1, 3, 2, 4)
-        x = x[:, :, :, None].expand(-1, -1, -1, heads // kv_heads, -1, -1)
-        return x.reshape(num_copies * batch, heads, max_seq_len, head_dim)
+    span = _key_span(key_span, max_seq_len)
 
-    keys = torch.arange(max_seq_len, device=q.device)
-    mask = keys[None, None, :] <= query_pos[:, :, None]  # [B, T, S]
-    mask = mask[None, :, None].expand(num_copies, -1, -1, -1, -1).reshape(num_copies * batch, 1, seq, max_seq_len)
+    def gather(cache):  # [C, max_batch, S + 1, KV, D] -> [C B, H, span, D]
+        x = cache[:, slots, :span].to(q.dtype).permute(0, 1, 3, 2, 4)
+        x = x[:, :, :, None].expand(-1, -1, -1, heads // kv_heads, -1, -1)
+        return x.reshape(num_copies * batch, heads, span, head_dim)
+
+    keys = torch.arange(span, device=q.device)
+    mask = keys[None, None, :] <= query_pos[:, :, None]  # [B, T, span]
+    mask = mask[None, :, None].expand(num_copies, -1, -1, -1, -1).reshape(num_copies * batch, 1, seq, span)
     out = F.scaled_dot_product_attention(q.transpose(2, 3).reshape(num_copies * batch, heads, seq, head_dim),
                                          gather(k_cache), gather(v_cache), attn_mask=mask)
     return out.view(num_copies, batch, heads, seq, head_dim).transpose(2, 3)
 
 
 def attend_jvp(q: torch.Tensor, dq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               dk_cache: torch.Tensor, dv_cache: torch.Tensor, slots: torch.Tensor,
-               query_pos: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               dk_cache: torch.Tensor, dv_cache: torch.Tensor, slots: torch.Tensor, query_pos: torch.Tensor,
+               lengths: torch.Tensor | None = None, key_span: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`attend` and its tangent, by an explicit masked softmax (same masking and grouping).
 
     With ``S = Q K^T / sqrt(D)`` (keys past ``query_pos`` masked), ``P = softmax(S)``, ``O = P V``:
     ``dS = (dQ K^T + Q dK^T) / sqrt(D)``, ``dP = P (dS - sum(P dS))``, ``dO = dP V + P dV``.
     ``dk_cache``, ``dv_cache`` hold the cached keys' and values' tangents, laid out as the caches;
-    ``lengths`` as in :func:`attend`. Returns ``(out, dout)``, ``[C, B, T, H, D]``.
+    ``lengths`` and ``key_span`` as in :func:`attend`. Returns ``(out, dout)``, ``[C, B, T, H, D]``.
 
     CUDA decode (``T == 1``) runs the split-K Triton kernel
     :func:`adfast.kernels.decode_attention_jvp.decode_attention_jvp`, which reads only each slot's
     live positions of the four caches (tested against this function's float64 path and
     ``torch.func.jvp`` under the Triton interpreter). Everything else (CPU, prefill) is the
-    reference path below: scores and softmax in float32 (float64 for float64) over all
-    ``max_seq_len`` positions of every slot, masked.
+    reference path below: scores and softmax in float32 (float64 for float64) over the first
+    ``key_span`` positions (default all ``max_seq_len``) of every slot, masked.
     """
     if q.is_cuda and q.shape[2] == 1:
         from .kernels.decode_attention_jvp import decode_attention_jvp
@@ -116,14 +121,16 @@ def attend_jvp(q: torch.Tensor, dq: torch.Tensor, k_cache: torch.Tensor, v_cache
     dtype = q.dtype
     work = compute_dtype(dtype)
 
-    def gather(cache):  # [C, max_batch, S + 1, KV, D] -> [C, B, H, S, D]
-        x = cache[:, slots, :max_seq_len].to(work).permute(0, 1, 3, 2, 4)
+    span = _key_span(key_span, max_seq_len)
+
+    def gather(cache):  # [C, max_batch, S + 1, KV, D] -> [C, B, H, span, D]
+        x = cache[:, slots, :span].to(work).permute(0, 1, 3, 2, 4)
         return x.repeat_interleave(heads // kv_heads, dim=2)
 
     keys, values, dkeys, dvalues = gather(k_cache), gather(v_cache), gather(dk_cache), gather(dv_cache)
     q, dq = q.to(work).transpose(2, 3), dq.to(work).transpose(2, 3)  # [C, B, H, T, D]
     scale = 1.0 / math.sqrt(head_dim)
-    mask = torch.arange(max_seq_len, device=q.device)[None, None, :] <= query_pos[:, :, None]  # [B, T, S]
+    mask = torch.arange(span, device=q.device)[None, None, :] <= query_pos[:, :, None]  # [B, T, span]
     mask = mask[None, :, None]  # [1, B, 1, T, S]
     scores = (q @ keys.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
     dscores = ((dq @ keys.transpose(-1, -2) + q @ dkeys.transpose(-1, -2)) * scale).masked_fill(~mask, 0)
@@ -132,6 +139,15 @@ def attend_jvp(q: torch.Tensor, dq: torch.Tensor, k_cache: torch.Tensor, v_cache
     out = p @ values
     dout = dp @ values + p @ dvalues
     return out.transpose(2, 3).to(dtype), dout.transpose(2, 3).to(dtype)
+
+
+def _key_span(key_span: int | None, max_seq_len: int) -> int:
+    """The positions the reference path gathers: ``key_span`` (checked) or ``max_seq_len``."""
+    if key_span is None:
+        return max_seq_len
+    if not 1 <= key_span <= max_seq_len:
+        raise ValueError(f"key_span must be in [1, max_seq_len={max_seq_len}], got {key_span}")
+    return key_span
 
 
 __all__ = ["attend", "attend_jvp", "decode_attention_backend"]

@@ -555,7 +555,10 @@ class Decoder(nn.Module):
 
     # ----------------------------------------------------------------------------------- forward
 
-    def _check(self, tokens, slots, num_tokens, check: bool) -> None:
+    def _check(self, tokens, slots, num_tokens, check: bool) -> int | None:
+        """Raise ``ValueError`` for inputs :meth:`forward` cannot take (shapes always; with ``check``,
+        ids and lengths on the host, one sync). Returns, with ``check``, the positions the call's
+        queries attend at most (its slots' largest length after it; at least 1), else None."""
         cache = self.cache
         if cache is None:
             raise ValueError("call setup_cache(max_batch, max_seq_len) before forward")
@@ -574,7 +577,7 @@ class Decoder(nn.Module):
         if seq > cache.max_seq_len:
             raise ValueError(f"prompt longer than the cache: {seq} tokens > max_seq_len={cache.max_seq_len}")
         if not check:
-            return
+            return None
         if bool(((tokens < 0) | (tokens >= self.config.vocab_size)).any()):
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
         slot_list = slots.tolist()
@@ -583,10 +586,12 @@ class Decoder(nn.Module):
         counts = [seq] * batch if num_tokens is None else num_tokens.tolist()
         if any(not 0 <= n <= seq for n in counts):
             raise ValueError(f"num_tokens must be in [0, {seq}], got {counts}")
-        for slot, held, n in zip(slot_list, cache.lengths[slots].tolist(), counts):
-            if held + n > cache.max_seq_len:
-                raise ValueError(f"prompt longer than the cache: slot {slot} holds {held} tokens, {n} more "
+        held = cache.lengths[slots].tolist()
+        for slot, h, n in zip(slot_list, held, counts):
+            if h + n > cache.max_seq_len:
+                raise ValueError(f"prompt longer than the cache: slot {slot} holds {h} tokens, {n} more "
                                  f"exceed max_seq_len={cache.max_seq_len}")
+        return max(1, *(h + n for h, n in zip(held, counts)))
 
     def forward(self, tokens: torch.Tensor, slots: torch.Tensor, num_tokens: torch.Tensor | None = None, *,
                 last_only: bool = True, check: bool = True, tangent: bool = False, float_logits: bool = True):
@@ -601,10 +606,12 @@ class Decoder(nn.Module):
                 written and its slot's length stays, so a fixed-size decode batch can carry
                 finished or empty slots.
             last_only: return only the logits of each row's last real token.
-            check: validate ids and lengths on the host (one sync). Pass False under CUDA-graph
-                capture; then only shapes are checked, and tokens past ``max_seq_len`` are dropped
-                into the scratch position and the length stops at ``max_seq_len`` (never out of
-                bounds, but that slot's results are wrong).
+            check: validate ids and lengths on the host (one sync); the reference attention path
+                (CPU, prefill) then gathers only the positions the call's queries reach, not all
+                ``max_seq_len`` (:func:`adfast.attention.attend`'s ``key_span``). Pass False under
+                CUDA-graph capture; then only shapes are checked, and tokens past ``max_seq_len``
+                are dropped into the scratch position and the length stops at ``max_seq_len``
+                (never out of bounds, but that slot's results are wrong).
             float_logits: return float32 logits; False returns them in the decoder's dtype, as its
                 ``lm_head`` computes them (the same values: the fused sampler reads bf16 logits
                 directly, so a decode step skips the conversion's kernel and half the bytes).
@@ -641,7 +648,7 @@ class Decoder(nn.Module):
         if tangent and (self.cache is None or self.cache.dk is None):
             raise ValueError("forward(tangent=True) needs tangent K/V caches: call setup_cache(..., tangent=True) "
                              "(or setup_cache after set_tangent)")
-        self._check(tokens, slots, num_tokens, check)
+        key_span = self._check(tokens, slots, num_tokens, check)
         cfg, cache = self.config, self.cache
         batch, seq = tokens.shape
         n = torch.full_like(slots, seq) if num_tokens is None else num_tokens
@@ -651,8 +658,8 @@ class Decoder(nn.Module):
                                                                   self.rope_sin)
         lengths = live if seq == 1 else None  # decode attention's live lengths, once for all layers
         if tangent:
-            return self._forward_tangent(tokens, slots, n, write_pos, query_pos, lengths, cos, sin, last_only,
-                                         float_logits)
+            return self._forward_tangent(tokens, slots, n, write_pos, query_pos, lengths, key_span, cos, sin,
+                                         last_only, float_logits)
 
         copies, heads, kv_heads, head_dim = self.num_copies, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         eps = cfg.rms_norm_eps
@@ -666,7 +673,7 @@ class Decoder(nn.Module):
             prefetch(layer.wo)
             q = ops.rope_and_cache_write(qkv, cos, sin, cache.k[i], cache.v[i], slots, write_pos, heads, kv_heads,
                                          qkv_bias)
-            out = attend(q, cache.k[i], cache.v[i], slots, query_pos, lengths, cache.attention_counters)
+            out = attend(q, cache.k[i], cache.v[i], slots, query_pos, lengths, cache.attention_counters, key_span)
             attention_out = self._linear(out.reshape(copies, batch * seq, heads * head_dim), layer.wo, layer.bo,
                                          "o")
             prefetch(layer.w_gate_up)
@@ -692,7 +699,7 @@ class Decoder(nn.Module):
         rows = torch.arange(batch, device=n.device) * (streams[0].shape[1] // batch) + (n - 1).clamp(min=0)
         return tuple(None if s is None else s[:, rows] for s in streams)
 
-    def _forward_tangent(self, tokens, slots, n, write_pos, query_pos, lengths, cos, sin, last_only: bool,
+    def _forward_tangent(self, tokens, slots, n, write_pos, query_pos, lengths, key_span, cos, sin, last_only: bool,
                          float_logits: bool):
         """The body of ``forward(..., tangent=True)``: the primal pass of :meth:`forward` with tangents."""
         cfg, cache, g = self.config, self.cache, self.tangent_weights
@@ -715,7 +722,7 @@ class Decoder(nn.Module):
                                                  cache.dv[i], slots, write_pos, heads, kv_heads, layer.bqkv,
                                                  d("bqkv"), low_rank=term)
             out, dout = attend_jvp(q, dq, cache.k[i], cache.v[i], cache.dk[i], cache.dv[i], slots, query_pos,
-                                   lengths)
+                                   lengths, key_span)
             o, do, term = linear_jvp(out.reshape(copies, batch * seq, heads * head_dim),
                                      dout.reshape(copies, batch * seq, heads * head_dim), layer.wo, d("wo"),
                                      layer.bo, d("bo"), defer=True)

@@ -54,6 +54,19 @@ def test_decode_benchmark_runs_every_variant_on_tiny_shapes(tmp_path):
     assert result.with_suffix(".png").stat().st_size > 0
 
 
+def test_prefill_benchmark_times_both_ways_per_cache_size(tmp_path):
+    spec = importlib.util.spec_from_file_location("prefill_bench", ROOT / "bench" / "prefill.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--batch", "2", "--prompt-len", "4", "--max-seq-lens", "8", "16", "--repeats", "1",
+                       "--out", str(tmp_path)]) == 0
+    (result,) = tmp_path.glob("prefill-*.json")
+    rows = json.loads(result.read_text())
+    assert [(r["max_seq_len"], r["positions"]) for r in rows] == [(8, "reached"), (8, "all"), (16, "reached"),
+                                                                 (16, "all")]
+    assert all(r["ms"] > 0 and r["batch"] == 2 and r["prompt_len"] == 4 for r in rows)
+
+
 def test_cache_read_bytes_is_the_mean_kv_cache_a_step_attends():
     """Against transformers' own cache: the bytes of its keys and values after each context length
     the engine's steps attend (prompt_len, prompt_len + 1, ...), averaged over the steps."""

@@ -69,6 +69,13 @@ def test_matches_attend_fp32(num_splits, block_n):
     torch.testing.assert_close(out.double().cpu(), reference(q, k, v, slots, lengths), rtol=1e-5, atol=1e-5)
 
 
+def test_reference_path_refuses_a_key_span_outside_the_cache():
+    q, k, v, slots, lengths = (t.cpu() for t in make_inputs(1, 2, 2, 16, torch.float32))
+    for span in (0, MAX_SEQ + 1):
+        with pytest.raises(ValueError, match="key_span must be in"):
+            attend(q, k, v, slots, (lengths - 1)[:, None], key_span=span)
+
+
 def test_fp16_cache_and_default_plan():
     q, k, v, slots, lengths = make_inputs(2, 4, 2, 32, torch.float16, seed=2)  # garbage v: 1e30 -> inf
     out = decode_attention(q, k, v, slots, lengths)

@@ -273,6 +273,38 @@ def test_idle_rows_write_nothing():
     assert cache.lengths.tolist() == [0, 8, 0] and torch.equal(cache.k[:, :, :, :8], k_before)
 
 
+def test_checked_calls_gather_only_the_positions_their_queries_reach(monkeypatch):
+    """A checked forward (prefill, CPU decode) gathers each slot's first ``max(held + n)`` positions
+    for the reference attention, an unchecked one all ``max_seq_len``: the same logits (float64)."""
+    import adfast.attention as attention_module
+
+    keys_seen = []
+    sdpa = attention_module.F.scaled_dot_product_attention
+
+    def recording(q, k, v, **kw):
+        keys_seen.append(k.shape[2])
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", recording)
+    model = MODELS["qwen2"]()
+    decoders = [Decoder.from_hf([model], dtype=torch.float64) for _ in range(2)]
+    for decoder in decoders:
+        decoder.setup_cache(4, 40)
+    tokens, num_tokens = right_padded(random_prompts([5, 3], seed=7))
+    slots = torch.tensor([2, 0])
+    steps = [(tokens, num_tokens), (torch.tensor([[11], [12]]), torch.tensor([1, 0])),  # an idle row
+             (torch.tensor([[13], [14]]), None)]
+    for step_tokens, step_num in steps:
+        keys_seen.clear()
+        checked, unchecked = (decoder(step_tokens, slots, step_num, last_only=False, check=check)
+                              for decoder, check in zip(decoders, (True, False)))
+        assert set(keys_seen) == {int(decoders[0].cache.lengths.max()), 40}
+        torch.testing.assert_close(checked, unchecked, rtol=1e-12, atol=1e-12)
+    assert decoders[0].cache.lengths.tolist() == decoders[1].cache.lengths.tolist() == [4, 0, 7, 0]
+    torch.testing.assert_close(checked[0, 0, 0].float(), hf_logits(model, tokens[0, :5].tolist() + [11, 13])[-1],
+                               **TIGHT)
+
+
 def reference_logits(model, tokens, inv_freq: torch.Tensor) -> torch.Tensor:
     """A float64 Llama / Qwen2 forward of one sequence, written independently of adfast.decoder: ``[T, V]``."""
     cfg = model.config

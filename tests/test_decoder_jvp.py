@@ -88,6 +88,23 @@ def test_prefill_then_decode_matches_exact_delta(setup):
             assert error < 1e-10, (step, b, float(error))
 
 
+def test_checked_and_unchecked_calls_agree(setup):
+    """A checked call's reference attention reads only the positions its queries reach (attend_jvp's
+    key_span), an unchecked one all of max_seq_len: the same logits and tangents."""
+    model, gradient = setup
+    decoders = [tangent_decoder(model, gradient) for _ in range(2)]
+    for decoder in decoders:
+        decoder.setup_cache(3, 30)
+    ids, lengths = right_padded([random_tokens(6, 40), random_tokens(2, 41)])
+    slots = torch.tensor([1, 2])
+    for tokens, num_tokens in ((ids, lengths), (torch.tensor([[3], [4]]), None)):
+        (logits, dlogits), (logits_all, dlogits_all) = (
+            decoder(tokens, slots, num_tokens, last_only=False, check=check, tangent=True)
+            for decoder, check in zip(decoders, (True, False)))
+        torch.testing.assert_close(logits, logits_all, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(dlogits, dlogits_all, rtol=1e-12, atol=1e-12)
+
+
 def test_float32_close_to_float64(setup):
     model, gradient = setup
     ids, lengths = right_padded([random_tokens(8, 40), random_tokens(5, 41)])
