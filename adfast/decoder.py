@@ -594,7 +594,8 @@ class Decoder(nn.Module):
         return max(1, *(h + n for h, n in zip(held, counts)))
 
     def forward(self, tokens: torch.Tensor, slots: torch.Tensor, num_tokens: torch.Tensor | None = None, *,
-                last_only: bool = True, check: bool = True, tangent: bool = False, float_logits: bool = True):
+                last_only: bool = True, check: bool = True, tangent: bool = False, float_logits: bool = True,
+                key_span: int | None = None):
         """Append ``tokens`` to their slots, attend causally over each slot, return logits.
 
         Args:
@@ -612,6 +613,9 @@ class Decoder(nn.Module):
                 CUDA-graph capture; then only shapes are checked, and tokens past ``max_seq_len``
                 are dropped into the scratch position and the length stops at ``max_seq_len``
                 (never out of bounds, but that slot's results are wrong).
+            key_span: for an unchecked call, the slots' largest length after it if the caller
+                knows it (the engine's eager steps), which the reference attention path then
+                gathers instead of all ``max_seq_len``; a checked call computes its own.
             float_logits: return float32 logits; False returns them in the decoder's dtype, as its
                 ``lm_head`` computes them (the same values: the fused sampler reads bf16 logits
                 directly, so a decode step skips the conversion's kernel and half the bytes).
@@ -648,7 +652,7 @@ class Decoder(nn.Module):
         if tangent and (self.cache is None or self.cache.dk is None):
             raise ValueError("forward(tangent=True) needs tangent K/V caches: call setup_cache(..., tangent=True) "
                              "(or setup_cache after set_tangent)")
-        key_span = self._check(tokens, slots, num_tokens, check)
+        key_span = self._check(tokens, slots, num_tokens, check) or key_span
         cfg, cache = self.config, self.cache
         batch, seq = tokens.shape
         n = torch.full_like(slots, seq) if num_tokens is None else num_tokens

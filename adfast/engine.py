@@ -152,8 +152,8 @@ def prefill(model: Decoder, prompts: Sequence[Sequence[int]], slots: Sequence[in
           torch.tensor([len(p) for p in prompts], device=device), check=True, tangent=tangent)
 
 
-def _proxy_logits(proxies: Decoder, tokens, slots, num_tokens,
-                  exact: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _proxy_logits(proxies: Decoder, tokens, slots, num_tokens, exact: bool = False,
+                  key_span: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(plus, minus)`` logits of the pair, or ``(dlogits, None)`` from a tangent-mode proxy (``exact``).
 
     ``dlogits`` is ``D`` plus the row constant ``sum_v p_v dlogits_v``
@@ -164,15 +164,17 @@ def _proxy_logits(proxies: Decoder, tokens, slots, num_tokens,
     the proxies' normalisers to cancel.
     """
     if exact:
-        _, dlogits = proxies(tokens[:, None], slots, num_tokens, check=False, tangent=True, float_logits=False)
+        _, dlogits = proxies(tokens[:, None], slots, num_tokens, check=False, tangent=True, float_logits=False,
+                             key_span=key_span)
         return dlogits[0, :, 0], None
-    logits = proxies(tokens[:, None], slots, num_tokens, check=False, float_logits=False)[:, :, 0]
+    logits = proxies(tokens[:, None], slots, num_tokens, check=False, float_logits=False, key_span=key_span)[:, :, 0]
     return logits[0], logits[1]
 
 
 @torch.no_grad()
 def decode_one_token(teacher: Decoder, proxies: Decoder | None, rows: StepInputs, config: StepConfig,
-                     proxy_stream: torch.cuda.Stream | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     proxy_stream: torch.cuda.Stream | None = None,
+                     key_span: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step of ``B = rows.tokens.numel()`` rows; no host synchronisation (capturable).
 
     Appends ``rows.tokens`` to the slots of the rows with ``num_tokens == 1`` in the teacher's and
@@ -194,6 +196,10 @@ def decode_one_token(teacher: Decoder, proxies: Decoder | None, rows: StepInputs
     stream and joins before anything reads the proxies' outputs, so no extra stream bookkeeping is
     needed.
 
+    ``key_span``: the slots' largest length after the step, where the caller knows it (the
+    engine's eager steps: the reference attention then gathers that many positions, not all
+    ``max_seq_len``, :func:`adfast.attention.attend`); None (captured steps) reads them all there.
+
     Returns:
         drawn tokens int64 ``[B]`` and the teacher's unadjusted ``log_softmax(t)[token]`` float32 ``[B]``;
         idle rows hold unspecified values.
@@ -204,12 +210,13 @@ def decode_one_token(teacher: Decoder, proxies: Decoder | None, rows: StepInputs
     if proxies is not None and proxy_stream is not None:
         proxy_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(proxy_stream):
-            plus, minus = _proxy_logits(proxies, tokens, slots, num_tokens, exact)
-    teacher_logits = teacher(tokens[:, None], slots, num_tokens, check=False, float_logits=False)[0, :, 0]
+            plus, minus = _proxy_logits(proxies, tokens, slots, num_tokens, exact, key_span)
+    teacher_logits = teacher(tokens[:, None], slots, num_tokens, check=False, float_logits=False,
+                             key_span=key_span)[0, :, 0]
     if proxies is not None and proxy_stream is not None:
         torch.cuda.current_stream().wait_stream(proxy_stream)
     elif proxies is not None:
-        plus, minus = _proxy_logits(proxies, tokens, slots, num_tokens, exact)
+        plus, minus = _proxy_logits(proxies, tokens, slots, num_tokens, exact, key_span)
     proxy_inputs = dict(delta=plus) if exact else dict(plus_logits=plus, minus_logits=minus)
 
     filters = dict(top_k=rows.top_k, top_p=rows.top_p) if config.filtered else {}
@@ -495,7 +502,9 @@ class Engine:
             bucket = next(size for size in self.buckets if size >= len(active))
             if rows_changed or admitted:
                 self._load_rows(active, bucket, free)
-            drawn, logprobs = self._decode(bucket, config, proxies)
+            # every slot's length after this step (a prompt of L tokens with g drawn holds L + g)
+            span = max(len(prompts[seq.index]) + len(seq.tokens) for seq in active)
+            drawn, logprobs = self._decode(bucket, config, proxies, span)
             n = len(active)  # one read of the step's tokens, log-probs and bad-input bits (exact in float64)
             drawn, logprobs, bad = torch.stack((drawn[:n].double(), logprobs[:n].double(),
                                                 self.inputs.bad[:n].double())).tolist()
@@ -535,10 +544,11 @@ class Engine:
 
     # ------------------------------------------------------------------------------------ decode
 
-    def _decode(self, bucket: int, config: StepConfig, proxies: Decoder | None):
-        """Run one step of ``bucket`` rows: replay its graph (captured on first use) or run it eagerly."""
+    def _decode(self, bucket: int, config: StepConfig, proxies: Decoder | None, key_span: int):
+        """Run one step of ``bucket`` rows: replay its graph (captured on first use) or run it eagerly
+        (attending the ``key_span`` positions the active slots reach, :func:`decode_one_token`)."""
         if not self.use_graphs:
-            return decode_one_token(self.teacher, proxies, self.inputs.head(bucket), config)
+            return decode_one_token(self.teacher, proxies, self.inputs.head(bucket), config, key_span=key_span)
         if config != self._graph_config:
             self._graphs.clear()
             self._graph_config, self._graph_pool = config, None

@@ -275,7 +275,8 @@ def test_idle_rows_write_nothing():
 
 def test_checked_calls_gather_only_the_positions_their_queries_reach(monkeypatch):
     """A checked forward (prefill, CPU decode) gathers each slot's first ``max(held + n)`` positions
-    for the reference attention, an unchecked one all ``max_seq_len``: the same logits (float64)."""
+    for the reference attention, so does an unchecked one told that span (``key_span``: the engine's
+    eager steps), an unchecked one without it all ``max_seq_len``: the same logits (float64)."""
     import adfast.attention as attention_module
 
     keys_seen = []
@@ -287,20 +288,21 @@ def test_checked_calls_gather_only_the_positions_their_queries_reach(monkeypatch
 
     monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", recording)
     model = MODELS["qwen2"]()
-    decoders = [Decoder.from_hf([model], dtype=torch.float64) for _ in range(2)]
+    decoders = [Decoder.from_hf([model], dtype=torch.float64) for _ in range(3)]
     for decoder in decoders:
         decoder.setup_cache(4, 40)
     tokens, num_tokens = right_padded(random_prompts([5, 3], seed=7))
     slots = torch.tensor([2, 0])
-    steps = [(tokens, num_tokens), (torch.tensor([[11], [12]]), torch.tensor([1, 0])),  # an idle row
-             (torch.tensor([[13], [14]]), None)]
-    for step_tokens, step_num in steps:
+    steps = [(tokens, num_tokens, 5), (torch.tensor([[11], [12]]), torch.tensor([1, 0]), 6),  # an idle row
+             (torch.tensor([[13], [14]]), None, 7)]
+    for step_tokens, step_num, span in steps:
         keys_seen.clear()
-        checked, unchecked = (decoder(step_tokens, slots, step_num, last_only=False, check=check)
-                              for decoder, check in zip(decoders, (True, False)))
-        assert set(keys_seen) == {int(decoders[0].cache.lengths.max()), 40}
+        checked, told, unchecked = (decoder(step_tokens, slots, step_num, last_only=False, check=check, key_span=told)
+                                    for decoder, check, told in zip(decoders, (True, False, False), (None, span, None)))
+        assert keys_seen == [span] * 2 * 2 + [40] * 2  # two layers a call
         torch.testing.assert_close(checked, unchecked, rtol=1e-12, atol=1e-12)
-    assert decoders[0].cache.lengths.tolist() == decoders[1].cache.lengths.tolist() == [4, 0, 7, 0]
+        torch.testing.assert_close(told, unchecked, rtol=1e-12, atol=1e-12)
+    assert all(decoder.cache.lengths.tolist() == [4, 0, 7, 0] for decoder in decoders)
     torch.testing.assert_close(checked[0, 0, 0].float(), hf_logits(model, tokens[0, :5].tolist() + [11, 13])[-1],
                                **TIGHT)
 

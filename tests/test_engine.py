@@ -132,6 +132,24 @@ def test_per_prompt_lam_equals_each_prompt_alone(engine):
     assert [r.tokens for r in together] != [r.tokens for r in unadjusted]
 
 
+def test_eager_steps_attend_the_positions_the_slots_reach(teachers, pair, monkeypatch):
+    """An eager (CPU) engine's steps gather, for the reference attention, the positions its slots
+    reach, not the cache's max_seq_len: a cache 20x longer draws the same tokens."""
+    import adfast.attention as attention_module
+
+    keys_seen = []
+    sdpa = attention_module.F.scaled_dot_product_attention
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: keys_seen.append(k.shape[2]) or sdpa(q, k, v, **kw))
+    kw = dict(max_new_tokens=MAX_NEW, tau=0.7, lam=0.5, seed=3)
+    tight = Engine(teachers["qwen2"], pair, max_batch_size=3, max_seq_len=20).generate(PROMPTS, **kw)
+    keys_seen.clear()
+    long = Engine(teachers["qwen2"], pair, max_batch_size=3, max_seq_len=400).generate(PROMPTS, **kw)
+    assert [r.tokens for r in long] == [r.tokens for r in tight]
+    assert [r.mean_logprob for r in long] == pytest.approx([r.mean_logprob for r in tight], abs=1e-5)
+    assert max(keys_seen) == max(map(len, PROMPTS)) + MAX_NEW - 1  # the longest slot's last step
+
+
 def test_stop_tokens_and_stream(engine):
     greedy = engine.generate(PROMPTS, max_new_tokens=MAX_NEW, tau=0.0, lam=1.0)
     stop = greedy[2].tokens[1]
