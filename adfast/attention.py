@@ -131,7 +131,7 @@ def attend_jvp(q: torch.Tensor, dq: torch.Tensor, k_cache: torch.Tensor, v_cache
     q, dq = q.to(work).transpose(2, 3), dq.to(work).transpose(2, 3)  # [C, B, H, T, D]
     scale = 1.0 / math.sqrt(head_dim)
     mask = torch.arange(span, device=q.device)[None, None, :] <= query_pos[:, :, None]  # [B, T, span]
-    mask = mask[None, :, None]  # [1, B, 1, T, S]
+    mask = mask[None, :, None]  # [1, B, 1, T, span]
     scores = (q @ keys.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
     dscores = ((dq @ keys.transpose(-1, -2) + q @ dkeys.transpose(-1, -2)) * scale).masked_fill(~mask, 0)
     p = torch.softmax(scores, dim=-1)

@@ -502,8 +502,8 @@ class Engine:
             bucket = next(size for size in self.buckets if size >= len(active))
             if rows_changed or admitted:
                 self._load_rows(active, bucket, free)
-            # every slot's length after this step (a prompt of L tokens with g drawn holds L + g)
-            span = max(len(prompts[seq.index]) + len(seq.tokens) for seq in active)
+            # an eager step's attention span: the slots' largest length after it (L prompt tokens, g drawn: L + g)
+            span = None if self.use_graphs else max(len(prompts[seq.index]) + len(seq.tokens) for seq in active)
             drawn, logprobs = self._decode(bucket, config, proxies, span)
             n = len(active)  # one read of the step's tokens, log-probs and bad-input bits (exact in float64)
             drawn, logprobs, bad = torch.stack((drawn[:n].double(), logprobs[:n].double(),
@@ -544,7 +544,7 @@ class Engine:
 
     # ------------------------------------------------------------------------------------ decode
 
-    def _decode(self, bucket: int, config: StepConfig, proxies: Decoder | None, key_span: int):
+    def _decode(self, bucket: int, config: StepConfig, proxies: Decoder | None, key_span: int | None):
         """Run one step of ``bucket`` rows: replay its graph (captured on first use) or run it eagerly
         (attending the ``key_span`` positions the active slots reach, :func:`decode_one_token`)."""
         if not self.use_graphs:
