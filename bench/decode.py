@@ -94,7 +94,7 @@ def device_for(shapes: str) -> torch.device | None:
     real shapes on a machine without one."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if shapes == "real" and device.type != "cuda":
-        print("--shapes real needs a CUDA device (use --shapes tiny for a smoke test)", file=sys.stderr)
+        print("--shapes real needs a CUDA device (use smaller --shapes for a smoke test)", file=sys.stderr)
         return None
     return device
 

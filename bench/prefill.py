@@ -10,7 +10,7 @@ gathered keys and values, ``[B, H, max_seq_len, D]`` per layer, grow with the ca
 with the prompts. This script times one prefill of ``--batch`` random prompts of ``--prompt-len``
 tokens each way, for each ``--max-seq-lens``, on random weights (the time does not depend on
 their values): ``--shapes smollm2`` (SmolLM2-135M's widths, 30 layers, any device) or ``real``
-(the Qwen2.5-7B teacher's, a CUDA device).
+(the Qwen2.5-7B teacher of :mod:`bench.decode`, a CUDA device).
 
 Writes ``bench/results/prefill-<device>-<shapes>.json``: rows ``device, shapes, batch, prompt_len,
 max_seq_len, positions`` (``"reached"``: the checked forward; ``"all"``: unchecked) ``, ms``
@@ -23,34 +23,27 @@ import argparse
 import json
 import pathlib
 import sys
-import time
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from decode import SHAPES as DECODE_SHAPES, device_for, random_model, timed
 
 from adfast.decoder import Decoder
 
 SHAPES = {
     "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
-    "real": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                 num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
+    "real": DECODE_SHAPES["real"]["teacher"],
 }
 
 
 def prefill_ms(decoder: Decoder, tokens: torch.Tensor, slots: torch.Tensor, check: bool, repeats: int) -> float:
-    """The best time of ``repeats`` prefills of ``tokens`` into emptied ``slots``, in ms."""
-    seconds = []
-    for _ in range(repeats + 1):  # the first is a warm-up
+    """The best time of ``repeats`` prefills of ``tokens`` into emptied ``slots``, in ms (after a warm-up)."""
+    def once():
         decoder.cache.reset(slots)
-        if tokens.is_cuda:
-            torch.cuda.synchronize()
-        began = time.perf_counter()
-        decoder(tokens, slots, check=check)
-        if tokens.is_cuda:
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - began)
-    return 1e3 * min(seconds[1:])
+        return timed(lambda: decoder(tokens, slots, check=check), tokens.device)
+
+    once()
+    return 1e3 * min(once() for _ in range(repeats))
 
 
 def main(argv=None) -> int:
@@ -62,19 +55,15 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.shapes == "real" and device.type != "cuda":
-        print("--shapes real needs a CUDA device", file=sys.stderr)
+    device = device_for(args.shapes)
+    if device is None:
         return 2
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    config = Qwen2Config(**SHAPES[args.shapes], max_position_embeddings=max(args.max_seq_lens))
-    with torch.device(device):
-        model = Qwen2ForCausalLM._from_config(config, dtype=dtype).eval().requires_grad_(False)
-    decoder = Decoder.from_hf([model], dtype=dtype, device=device)
-    del model
+    shape = SHAPES[args.shapes]
+    decoder = Decoder.from_hf([random_model(shape, dtype, device)], dtype=dtype, device=device)
     gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, config.vocab_size, (args.batch, args.prompt_len), generator=gen).to(device)
+    tokens = torch.randint(0, shape["vocab_size"], (args.batch, args.prompt_len), generator=gen).to(device)
     slots = torch.arange(args.batch, device=device)
     rows = []
     with torch.no_grad():

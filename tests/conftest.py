@@ -1,5 +1,6 @@
 """Shared fixtures. Without a CUDA device the Triton kernels run under the interpreter on CPU
 tensors: TRITON_INTERPRET must be set before anything imports adfast.kernels."""
+import importlib.util
 import os
 import sys
 
@@ -35,6 +36,15 @@ def pytest_configure(config):
             f"triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1, how the kernels are tested "
             f"without a CUDA device) fails with numpy {numpy.__version__} ('only 0-dimensional arrays can "
             f"be converted to Python scalars'); install numpy<2.4 or triton>=3.7")
+
+
+def load_bench(name: str):
+    """The benchmark script ``bench/<name>.py`` as a module (bench/ is no package; a script that
+    imports another from bench/ needs that directory on ``sys.path``: ``monkeypatch.syspath_prepend``)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", os.path.join(_ROOT, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_qwen2(vocab: int = VOCAB, seed: int = 0, **overrides) -> Qwen2ForCausalLM:

@@ -1,20 +1,18 @@
 """Smoke test of bench/decode.py on tiny shapes (CPU): every variant runs and writes its rows.
 No timing is asserted here; performance claims live in bench/results/."""
-import importlib.util
 import json
 from argparse import Namespace
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_decode_benchmark_runs_every_variant_on_tiny_shapes(tmp_path):
-    spec = importlib.util.spec_from_file_location("decode_bench", ROOT / "bench" / "decode.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("decode")
     tiny = ["--shapes", "tiny", "--prompt-len", "6", "--new-tokens", "3", "--out", str(tmp_path)]
     with pytest.MonkeyPatch.context() as patch:  # the sampler's PyTorch twin: the interpreter would take minutes
         patch.delenv("TRITON_INTERPRET", raising=False)
@@ -54,10 +52,9 @@ def test_decode_benchmark_runs_every_variant_on_tiny_shapes(tmp_path):
     assert result.with_suffix(".png").stat().st_size > 0
 
 
-def test_prefill_benchmark_times_both_ways_per_cache_size(tmp_path):
-    spec = importlib.util.spec_from_file_location("prefill_bench", ROOT / "bench" / "prefill.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_prefill_benchmark_times_both_ways_per_cache_size(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # it takes the decode benchmark's model builder
+    bench = load_bench("prefill")
     assert bench.main(["--batch", "2", "--prompt-len", "4", "--max-seq-lens", "8", "16", "--repeats", "1",
                        "--out", str(tmp_path)]) == 0
     (result,) = tmp_path.glob("prefill-*.json")
@@ -70,9 +67,7 @@ def test_prefill_benchmark_times_both_ways_per_cache_size(tmp_path):
 def test_cache_read_bytes_is_the_mean_kv_cache_a_step_attends():
     """Against transformers' own cache: the bytes of its keys and values after each context length
     the engine's steps attend (prompt_len, prompt_len + 1, ...), averaged over the steps."""
-    spec = importlib.util.spec_from_file_location("decode_bench", ROOT / "bench" / "decode.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("decode")
     shape = bench.SHAPES["tiny"]["proxy"]
     model = bench.random_model(shape, torch.float32, torch.device("cpu"))
     prompt_len, new_tokens, batch = 5, 4, 3
@@ -89,9 +84,7 @@ def test_cache_read_bytes_is_the_mean_kv_cache_a_step_attends():
 def test_random_proxy_eps_sweep_runs_on_tiny_shapes(tmp_path, monkeypatch):
     """bench/eps_sweep_random.py end to end on tiny shapes, then its --plot-only redraw from the JSON."""
     monkeypatch.syspath_prepend(str(ROOT / "bench"))  # it takes the decode benchmark's proxy shapes
-    spec = importlib.util.spec_from_file_location("eps_random_bench", ROOT / "bench" / "eps_sweep_random.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("eps_sweep_random")
     if not torch.cuda.is_available():  # the 3B shape is refused without a GPU, before anything is built
         assert bench.main(["--proxy", "qwen2.5-3b", "--out", str(tmp_path)]) == 2
     eps = ["1e-4", "0.01", "1"]
@@ -113,9 +106,7 @@ def test_profile_step_runs_on_tiny_shapes(tmp_path, monkeypatch):
     """bench/profile_step.py on tiny shapes (CPU operators stand in for kernels): its per-step reduction."""
     monkeypatch.syspath_prepend(str(ROOT / "bench"))  # it imports the decode benchmark's model builders
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    spec = importlib.util.spec_from_file_location("profile_bench", ROOT / "bench" / "profile_step.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("profile_step")
     assert bench.main(["--shapes", "tiny", "--variant", "engine_antidistill", "--batch", "2", "--steps", "2",
                        "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "profile-cpu-engine_antidistill-b2.json").read_text())
@@ -129,9 +120,7 @@ def test_hf_profile_runs_on_tiny_shapes(tmp_path, monkeypatch):
     """bench/hf_profile.py on tiny shapes: both generate runs profiled, the processor's through adfast.hf."""
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    spec = importlib.util.spec_from_file_location("hf_profile_bench", ROOT / "bench" / "hf_profile.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("hf_profile")
     assert bench.main(["--shapes", "tiny", "--new-tokens", "2", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "hf_profile-cpu-tiny.txt").read_text()
     assert "==== temperature:" in text and "==== antidistill:" in text and "_proxy_logits" in text

@@ -1,20 +1,15 @@
 """bench/goals.py decides each issue goal from result rows: hand-made rows on both sides of every
 threshold, a smoke file that must be ignored, and a device missing rows."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_bench
 
 
 @pytest.fixture
 def goals():
-    spec = importlib.util.spec_from_file_location("goals_bench", ROOT / "bench" / "goals.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("goals")
 
 
 def decode_row(device, batch, variant, ms_step, limit_ms, tok_s=None, decode_ms_step=None):

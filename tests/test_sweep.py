@@ -1,25 +1,15 @@
 """adfast.sweep (config, intervals, resuming) and the CI miniature of bench/distill_small.py: every
 stage of the distillation experiment runs and the table has every row (nothing about who wins)."""
 import csv
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_bench
 
 from adfast import synthetic, tasks
 from adfast.sweep import T975, Setting, expand_settings, interval, read_config, resolve_config
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_bench(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_settings_expand_lists_in_order_without_duplicates():
