@@ -27,7 +27,8 @@ SmolLM2 (9 over 3, head dim 64) and the tests' tiny models (4 over 2, head dim 8
 with bf16, fp16 and fp32 caches, and the fused layer kernels (norms, rotary with the cache write,
 gated activation, and their tangents, with and without a factored tangent's low-rank term; the
 positions of a forward) at the same models' widths, the decode-time linear kernel at every layer
-shape of the 7B teacher and the 3B pair (1, 32 and 64 rows, bf16 and fp32), and the L2 prefetch of
+shape of the 7B teacher and the 3B pair (1, 32 and 64 rows, bf16 and fp32; plain, and with the
+fused activation, norms and residual adds a decoder gives it), and the L2 prefetch of
 a weight (whole, and row heads). Every kernel that takes it is compiled with programmatic dependent
 launch, as it launches on a Hopper GPU (unless ``ADFAST_PDL=0``).
 """
@@ -291,22 +292,44 @@ def _layer_cases():
 def _linear_cases():
     """``(label, thunk)`` pairs driving :func:`adfast.kernels.decode_linear.decode_linear` on the
     decode-time linear layers of the teacher and the proxy pair (with the qkv bias) at 1, 32 and 64
-    rows, bf16 and fp32."""
-    from .kernels.decode_linear import decode_linear
+    rows, bf16 and fp32: each with a plain input and output, and as a decoder fuses them (the
+    gate/up projection's ``gated`` epilogue up to :data:`adfast.decoder.LINEAR_KERNEL_ROWS` rows;
+    at one row also the norms: a normed input for qkv, gate/up and, bf16 only, the lm_head, the
+    residual epilogue for o and down)."""
+    from .decoder import LINEAR_KERNEL_ROWS
+    from .kernels.decode_linear import NormedInput, decode_linear
 
     cases = []
     for label, copies, hidden, inter, heads, kv_heads, head_dim in LAYER_SHAPES[:2]:
         qkv = (heads + 2 * kv_heads) * head_dim
+        vocab = QWEN_TEACHER_VOCAB if copies == 1 else QWEN_PROXY_VOCAB
         for dtype in (torch.bfloat16, torch.float32):
             for rows in (1, 32, 64):
-                for layer, outputs, inputs, bias in (("qkv", qkv, hidden, True), ("o", hidden, heads * head_dim, False),
-                                                     ("gate_up", 2 * inter, hidden, False),
-                                                     ("down", hidden, inter, False)):
+                layers = [("qkv", qkv, hidden, True), ("o", hidden, heads * head_dim, False),
+                          ("gate_up", 2 * inter, hidden, False), ("down", hidden, inter, False)]
+                if dtype == torch.bfloat16:
+                    layers.append(("lm_head", vocab, hidden, False))
+                for layer, outputs, inputs, bias in layers:
                     name = f"{label} {layer} {str(dtype).split('.')[1]} M{rows}"
                     x = torch.empty(copies, rows, inputs, dtype=dtype)
                     w = torch.empty(copies, outputs, inputs, dtype=dtype)
                     b = torch.empty(copies, outputs, dtype=dtype) if bias else None
-                    cases.append((f"decode_linear {name}", lambda x=x, w=w, b=b: decode_linear(x, w, b)))
+                    normed = NormedInput(x, torch.empty(copies, 112, rows), torch.empty(copies, inputs, dtype=dtype),
+                                         1e-6)
+                    residual = torch.empty(copies, rows, outputs, dtype=dtype)
+                    if layer != "lm_head":
+                        cases.append((f"decode_linear {name}", lambda x=x, w=w, b=b: decode_linear(x, w, b)))
+                    if layer == "gate_up" and rows <= LINEAR_KERNEL_ROWS:
+                        cases.append((f"decode_linear {name} gated", lambda x=normed if rows == 1 else x, w=w:
+                                      decode_linear(x, w, gated=True)))
+                    if rows > 1:
+                        continue
+                    if layer in ("o", "down"):
+                        cases.append((f"decode_linear {name} residual", lambda x=x, w=w, r=residual:
+                                      decode_linear(x, w, residual=r)))
+                    elif layer != "gate_up":
+                        cases.append((f"decode_linear {name} normed", lambda x=normed, w=w, b=b:
+                                      decode_linear(x, w, b)))
     return cases
 
 

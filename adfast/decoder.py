@@ -65,7 +65,7 @@ import torch
 from torch import nn
 
 from .attention import attend, attend_jvp
-from .kernels.decode_linear import counters_for, decode_linear
+from .kernels.decode_linear import NormedInput, ResidualSum, counters_for, decode_linear
 from .layer_ops import TORCH, LowRankTerm, compute_dtype, layer_ops
 from .matmul import linear
 from .tangent import (BLOCK_DIAGONAL_PADDING_BYTES, FactoredTangent, linear_jvp, log_softmax_tangent, source_shape,
@@ -283,8 +283,10 @@ class Decoder(nn.Module):
         # steps, short prefills) in the decode-time Triton GEMM (adfast.kernels.decode_linear; on CPU
         # tensors it needs TRITON_INTERPRET=1), a set of LINEAR_PROJECTIONS names only those linears
         # (per product the kernel beat cuBLAS on some and lost on others, bench/linear.py), False (the
-        # default: cuBLAS was faster in the engine) runs them all as `linear`. The kernel's split-K
-        # tickets (one buffer: a decoder runs on one stream at a time) come with setup_cache.
+        # default: cuBLAS was faster in the engine) runs them all as `linear`. With the Triton layer
+        # ops the kernel also computes the MLP's activation (gate/up epilogue) and, at batch-1 decode
+        # with every linear in it, the norms (_fuses_norms). The kernel's split-K tickets (one
+        # buffer: a decoder runs on one stream at a time) come with setup_cache.
         self.linear_kernel = False
         self.linear_kernel_rows = LINEAR_KERNEL_ROWS
         self.linear_counters: torch.Tensor | None = None
@@ -529,27 +531,61 @@ class Decoder(nn.Module):
                 raise ValueError(f"linear_kernel names linears of {LINEAR_PROJECTIONS}, got {unknown}")
         self._linear_kernel = value
 
-    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, projection: str
-                ) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor | NormedInput, weight: torch.Tensor, bias: torch.Tensor | None,
+                projection: str, residual: torch.Tensor | None = None) -> torch.Tensor | ResidualSum:
         """``x W^T + b`` of the linear named ``projection``: in the decode-time Triton GEMM where
         :attr:`linear_kernel` takes it and ``x`` has at most :attr:`linear_kernel_rows` rows (the
-        same function: float32 accumulation, bias added before one rounding), else :func:`linear`."""
-        if self._linear_kernel_takes(x, projection):
-            return decode_linear(x, weight, bias, counters=self.linear_counters)
+        same function: float32 accumulation, bias added before one rounding), else :func:`linear`.
+        A :class:`NormedInput` ``x`` and a ``residual`` (then the result is a :class:`ResidualSum`)
+        come only where :meth:`_fuses_norms` says the kernel takes them."""
+        if not isinstance(x, torch.Tensor) or residual is not None or self._linear_kernel_takes(x.shape[1],
+                                                                                                projection):
+            return decode_linear(x, weight, bias, residual=residual, counters=self.linear_counters)
         return linear(x, weight, bias)
 
-    def _linear_kernel_takes(self, x: torch.Tensor, projection: str) -> bool:
-        kernel = self.linear_kernel
-        return (x.shape[1] <= self.linear_kernel_rows and kernel is not False
-                and (kernel is True or projection in kernel))
+    def _gated_mlp_input(self, ops, h: torch.Tensor | NormedInput, layer) -> torch.Tensor:
+        """``silu(gate) up`` of the gate/up projection of ``h``: with the Triton layer ops, in the
+        kernel's epilogue where it takes the projection (the same bits as the separate kernel, one
+        launch and the ``[C, N, 2 I]`` round trip fewer), else the projection then ``ops.silu_mul``."""
+        if not isinstance(h, torch.Tensor) or (ops is not TORCH and self._linear_kernel_takes(h.shape[1], "gate_up")):
+            return decode_linear(h, layer.w_gate_up, layer.b_gate_up, gated=True, counters=self.linear_counters)
+        return ops.silu_mul(self._linear(h, layer.w_gate_up, layer.b_gate_up, "gate_up"))
 
-    def _qkv(self, h: torch.Tensor, layer, rotary_kernel: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(qkv, bias)``: the qkv projection of ``h`` and the bias still to add (None when added).
-        With the rotary kernel (``rotary_kernel``), several weight copies add theirs there: their
-        batched matmul has no bias epilogue (``baddbmm`` would first copy the bias into its output,
+    def _linear_kernel_takes(self, rows: int, projection: str) -> bool:
+        kernel = self.linear_kernel
+        return rows <= self.linear_kernel_rows and kernel is not False and (kernel is True or projection in kernel)
+
+    def _fuses_norms(self, ops, rows: int) -> bool:
+        """Whether a forward of ``rows = B T`` rows runs the layers' norms inside the linear kernel:
+        one row (batch-1 decode), the Triton layer ops, and every linear in the kernel. Then each
+        residual add and its RMSNorm's sums of squares are the epilogue of the o and down
+        projections (a :class:`ResidualSum`), and the norm itself the prologue of the qkv, gate/up
+        and lm_head projections (a :class:`NormedInput`): the arithmetic of
+        :func:`adfast.layer_ops.add_rms_norm`'s kernel (only the sum of squares added in another
+        order), two launches a layer fewer (the first layer's norm stays one). At more rows every
+        output tile would normalise a ``[rows, BLOCK_K]`` tile per step (``compile_check``: a loop
+        of 340 instructions against 79 at 16 rows), as much issue as the weight's bytes allow."""
+        return rows == 1 and ops is not TORCH and all(self._linear_kernel_takes(rows, p) for p in LINEAR_PROJECTIONS)
+
+    def _add_rms_norm(self, ops, x: torch.Tensor, weight: torch.Tensor, update
+                      ) -> tuple[torch.Tensor, torch.Tensor | NormedInput]:
+        """``(s, h)``: the residual stream ``x`` with a sublayer's output ``update`` (or None) added, and
+        its RMSNorm with ``weight`` (``ops.add_rms_norm``). A :class:`ResidualSum` ``update`` is
+        already added (by the linear that computed it): ``h`` is then the :class:`NormedInput` the
+        next linear computes from its statistics."""
+        eps = self.config.rms_norm_eps
+        if isinstance(update, ResidualSum):
+            return update.s, NormedInput(update.s, update.stats, weight, eps)
+        return ops.add_rms_norm(x, weight, eps, update)
+
+    def _qkv(self, h: torch.Tensor | NormedInput, rows: int, layer, rotary_kernel: bool
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(qkv, bias)``: the qkv projection of ``h`` (``rows`` rows) and the bias still to add (None
+        when added). With the rotary kernel (``rotary_kernel``), several weight copies add theirs there:
+        their batched matmul has no bias epilogue (``baddbmm`` would first copy the bias into its output,
         a kernel a layer), so ``qkv + bias`` rounds twice (as a separate add would) instead of once."""
         if (rotary_kernel and layer.bqkv is not None and self.num_copies > 1
-                and not self._linear_kernel_takes(h, "qkv")):
+                and not self._linear_kernel_takes(rows, "qkv")):
             return self._linear(h, layer.wqkv, None, "qkv"), layer.bqkv
         return self._linear(h, layer.wqkv, layer.bqkv, "qkv"), None
 
@@ -666,29 +702,30 @@ class Decoder(nn.Module):
                                          last_only, float_logits)
 
         copies, heads, kv_heads, head_dim = self.num_copies, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        eps = cfg.rms_norm_eps
-        x = self.embed[:, tokens].view(copies, batch * seq, cfg.hidden_size)
-        mlp_out = None  # each layer's MLP output joins the residual stream in the next norm
+        rows = batch * seq
+        x = self.embed[:, tokens].view(copies, rows, cfg.hidden_size)
+        fuse = self._fuses_norms(ops, rows)
+        update = None  # each sublayer's output joins the residual stream in the next norm
         prefetch = weight_prefetcher(self.prefetch_stream, self.prefetch_bytes, seq)
         for i, layer in enumerate(self.layers):
             prefetch(layer.wqkv)  # each weight once the matmul before has read its own
-            x, h = ops.add_rms_norm(x, layer.attention_norm, eps, mlp_out)
-            qkv, qkv_bias = self._qkv(h, layer, ops is not TORCH)
+            x, h = self._add_rms_norm(ops, x, layer.attention_norm, update)
+            qkv, qkv_bias = self._qkv(h, rows, layer, ops is not TORCH)
             prefetch(layer.wo)
             q = ops.rope_and_cache_write(qkv, cos, sin, cache.k[i], cache.v[i], slots, write_pos, heads, kv_heads,
                                          qkv_bias)
             out = attend(q, cache.k[i], cache.v[i], slots, query_pos, lengths, cache.attention_counters, key_span)
-            attention_out = self._linear(out.reshape(copies, batch * seq, heads * head_dim), layer.wo, layer.bo,
-                                         "o")
+            update = self._linear(out.reshape(copies, rows, heads * head_dim), layer.wo, layer.bo, "o",
+                                  residual=x if fuse else None)
             prefetch(layer.w_gate_up)
-            x, h = ops.add_rms_norm(x, layer.ffn_norm, eps, attention_out)
-            gate_up = self._linear(h, layer.w_gate_up, layer.b_gate_up, "gate_up")
+            x, h = self._add_rms_norm(ops, x, layer.ffn_norm, update)
+            activation = self._gated_mlp_input(ops, h, layer)
             prefetch(layer.w_down)
-            mlp_out = self._linear(ops.silu_mul(gate_up), layer.w_down, layer.b_down, "down")
+            update = self._linear(activation, layer.w_down, layer.b_down, "down", residual=x if fuse else None)
         prefetch.join()
 
-        x, mlp_out = self._output_rows(x, mlp_out, n=n, last_only=last_only)
-        _, h = ops.add_rms_norm(x, self.norm, eps, mlp_out)
+        x, update = self._output_rows(x, update, n=n, last_only=last_only)
+        _, h = self._add_rms_norm(ops, x, self.norm, update)
         logits = self._linear(h, self.lm_head, None, "lm_head").view(copies, batch, -1, cfg.vocab_size)
         return logits.float() if float_logits and logits.dtype != torch.float64 else logits
 

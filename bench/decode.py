@@ -14,9 +14,11 @@ Variants, each at batch sizes 1, 8, 32, 64 (prompt 128 random tokens, 256 new to
 Engine rows run with the engine's defaults: the decoders' linears in cuBLAS, and on a Hopper GPU
 our kernels with programmatic dependent launch (:func:`adfast.kernels.split.dependent_launch`).
 Settings off the defaults name their rows: ``--linear kernel`` (adfast's decode-time kernel,
-:mod:`adfast.kernels.decode_linear`) appends ``_kernel`` (with ``--linear-projections o lm_head``,
-only those linears: ``_kernel-o-lm_head``; with ``--linear-rows N``, calls of at most N rows:
-``-r<N>``), ``--prefetch-mb N`` (each layer weight's first N MB pulled into L2 on a side stream
+:mod:`adfast.kernels.decode_linear`) appends ``_kernel`` (the gate/up projection's epilogue
+computes ``silu(gate) up``; with all five linears a batch-1 decode step also runs the norms and the
+residual adds inside them, :meth:`adfast.decoder.Decoder._fuses_norms`; with ``--linear-projections
+o lm_head``, only those linears: ``_kernel-o-lm_head``; with ``--linear-rows N``, calls of at most N
+rows: ``-r<N>``), ``--prefetch-mb N`` (each layer weight's first N MB pulled into L2 on a side stream
 before its matmul, :mod:`adfast.weight_prefetch`; teacher and finite-difference pair, not the
 tangent pass) appends ``_pf<N>``, ``ADFAST_PDL=0`` on a Hopper GPU appends ``_nopdl``.
 

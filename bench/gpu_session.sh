@@ -33,12 +33,14 @@
 #             tests on the GPU, bench/sampler.py, goals                               (~2.5 min)
 #   kernels   the whole test suite (the GPU tests, and the kernel tests on CUDA tensors instead of
 #             the interpreter); bench/sampler.py at batch 1 to 64                       (~5 min)
-#   sampler   the sampler's tests on the GPU, bench/sampler.py, the engine's GPU tests with the L2
-#             prefetch's, the engine's temperature and antidistillation rows at batch 1 and 32 (the
-#             engine now draws with proxy_vocab_only from bf16 logits), the same with --prefetch-mb 24
-#             (rows *_pf24), and at batch 1 with the linear kernel on o, gate/up, down and lm_head
-#             beside the prefetch (the likeliest combination for batch 1), goals,
-#             bench/sampler_tune.py over the plans with shared Philox words (8 warps, block 2048) (~9 min)
+#   sampler   the sampler's tests on the GPU, bench/sampler.py, the GPU tests of the linear kernel
+#             (with its fused norm/activation/residual), the fused layers, the L2 prefetch and the
+#             engine, the engine's temperature and antidistillation rows at batch 1 and 32 (the
+#             engine now draws with proxy_vocab_only from bf16 logits), at batch 1 with every linear
+#             in the kernel (rows *_kernel: the activation and norms fused into it) and with all but
+#             the lm_head (*_kernel-qkv-o-gate_up-down: the norms separate; their A/B), goals, the rows with
+#             --prefetch-mb 24 (*_pf24), bench/sampler_tune.py over the plans with shared Philox
+#             words (8 warps, block 2048)                                               (~9.5 min)
 #   levers    after sampler: Nsight Compute on the sampler at batch 64; engine temperature and
 #             antidistillation rows with the L2 weight prefetch at 16 and 40 MB (batch 1 and 32),
 #             with the linear kernel on o/gate_up/down/lm_head without the prefetch (batch 1), the
@@ -106,15 +108,19 @@ stage_kernels() {
 stage_sampler() {  # most important first: a call cut short keeps what came before
     step 70 gpu-tests.log python3 -m pytest -q -n 8 --tb=short tests/test_sampling.py
     step 30 sampler.log python3 bench/sampler.py
-    step 70 gpu-tests.log python3 -m pytest -q -n 4 --tb=short -m gpu tests/test_engine.py \
-        tests/test_l2_prefetch_kernel.py
+    step 90 gpu-tests.log python3 -m pytest -q -n 8 --tb=short tests/test_decode_linear_kernel.py \
+        tests/test_layer_ops.py tests/test_l2_prefetch_kernel.py tests/test_engine.py
     step 110 decode.log python3 bench/decode.py --append --batches 1 32 --variants engine_temperature \
         engine_antidistill
+    # every linear in the kernel: a batch-1 decode step runs the norms inside them too; the same
+    # with the lm_head in cuBLAS keeps them separate (the A/B of the norms' fusion, one run apart)
+    step 70 decode.log python3 bench/decode.py --append --batches 1 --linear kernel --variants \
+        engine_temperature engine_antidistill
+    step 70 decode.log python3 bench/decode.py --append --batches 1 --linear kernel --linear-projections qkv o \
+        gate_up down --variants engine_temperature engine_antidistill
+    step 10 goals.log python3 bench/goals.py
     step 110 decode.log python3 bench/decode.py --append --batches 1 32 --prefetch-mb 24 --variants \
         engine_temperature engine_antidistill
-    step 100 decode.log python3 bench/decode.py --append --batches 1 --linear kernel --linear-projections o \
-        gate_up down lm_head --prefetch-mb 24 --variants engine_temperature engine_antidistill
-    step 10 goals.log python3 bench/goals.py
     step 45 sampler.log python3 bench/sampler_tune.py --blocks 2048 --warps 8 --programs-per-sm 2 4 --stages 1 3
 }
 

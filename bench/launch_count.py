@@ -6,7 +6,10 @@ launches ~30 kernels per layer. This script counts, for one decode step of the e
 the operators that would each launch a CUDA kernel (aten compute ops seen by a dispatch mode:
 views, reshapes and allocations excluded) and the Triton kernel launches, with the decoder's
 elementwise chains as PyTorch ops (``fused=False``) or as the fused Triton layer kernels
-(``fused=True``, :mod:`adfast.layer_ops`). Attention and sampling take the CUDA path (the Triton
+(``fused=True``, :mod:`adfast.layer_ops`), and for the finite-difference variants also with every
+linear in the decode-time kernel (``linear_kernel=True``), where the gate/up projection computes the
+gated activation and a batch-1 decode step runs the norms inside the linears
+(:meth:`adfast.decoder.Decoder._fuses_norms`). Attention and sampling take the CUDA path (the Triton
 decode-attention and sampler kernels, run by the interpreter). The count depends on the number of
 layers, not on their widths, so the models have the real layer counts (Qwen2.5-7B teacher: 28;
 Qwen2.5-3B proxy: 36) and tiny widths. The result is a count, not a time: what a launch costs is
@@ -89,15 +92,16 @@ def cuda_attention():
     """Route T == 1 attention to the Triton kernels, as on CUDA (the CPU path uses SDPA)."""
     attend, attend_jvp = decoder_module.attend, decoder_module.attend_jvp
 
-    def attend_like_cuda(q, k_cache, v_cache, slots, query_pos, lengths=None, counters=None):
+    def attend_like_cuda(q, k_cache, v_cache, slots, query_pos, lengths=None, counters=None, key_span=None):
         if q.shape[2] == 1:
             return decode_attention(q, k_cache, v_cache, slots, lengths, counters=counters)
-        return attend(q, k_cache, v_cache, slots, query_pos, lengths, counters)
+        return attend(q, k_cache, v_cache, slots, query_pos, lengths, counters, key_span)
 
-    def attend_jvp_like_cuda(q, dq, k_cache, v_cache, dk_cache, dv_cache, slots, query_pos, lengths=None):
+    def attend_jvp_like_cuda(q, dq, k_cache, v_cache, dk_cache, dv_cache, slots, query_pos, lengths=None,
+                             key_span=None):
         if q.shape[2] == 1:
             return decode_attention_jvp(q, dq, k_cache, v_cache, dk_cache, dv_cache, slots, lengths)
-        return attend_jvp(q, dq, k_cache, v_cache, dk_cache, dv_cache, slots, query_pos, lengths)
+        return attend_jvp(q, dq, k_cache, v_cache, dk_cache, dv_cache, slots, query_pos, lengths, key_span)
 
     decoder_module.attend, decoder_module.attend_jvp = attend_like_cuda, attend_jvp_like_cuda
 
@@ -107,11 +111,12 @@ def model(layers: int, seed: int) -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=layers, **TINY)).eval()
 
 
-def step_counts(engine: Engine, fused: bool, mode: str, counter_ref: list) -> collections.Counter:
+def step_counts(engine: Engine, fused: bool, linear_kernel: bool, mode: str, counter_ref: list
+                ) -> collections.Counter:
     """Launch counts of the last decode step of a short generation."""
     for decoder in (engine.teacher, engine.proxies):
         if decoder is not None:
-            decoder.fused = fused
+            decoder.fused, decoder.linear_kernel = fused, linear_kernel
     step, seen = engine_module.decode_one_token, []
 
     def counted(*args, **kwargs):
@@ -156,13 +161,15 @@ def main(argv=None) -> int:
     }
     rows = []
     for variant, (engine, mode) in engines.items():
-        for fused in (False, True):
-            counts = step_counts(engine, fused, mode, counter_ref)
+        settings = [(False, False), (True, False)] + ([(True, True)] if "jvp" not in variant else [])
+        for fused, linear_kernel in settings:
+            counts = step_counts(engine, fused, linear_kernel, mode, counter_ref)
             aten = sum(n for k, n in counts.items() if k.startswith("aten:"))
             triton = sum(n for k, n in counts.items() if k.startswith("triton:"))
-            rows.append(dict(variant=variant, layer_ops="fused Triton" if fused else "PyTorch", aten_ops=aten,
+            layer_ops = ("fused Triton" if fused else "PyTorch") + (" in the linear kernel" if linear_kernel else "")
+            rows.append(dict(variant=variant, layer_ops=layer_ops, aten_ops=aten,
                              triton_launches=triton, launches=aten + triton, breakdown=dict(counts.most_common())))
-            print(f"{variant:28s} {rows[-1]['layer_ops']:12s} {aten:5d} aten + {triton:4d} triton = "
+            print(f"{variant:28s} {layer_ops:33s} {aten:5d} aten + {triton:4d} triton = "
                   f"{aten + triton:5d} launches per step", flush=True)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

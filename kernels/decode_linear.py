@@ -30,8 +30,25 @@ Grid ``(ceil(N / BLOCK_N), SPLIT_K, C)``; program ``(j, s, c)`` reduces ``K`` ra
 and all ``M`` rows (``BLOCK_M >= M``, at least 16 for the tensor-core product). Counters: int32,
 ``C * ceil(N / BLOCK_N)`` of them, all zero at entry and at exit (:func:`counters_for` sizes a
 buffer; callers that launch concurrently on several streams pass their own).
+
+Fusions (a decoder layer's elementwise chains, without their launches:
+:meth:`adfast.decoder.Decoder._fuses_norms`). ``gated``: the output columns of a gate/up projection
+are taken as (gate ``n``, up ``n``) pairs (tile column ``2 i + h`` reads weight row ``i + h N / 2``)
+and the epilogue writes ``round(silu(round(gate)) round(up))`` (the arithmetic of
+:mod:`adfast.kernels.silu_mul`, bit for bit) instead of both. ``residual``: the output becomes the
+new residual stream ``s = round(residual + round(acc + b))`` (the rounded output added in float32
+and rounded, as the norm kernel adds it) and each output tile also writes its rows' partial sum of
+``s^2`` over its ``BLOCK_N`` columns, ``stats [C, ceil(N / BLOCK_N), M]`` float32, which a
+following :class:`NormedInput` reads: its programs first add the ``T`` partials (``BLOCK_T`` at a
+time, a fixed order) to each row's ``r = rsqrt(sum / K + eps)``, then load ``round(w round(s r))``
+(the RMSNorm of :mod:`adfast.kernels.rms_norm`) tile by tile, so the norm needs no pass of its own.
+Only the order of the sum of squares differs from the separate kernels (float32 round-off in ``r``;
+an input can then differ by an ulp where ``s r`` lies at a rounding boundary). Every output tile
+computes that norm again for its ``K`` range: at one row a ``BLOCK_K`` vector per step, at more
+rows elementwise over the ``[BLOCK_M, BLOCK_K]`` tile, work that can outgrow the weight's reads.
 """
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -39,6 +56,7 @@ import triton.language as tl
 
 from . import split as launch_plan
 from .launch_order import last_ticket, wait_for_predecessor, zeroed_counters
+from .silu_mul import exp_sigmoid
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_ROWS = 64
@@ -48,14 +66,85 @@ PREFETCH_STEPS = 2
 """``BLOCK_K`` steps of its weight rows a program prefetches to L2 before waiting on the kernel before it (PDL)."""
 
 
+PLAIN, GATED, RESIDUAL = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+"""The kernel's ``OUTPUT`` kinds: ``y`` itself, ``silu(gate) up`` of its halves, a :class:`ResidualSum`."""
+BLOCK_T = tl.constexpr(64)
+"""Partial sums of squares a :class:`NormedInput` program adds per step."""
+
+
+@triton.jit
+def _input_tile(x_rows, x_row0, kk, rm, m_mask, k_mask, nw_ptr, r, dtype,
+                NORMED: tl.constexpr, ONE_ROW: tl.constexpr):
+    """The ``[BLOCK_M, BLOCK_K]`` tile of the GEMM's input at inputs ``kk``, in ``dtype``, zero where
+    masked: ``x``, or with ``NORMED`` ``round(w round(s r))`` (``x_rows`` the rows of ``s``, ``w`` at
+    ``nw_ptr``, ``r [BLOCK_M]`` each row's reciprocal RMS). With ``ONE_ROW`` (``M = 1``) the norm
+    is taken of row 0's ``BLOCK_K`` inputs alone (``x_row0``) and placed in the tile, instead of
+    elementwise over the whole padded tile: every output tile's programs compute it again, and
+    over ``BLOCK_M`` rows that work would bound the loop (:mod:`adfast.compile_check`'s loop
+    instructions)."""
+    if not NORMED:
+        return tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+    w = tl.load(nw_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
+    if ONE_ROW:
+        row = tl.load(x_row0 + kk, mask=k_mask, other=0.0).to(tl.float32)
+        r0 = tl.sum(tl.where(rm == 0, r, 0.0), axis=0)
+        normed = (w * (row * r0).to(dtype).to(tl.float32)).to(dtype)
+        return tl.where((rm == 0)[:, None], normed[None, :], 0.0).to(dtype)
+    rows = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+    return (w[None, :] * (rows * r[:, None]).to(dtype).to(tl.float32)).to(dtype)
+
+
+@triton.jit
+def _reciprocal_rms(stats_ptr, rm, m_mask, tiles, rows, inputs_f, eps, BLOCK_M: tl.constexpr):
+    """``rsqrt(sum_t stats[t, m] / K + eps)`` for the rows ``rm`` (``stats_ptr``: one copy's ``[T, M]``
+    partial sums of squares, ``rows = M``), summed ``BLOCK_T`` partials at a time in ``t`` order;
+    IEEE division, as :mod:`adfast.kernels.rms_norm`'s mean."""
+    squares = tl.zeros((BLOCK_M,), tl.float32)
+    for t in range(0, tiles, BLOCK_T):
+        rt = t + tl.arange(0, BLOCK_T)
+        part = tl.load(stats_ptr + rt[:, None] * rows + rm[None, :], mask=(rt < tiles)[:, None] & m_mask[None, :],
+                       other=0.0)
+        squares += tl.sum(part, axis=0)
+    return tl.rsqrt(tl.math.div_rn(squares, inputs_f) + eps)
+
+
+@triton.jit
+def _store_output(acc, y_ptr, c, j, rm, rn, m_mask, n_mask, bias_cols, res_ptr, sr_m, stats_ptr, M, N, dtype,
+                  HAS_BIAS: tl.constexpr, OUTPUT: tl.constexpr, BLOCK_N: tl.constexpr, LIBDEVICE_EXP: tl.constexpr):
+    """Write output tile ``j`` of copy ``c`` from its float32 sums ``acc [BLOCK_M, BLOCK_N]`` (``bias_cols``:
+    the bias of its columns): ``y = round(acc + b)``; ``GATED``: the columns are (gate, up) pairs, and
+    ``round(silu(g) u)`` of their rounded values goes to column ``j BLOCK_N / 2 + pair`` of the
+    ``[C, M, N / 2]`` output; ``RESIDUAL``: ``s = round(res + y)`` and the tile's per-row sum of ``s^2``
+    (float32) at ``stats_ptr + rm``."""
+    if HAS_BIAS:
+        acc += tl.load(bias_cols, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y = acc.to(dtype)
+    if OUTPUT == GATED:
+        gate, up = tl.split(tl.reshape(y.to(tl.float32), (acc.shape[0], BLOCK_N // 2, 2)))
+        _, sig = exp_sigmoid(gate, LIBDEVICE_EXP)
+        half = N // 2
+        cols = j * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        tl.store(y_ptr + (c * M + rm[:, None]) * half + cols[None, :], (gate * sig * up).to(dtype),
+                 mask=m_mask[:, None] & (cols < half)[None, :])
+    else:
+        out_mask = m_mask[:, None] & n_mask[None, :]
+        y_tile = y_ptr + (c * M + rm[:, None]) * N + rn[None, :]
+        if OUTPUT == RESIDUAL:
+            res = tl.load(res_ptr + rm[:, None] * sr_m + rn[None, :], mask=out_mask, other=0.0)
+            y = (res.to(tl.float32) + y.to(tl.float32)).to(dtype)
+            squares = tl.where(out_mask, y.to(tl.float32), 0.0)
+            tl.store(stats_ptr + rm, tl.sum(squares * squares, axis=1), mask=m_mask)
+        tl.store(y_tile, y, mask=out_mask)
+
+
 @triton.jit
 def _decode_linear(
-    x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr,
-    M, N, K, k_split, split_k,
-    sx_c, sx_m, sw_c, sw_n, sb_c,
-    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, PREFETCH_LINES: tl.constexpr,
+    x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, nw_ptr, stats_in_ptr, res_ptr, stats_out_ptr,
+    M, N, K, k_split, split_k, tiles_in, inputs_f, eps,
+    sx_c, sx_m, sw_c, sw_n, sb_c, snw_c, sr_c, sr_m,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, NORMED: tl.constexpr, ONE_ROW: tl.constexpr,
+    OUTPUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, PREFETCH_LINES: tl.constexpr, LIBDEVICE_EXP: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
     j = tl.program_id(0)
@@ -66,8 +155,14 @@ def _decode_linear(
     rk = tl.arange(0, BLOCK_K)
     m_mask = rm < M
     n_mask = rn < N
-    x_rows = x_ptr + c * sx_c + rm[:, None] * sx_m
-    w_rows = w_ptr + c * sw_c + rn[:, None].to(tl.int64) * sw_n
+    dtype = w_ptr.dtype.element_ty
+    if OUTPUT == GATED:  # column pairs (gate n, up n): weight rows n and N / 2 + n
+        w_row = rn // 2 + (rn % 2) * (N // 2)
+    else:
+        w_row = rn
+    x_row0 = x_ptr + c * sx_c
+    x_rows = x_row0 + rm[:, None] * sx_m
+    w_rows = w_ptr + c * sw_c + w_row[:, None].to(tl.int64) * sw_n
     k_end = tl.minimum((s + 1) * k_split, K)
     if PDL:  # programmatic dependent launch (split.dependent_launch): the weights are no kernel's
         # output, so pull this program's first PREFETCH_LINES 128-byte lines of each weight row into
@@ -77,21 +172,24 @@ def _decode_linear(
         tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [tl.where(ahead, w_rows + line[None, :], w_ptr)],
                                   dtype=tl.int32, is_pure=False, pack=1)
     wait_for_predecessor(PDL)
+    r = tl.zeros((BLOCK_M,), tl.float32)
+    if NORMED:
+        r = _reciprocal_rms(stats_in_ptr + c * tiles_in * M, rm, m_mask, tiles_in, M, inputs_f, eps, BLOCK_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k in range(s * k_split, k_end, BLOCK_K):
         kk = k + rk
         k_mask = kk < k_end
-        xt = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        xt = _input_tile(x_rows, x_row0, kk, rm, m_mask, k_mask, nw_ptr + c * snw_c, r, dtype, NORMED, ONE_ROW)
         wt = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         if UPCAST:  # the interpreter's dot takes bfloat16 tiles as raw bits: give it their float32 values
             xt, wt = xt.to(tl.float32), wt.to(tl.float32)
         acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PRECISION)
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    y_tile = y_ptr + (c * M + rm[:, None]) * N + rn[None, :]
+    bias_cols = b_ptr + c * sb_c + w_row
+    res_tile = res_ptr + c * sr_c
+    stats_out = stats_out_ptr + (c * tl.num_programs(0) + j) * M
     if not SPLIT:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + c * sb_c + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_tile, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+        _store_output(acc, y_ptr, c, j, rm, rn, m_mask, n_mask, bias_cols, res_tile, sr_m, stats_out, M, N, dtype,
+                      HAS_BIAS, OUTPUT, BLOCK_N, LIBDEVICE_EXP)
     else:
         tile = c * tl.num_programs(0) + j
         tile_elems = BLOCK_M * BLOCK_N
@@ -102,9 +200,8 @@ def _decode_linear(
             total = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
             for i in range(split_k):  # split order, whichever program got here
                 total += tl.load(parts + i * tile_elems, cache_modifier=".cg")
-            if HAS_BIAS:
-                total += tl.load(b_ptr + c * sb_c + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_tile, total.to(y_ptr.dtype.element_ty), mask=out_mask)
+            _store_output(total, y_ptr, c, j, rm, rn, m_mask, n_mask, bias_cols, res_tile, sr_m, stats_out, M, N,
+                          dtype, HAS_BIAS, OUTPUT, BLOCK_N, LIBDEVICE_EXP)
 
 
 @dataclass(frozen=True)
@@ -163,62 +260,127 @@ def counters_for(copies: int, outputs: int, device) -> torch.Tensor:
     return zeroed_counters(copies * triton.cdiv(outputs, MIN_BLOCK_N), device)
 
 
-def _check_inputs(x, weight, bias, counters) -> None:
-    if x.dim() != 3 or weight.dim() != 3:
-        raise ValueError(f"x must be [C, M, K] and weight [C, N, K], got shapes {tuple(x.shape)}, "
+class NormedInput(NamedTuple):
+    """RMSNorm of the residual stream ``s [C, M, K]`` as the GEMM's input: ``round(weight[c] round(s
+    r))`` with ``r = rsqrt(sum_t stats[c, t, m] / K + eps)``, where ``stats [C, T, M]`` float32 are
+    the partial sums of squares that a :class:`ResidualSum` epilogue wrote with ``s``: the math of
+    :mod:`adfast.kernels.rms_norm` (its ``y``), the sum of squares added in another order."""
+
+    s: torch.Tensor
+    stats: torch.Tensor
+    weight: torch.Tensor
+    eps: float
+
+
+class ResidualSum(NamedTuple):
+    """What :func:`decode_linear` returns with a ``residual``: the new residual stream ``s =
+    round(residual + round(x W^T + b))`` ``[C, M, N]`` (in the dtype; the rounded output added as
+    :mod:`adfast.kernels.rms_norm` adds it) and ``stats [C, T, M]`` float32, ``T = ceil(N /
+    BLOCK_N)``: ``stats[c, t, m] = sum of s[c, m, n]^2`` over the ``t``-th block of columns."""
+
+    s: torch.Tensor
+    stats: torch.Tensor
+
+
+def _check_inputs(x, weight, bias, residual, gated, counters) -> None:
+    normed = x if isinstance(x, NormedInput) else None
+    rows_of = x.s if normed else x
+    if not isinstance(rows_of, torch.Tensor):
+        raise ValueError(f"x must be a tensor or a NormedInput, got {type(x).__name__}")
+    if rows_of.dim() != 3 or weight.dim() != 3:
+        raise ValueError(f"x must be [C, M, K] and weight [C, N, K], got shapes {tuple(rows_of.shape)}, "
                          f"{tuple(weight.shape)}")
-    (copies, rows, inputs), (w_copies, outputs, w_inputs) = x.shape, weight.shape
+    (copies, rows, inputs), (w_copies, outputs, w_inputs) = rows_of.shape, weight.shape
     if w_copies != copies or w_inputs != inputs:
-        raise ValueError(f"weight {tuple(weight.shape)} does not fit x {tuple(x.shape)}: copies and inputs must match")
+        raise ValueError(f"weight {tuple(weight.shape)} does not fit x {tuple(rows_of.shape)}: copies and inputs must match")
     if not 1 <= rows <= MAX_ROWS:
         raise ValueError(f"decode_linear takes 1 to {MAX_ROWS} rows, got {rows}")
-    if x.dtype not in DTYPES or weight.dtype != x.dtype:
-        raise ValueError(f"x and weight must share one dtype of {DTYPES}, got {x.dtype}, {weight.dtype}")
-    if x.stride(2) != 1 or weight.stride(2) != 1:
-        raise ValueError(f"x and weight need a unit stride in K, got strides {x.stride()}, {weight.stride()}")
+    if rows_of.dtype not in DTYPES or weight.dtype != rows_of.dtype:
+        raise ValueError(f"x and weight must share one dtype of {DTYPES}, got {rows_of.dtype}, {weight.dtype}")
+    if rows_of.stride(2) != 1 or weight.stride(2) != 1:
+        raise ValueError(f"x and weight need a unit stride in K, got strides {rows_of.stride()}, {weight.stride()}")
     if bias is not None:
-        if bias.shape != (copies, outputs) or bias.dtype != x.dtype or bias.stride(1) != 1:
-            raise ValueError(f"bias must be [C, N] = {(copies, outputs)} in {x.dtype} with a unit stride in N, "
+        if bias.shape != (copies, outputs) or bias.dtype != weight.dtype or bias.stride(1) != 1:
+            raise ValueError(f"bias must be [C, N] = {(copies, outputs)} in {weight.dtype} with a unit stride in N, "
                              f"got {tuple(bias.shape)}, {bias.dtype}, strides {bias.stride()}")
+    if normed:
+        stats, norm_weight = normed.stats, normed.weight
+        if stats.dim() != 3 or stats.shape[0] != copies or stats.shape[2] != rows or stats.dtype != torch.float32 \
+                or not stats.is_contiguous():
+            raise ValueError(f"NormedInput stats must be contiguous float32 [C, T, M] with C, M = {(copies, rows)}, "
+                             f"got {tuple(stats.shape)} {stats.dtype}")
+        if norm_weight.shape != (copies, inputs) or norm_weight.dtype != weight.dtype or norm_weight.stride(1) != 1:
+            raise ValueError(f"NormedInput weight must be [C, K] = {(copies, inputs)} in {weight.dtype} with a unit "
+                             f"stride, got {tuple(norm_weight.shape)}, {norm_weight.dtype}")
+        if not normed.eps >= 0:
+            raise ValueError(f"NormedInput eps must be >= 0, got {normed.eps}")
+    if gated and (outputs % 2 or residual is not None):
+        raise ValueError(f"gated takes an even number of outputs (gate, up) and no residual, got N = {outputs}"
+                         + (" and a residual" if residual is not None else ""))
+    if residual is not None and (residual.shape != (copies, rows, outputs) or residual.dtype != weight.dtype
+                                 or residual.stride(2) != 1):
+        raise ValueError(f"residual must be [C, M, N] = {(copies, rows, outputs)} in {weight.dtype} with a unit "
+                         f"stride in N, got {tuple(residual.shape)}, {residual.dtype}, strides {residual.stride()}")
     if counters is not None and (counters.dtype != torch.int32 or counters.numel() < copies * triton.cdiv(
             outputs, MIN_BLOCK_N)):
         raise ValueError(f"counters must be int32 with at least {copies * triton.cdiv(outputs, MIN_BLOCK_N)} "
                          f"entries (counters_for), got {counters.dtype} with {counters.numel()}")
-    devices = {t.device for t in (x, weight, bias, counters) if t is not None}
+    extra = (normed.stats, normed.weight) if normed else ()
+    devices = {t.device for t in (rows_of, weight, bias, residual, counters, *extra) if t is not None}
     if len(devices) > 1:
-        raise ValueError(f"x, weight, bias and counters must be on one device, got {sorted(map(str, devices))}")
+        raise ValueError(f"x, weight, bias, residual and counters must be on one device, got "
+                         f"{sorted(map(str, devices))}")
 
 
-def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                  counters: torch.Tensor | None = None, plan: LinearPlan | None = None) -> torch.Tensor:
+def decode_linear(x: torch.Tensor | NormedInput, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                  gated: bool = False, residual: torch.Tensor | None = None, counters: torch.Tensor | None = None,
+                  plan: LinearPlan | None = None) -> torch.Tensor | ResidualSum:
     """``x W^T + b`` per copy (see the module docstring), ``[C, M, N]`` in x's dtype.
+
+    Fusions (module docstring), each computing what its separate kernel would without its launch:
+    ``x`` a :class:`NormedInput` (an RMSNorm whose statistics a ``residual`` launch wrote) instead
+    of a ``[C, M, K]`` tensor; ``gated``: the weight is a gate/up projection's ``[gate; up]``, and
+    the result is ``silu(gate) up`` ``[C, M, N / 2]`` (:mod:`adfast.kernels.silu_mul`'s ``a`` of
+    this output); ``residual [C, M, N]``: the result is the :class:`ResidualSum` ``(s, stats)``, the
+    residual stream with this output added and the partial sums of squares of a following
+    :class:`NormedInput`.
 
     ``counters``: the split-K tickets (:func:`counters_for`; zero at entry, left zero); None
     allocates zeroed ones (an extra fill kernel each call; a CUDA-graph captured step passes its
     own, one buffer per stream that may run concurrently). ``plan`` overrides :func:`plan_linear`
     (tests, tuning). Raises ValueError for inputs the kernel cannot take.
     """
-    _check_inputs(x, weight, bias, counters)
-    copies, rows, inputs = x.shape
-    outputs = weight.shape[1]
-    plan = plan or plan_linear(copies, rows, outputs, inputs, x.device)
-    y = torch.empty((copies, rows, outputs), device=x.device, dtype=x.dtype)
-    interpreted = launch_plan.multiprocessor_count(x.device) is None
+    _check_inputs(x, weight, bias, residual, gated, counters)
+    normed = x if isinstance(x, NormedInput) else None
+    rows_of = x.s if normed else x
+    copies, rows, inputs = rows_of.shape
+    outputs, device = weight.shape[1], weight.device
+    plan = plan or plan_linear(copies, rows, outputs, inputs, device)
+    y = torch.empty((copies, rows, outputs // 2 if gated else outputs), device=device, dtype=weight.dtype)
+    interpreted = launch_plan.multiprocessor_count(device) is None
     tiles = triton.cdiv(outputs, plan.block_n)
     if plan.split_k > 1:
-        parts = torch.empty(copies * tiles * plan.split_k * plan.block_m * plan.block_n, device=x.device,
+        parts = torch.empty(copies * tiles * plan.split_k * plan.block_m * plan.block_n, device=device,
                             dtype=torch.float32)
-        counters = counters if counters is not None else counters_for(copies, outputs, x.device)
+        counters = counters if counters is not None else counters_for(copies, outputs, device)
     else:
         parts = counters = y  # unused
+    stats = torch.empty((copies, tiles, rows), device=device, dtype=torch.float32) if residual is not None else None
+    output = GATED if gated else RESIDUAL if residual is not None else PLAIN
     _decode_linear[(tiles, plan.split_k, copies)](
-        x, weight, weight if bias is None else bias, y, parts, counters,
-        rows, outputs, inputs, plan.k_split, plan.split_k,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), 0 if bias is None else bias.stride(0),
-        HAS_BIAS=bias is not None, SPLIT=plan.split_k > 1, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
-        BLOCK_K=plan.block_k, PRECISION="ieee" if x.dtype == torch.float32 or interpreted else "tf32",
-        UPCAST=interpreted, PREFETCH_LINES=max(1, PREFETCH_STEPS * plan.block_k * x.element_size() // 128),
-        num_warps=plan.num_warps, num_stages=plan.num_stages,
-        **launch_plan.dependent_launch(x.device),
+        rows_of, weight, weight if bias is None else bias, y, parts, counters,
+        weight if normed is None else normed.weight, y if normed is None else normed.stats,
+        y if residual is None else residual, y if stats is None else stats,
+        rows, outputs, inputs, plan.k_split, plan.split_k, 0 if normed is None else normed.stats.shape[1],
+        float(inputs), 0.0 if normed is None else float(normed.eps),
+        rows_of.stride(0), rows_of.stride(1), weight.stride(0), weight.stride(1),
+        0 if bias is None else bias.stride(0), 0 if normed is None else normed.weight.stride(0),
+        0 if residual is None else residual.stride(0), 0 if residual is None else residual.stride(1),
+        HAS_BIAS=bias is not None, SPLIT=plan.split_k > 1, NORMED=normed is not None, ONE_ROW=rows == 1,
+        OUTPUT=output.value, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
+        PRECISION="ieee" if weight.dtype == torch.float32 or interpreted else "tf32",
+        UPCAST=interpreted, PREFETCH_LINES=max(1, PREFETCH_STEPS * plan.block_k * weight.element_size() // 128),
+        LIBDEVICE_EXP=not interpreted, num_warps=plan.num_warps, num_stages=plan.num_stages,
+        **launch_plan.dependent_launch(device),
     )
-    return y
+    return y if residual is None else ResidualSum(y, stats)

@@ -61,6 +61,18 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
+def exp_sigmoid(gate, LIBDEVICE_EXP: tl.constexpr):
+    """``(e, sig)`` of float32 ``gate``: ``e = exp(-gate)``, ``sig = 1 / (1 + e)`` (module docstring:
+    libdevice's ``expf`` on a GPU, ``tl.exp`` under the interpreter; IEEE division). ``silu = gate
+    sig``; the decode-time GEMM's gated input (:mod:`adfast.kernels.decode_linear`) uses it too."""
+    if LIBDEVICE_EXP:  # CUDA's expf (2 ulp); tl.exp is ex2.approx(x log2 e), off by about |x| / 2 ulp
+        e = libdevice.exp(-gate)
+    else:  # the interpreter (numpy's exp; libdevice is not interpreted)
+        e = tl.exp(-gate)
+    return e, tl.math.div_rn(1.0, 1.0 + e)  # IEEE division (Triton's / is div.full.f32, 2 ulp)
+
+
+@triton.jit
 def _silu_mul(
     gu_ptr, dgu_ptr, a_ptr, da_ptr, z_ptr, u_ptr,
     rows_per_copy, inter,
@@ -78,11 +90,7 @@ def _silu_mul(
     gate_ptr = gu_ptr + c * sg_c + n * sg_n + col
     gate = tl.load(gate_ptr, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(gate_ptr + inter, mask=mask, other=0.0).to(tl.float32)
-    if LIBDEVICE_EXP:  # CUDA's expf (2 ulp); tl.exp is ex2.approx(x log2 e), off by about |x| / 2 ulp
-        e = libdevice.exp(-gate)
-    else:  # the interpreter (numpy's exp; libdevice is not interpreted)
-        e = tl.exp(-gate)
-    sig = tl.math.div_rn(1.0, 1.0 + e)  # IEEE division (Triton's / is div.full.f32, 2 ulp)
+    e, sig = exp_sigmoid(gate, LIBDEVICE_EXP)
     silu = gate * sig
     out = row.to(tl.int64) * inter + col  # outputs are contiguous [C, N, I]
     tl.store(a_ptr + out, (silu * up).to(dtype), mask=mask)

@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from conftest import KERNEL_DEVICE as DEVICE, tiny_qwen2
 
-from adfast.decoder import LINEAR_KERNEL_ROWS
-from adfast.kernels.decode_linear import MAX_ROWS, counters_for, decode_linear, plan_linear
+from adfast.decoder import LINEAR_KERNEL_ROWS, LINEAR_PROJECTIONS
+from adfast.kernels.decode_linear import (BLOCK_T, MAX_ROWS, NormedInput, ResidualSum, counters_for, decode_linear,
+                                         plan_linear)
+from adfast.kernels.silu_mul import silu_mul
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (C, M, N, K): one and two copies, M from 1 to MAX_ROWS, odd N and K (masked tails)
@@ -101,6 +103,133 @@ def test_split_k_result_is_deterministic():
         assert torch.equal(decode_linear(x, w, b, plan=plan), first)
 
 
+def kernel_rounding(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 ``t`` rounded to ``dtype`` as the kernel rounds it: to nearest, but toward zero for
+    bfloat16 under the triton 3.9 interpreter (which truncates the low 16 bits)."""
+    if dtype == torch.bfloat16 and DEVICE == "cpu":
+        return (t.float().view(torch.int32) & -65536).view(torch.float32).to(dtype)
+    return t.to(dtype)
+
+
+def silu_up(gate_up: torch.Tensor) -> torch.Tensor:
+    """float64 ``silu(gate) up`` of ``gate_up [C, M, 2 K]``."""
+    gate, up = gate_up.double().cpu().chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def rms_normed(s: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """float64 ``weight s / sqrt(mean(s^2) + eps)`` of ``s [C, M, K]``, ``weight [C, K]``."""
+    s64 = s.double().cpu()
+    return weight.double().cpu()[:, None] * s64 * torch.rsqrt(s64.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def block_squares(s: torch.Tensor, tiles: int) -> torch.Tensor:
+    """float32 ``[C, T, M]``: the sums of ``s^2`` over ``tiles`` blocks of ``s [C, M, K]``'s columns
+    (the layout a residual epilogue writes; any split of K into blocks sums to the same norm)."""
+    blocks = s.double().cpu().pow(2).tensor_split(tiles, dim=-1)
+    return torch.stack([b.sum(-1) for b in blocks], dim=1).float()
+
+
+def assert_input_within_rounding(y, a, w, b, rounds: int):
+    """``y = round(a~) W^T + b`` where ``a~`` is the float64 input ``a`` computed in float32 and
+    rounded ``rounds`` times to y's dtype: the bound of :func:`assert_close_to_reference` plus
+    ``rounds`` dtype roundings (and a few float32 ulps) of each input element."""
+    ref = torch.einsum("cmk,cnk->cmn", a, w.double().cpu())
+    if b is not None:
+        ref += b.double().cpu()[:, None]
+    magnitude = torch.einsum("cmk,cnk->cmn", a.abs(), w.double().cpu().abs())
+    eps, eps32 = torch.finfo(y.dtype).eps, torch.finfo(torch.float32).eps
+    bound = eps * ref.abs() + (rounds * eps + (a.shape[2] + 8) * eps32) * magnitude + torch.finfo(y.dtype).tiny
+    worst = ((y.double().cpu() - ref).abs() / bound).max().item()
+    assert worst <= 1, f"error up to {worst:.2f}x the bound ({y.dtype}, {tuple(a.shape)} x {tuple(w.shape)})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 40, 100), (2, 3, 70, 200), (2, 17, 34, 64)])
+def test_gated_output(dtype, shape):
+    """``gated=True``: ``silu(gate) up`` of the product's halves, written by the epilogue from column
+    pairs, equals adfast.kernels.silu_mul of the plain product bit for bit (each half rounded to the
+    dtype, then the same float32 arithmetic rounded once), under every plan (the pairs cross tiles
+    and splits the same way), and the float64 silu of the float64 product within its roundings."""
+    copies, rows, outputs, inputs = shape
+    x, w, b = make(*shape, dtype)
+    for plan in explicit_plans(*shape):
+        a = decode_linear(x, w, b, gated=True, plan=plan)
+        assert a.shape == (copies, rows, outputs // 2) and a.dtype == dtype and a.is_contiguous()
+        assert torch.equal(a, silu_mul(decode_linear(x, w, b, plan=plan)))
+    product, magnitude = reference(x, w, b)
+    gate, up = product.chunk(2, dim=-1)
+    want = F.silu(gate) * up
+    eps, eps32 = torch.finfo(dtype).eps, torch.finfo(torch.float32).eps
+    # |d(silu(g) u)| <= 1.1 |u| |dg| + |silu(g)| |du|; each half off by its rounding and float32 sum
+    err_g, err_u = (eps * t.abs() + inputs * eps32 * m for t, m in zip(product.chunk(2, -1), magnitude.chunk(2, -1)))
+    bound = eps * want.abs() + 1.1 * up.abs() * err_g + F.silu(gate).abs() * err_u + 8 * eps32 * want.abs() \
+        + torch.finfo(dtype).tiny
+    worst = ((a.double().cpu() - want).abs() / bound).max().item()
+    assert worst <= 1, f"error up to {worst:.2f}x the bound"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_normed_input(dtype, shape):
+    """``NormedInput(s, stats, weight, eps)``: the product of the RMSNorm of ``s`` from partial sums of
+    squares (in more blocks than the kernel sums at once, and fewer) equals the float64 product of
+    the float64 norm within the norm's two roundings (``round(w round(s r))``)."""
+    copies, rows, outputs, inputs = shape
+    x, w, b = make(*shape, dtype)
+    s = (3 * x).to(dtype)
+    norm_weight = (1 + torch.randn(copies, inputs, generator=torch.Generator().manual_seed(4))).to(DEVICE, dtype)
+    want = rms_normed(s, norm_weight, 1e-6)
+    for tiles in (1, 7, min(inputs, BLOCK_T.value + 3)):
+        stats = block_squares(s, tiles).to(DEVICE)
+        for plan in explicit_plans(*shape):
+            y = decode_linear(NormedInput(s, stats, norm_weight, 1e-6), w, b, plan=plan)
+            assert_input_within_rounding(y, want, w, b, rounds=2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_residual_epilogue(dtype, shape):
+    """``residual=``: ``s = round(residual + y)`` with ``y`` the plain launch's output (bit for bit: the
+    float32 sum of the two rounded values, rounded once, as adfast.kernels.rms_norm adds them), and
+    per block of ``BLOCK_N`` columns the float32 sum of ``s^2``, against float64 sums of the returned
+    ``s``; every plan, so split-K's last program writes them as an unsplit program does."""
+    copies, rows, outputs, inputs = shape
+    x, w, b = make(*shape, dtype)
+    residual = torch.randn(copies, rows, outputs, generator=torch.Generator().manual_seed(5)).to(DEVICE, dtype)
+    for plan in explicit_plans(*shape):
+        out = decode_linear(x, w, b, residual=residual, plan=plan)
+        assert isinstance(out, ResidualSum)
+        y = decode_linear(x, w, b, plan=plan)
+        assert torch.equal(out.s, kernel_rounding(residual.float() + y.float(), dtype))
+        tiles = -(-outputs // plan.block_n)
+        blocks = out.s.double().cpu().pow(2).split(plan.block_n, dim=-1)
+        want = torch.stack([blk.sum(-1) for blk in blocks], dim=1)
+        assert out.stats.shape == (copies, tiles, rows) and out.stats.dtype == torch.float32
+        torch.testing.assert_close(out.stats.double().cpu(), want, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_residual_then_normed_input_equals_separate_kernels(dtype):
+    """A decoder's sublayer seam fused: the o projection adding itself to the residual stream and
+    writing the sums of squares, then the gate/up projection reading the stream's RMSNorm through
+    them, against the same through the separate add + RMSNorm kernel: the same stream bit for bit,
+    and the product within a rounding of the dtype (the norm's sum of squares adds in another order)."""
+    from adfast.kernels.rms_norm import add_rms_norm
+
+    x, w_o, b_o = make(2, 3, 70, 50, dtype)
+    _, w_up, b_up = make(2, 3, 90, 70, dtype, seed=1)
+    stream = torch.randn(2, 3, 70, generator=torch.Generator().manual_seed(6)).to(DEVICE, dtype)
+    norm_weight = (1 + torch.randn(2, 70, generator=torch.Generator().manual_seed(7))).to(DEVICE, dtype)
+    fused = decode_linear(x, w_o, b_o, residual=stream)
+    y = decode_linear(NormedInput(fused.s, fused.stats, norm_weight, 1e-5), w_up, b_up)
+    s, h = add_rms_norm(stream, norm_weight, 1e-5, decode_linear(x, w_o, b_o))
+    assert torch.equal(fused.s, s)
+    want = decode_linear(h, w_up, b_up)
+    scale = torch.einsum("cmk,cnk->cmn", h.double().cpu().abs(), w_up.double().cpu().abs()).max().item()
+    torch.testing.assert_close(y, want, rtol=0, atol=2 * torch.finfo(dtype).eps * scale)
+
+
 def test_plan():
     cpu = torch.device("cpu")
     plan = plan_linear(2, 5, 100, 1000, cpu, block_k=64, split_k=4)
@@ -159,8 +288,48 @@ def test_decoder_dispatch_by_projection_and_rows(monkeypatch):
         decoder.linear_kernel = {"qkv", "up"}
 
 
+def test_decoder_fuses_activation_and_norms(monkeypatch):
+    """A decoder with the Triton layer ops whose gate/up projection runs in the kernel takes
+    ``silu(gate) up`` from its epilogue (prefill and decode); at one row (batch-1 decode) with every linear in the kernel and the Triton
+    layer ops, qkv (after the first layer), gate/up and the lm_head also read a NormedInput, and o
+    and down add themselves to the residual stream; at two rows, with a partial ``linear_kernel``
+    set or with the PyTorch layer ops, the norms stay separate. (That the fused decoder computes the
+    same logits: test_layer_ops.py.)"""
+    import adfast.decoder
+
+    calls = []
+
+    def recording(x, w, b=None, **kwargs):
+        calls.append((type(x).__name__, kwargs.get("gated", False), kwargs.get("residual") is not None))
+        return decode_linear(x, w, b, **kwargs)
+
+    monkeypatch.setattr(adfast.decoder, "decode_linear", recording)
+    decoder = adfast.decoder.Decoder.from_hf([tiny_qwen2()], device=DEVICE)
+    decoder.setup_cache(2, 64)
+    decoder.fused, decoder.linear_kernel = True, True
+    slots, layers = torch.tensor([0, 1], device=DEVICE), decoder.config.num_layers
+    plain = [("Tensor", False, False), ("Tensor", False, False), ("Tensor", True, False), ("Tensor", False, False)]
+    for batch, seq in ((2, 3), (2, 1)):
+        calls.clear()
+        decoder(torch.ones(batch, seq, dtype=torch.int64, device=DEVICE), slots[:batch])
+        assert calls == plain * layers + [("Tensor", False, False)]
+    calls.clear()
+    step = torch.ones(1, 1, dtype=torch.int64, device=DEVICE)
+    decoder(step, slots[:1])
+    layer = [("NormedInput", False, False), ("Tensor", False, True), ("NormedInput", True, False),
+             ("Tensor", False, True)]
+    assert calls == plain[:1] + layer[1:] + layer * (layers - 1) + [("NormedInput", False, False)]
+    for fused, kernel in ((True, LINEAR_PROJECTIONS[:-1]), (False, True)):
+        calls.clear()
+        decoder.fused, decoder.linear_kernel = fused, kernel
+        decoder(step, slots[:1])
+        unfused = plain[:2] + [("Tensor", False, False)] + plain[3:] if kernel is True else plain
+        assert calls == unfused * layers + ([("Tensor", False, False)] if kernel is True else [])
+
+
 def _bad_calls():
     x, w, b = make(2, 3, 20, 40, torch.float32)
+    stats, norm_weight = torch.ones(2, 5, 3, device=DEVICE), torch.ones(2, 40, device=DEVICE)
     return [
         ("x must be \\[C, M, K\\]", lambda: decode_linear(x[0], w, b)),
         ("copies and inputs must match", lambda: decode_linear(x, w[:, :, :30], b)),
@@ -173,6 +342,18 @@ def _bad_calls():
         ("bias must be \\[C, N\\]", lambda: decode_linear(x, w, b[:, :10])),
         ("counters must be int32", lambda: decode_linear(x, w, b, counters=torch.zeros(3, dtype=torch.int32,
                                                                                         device=DEVICE))),
+        ("must be a tensor or a NormedInput", lambda: decode_linear([x], w, b)),
+        ("gated takes an even number of outputs", lambda: decode_linear(x, w[:, :19], b[:, :19], gated=True)),
+        ("gated takes an even number of outputs .* and no residual",
+         lambda: decode_linear(x, w, b, gated=True, residual=torch.zeros(2, 3, 20, device=DEVICE))),
+        ("stats must be contiguous float32 \\[C, T, M\\]",
+         lambda: decode_linear(NormedInput(x, stats[:, :, :2], norm_weight, 1e-6), w, b)),
+        ("stats must be contiguous float32", lambda: decode_linear(NormedInput(x, stats.half(), norm_weight, 1e-6), w, b)),
+        ("NormedInput weight must be \\[C, K\\]", lambda: decode_linear(NormedInput(x, stats, norm_weight[:1], 1e-6), w, b)),
+        ("eps must be >= 0", lambda: decode_linear(NormedInput(x, stats, norm_weight, -1.0), w, b)),
+        ("residual must be \\[C, M, N\\]", lambda: decode_linear(x, w, b, residual=x)),
+        ("residual must be \\[C, M, N\\]", lambda: decode_linear(x, w, b, residual=torch.zeros(2, 3, 20, device=DEVICE,
+                                                                                         dtype=torch.float16))),
     ]
 
 

@@ -163,7 +163,8 @@ def test_decode_steps_prefetch_each_layer_weight_before_its_matmul(monkeypatch):
     reference = [decoder(tokens, slots, num_tokens), decoder(step, slots)]
 
     linear = decoder._linear
-    monkeypatch.setattr(decoder, "_linear", lambda x, w, b, name: events.append(("matmul", w)) or linear(x, w, b, name))
+    monkeypatch.setattr(decoder, "_linear", lambda x, w, b, name, **kw: events.append(("matmul", w)) or
+                        linear(x, w, b, name, **kw))
     monkeypatch.setattr(decoder_module, "weight_prefetcher", recording)
     decoder.prefetch_bytes = 1 << 20
     decoder.cache.reset(slots)

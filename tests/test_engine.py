@@ -294,6 +294,28 @@ def test_dependent_launch_changes_no_result(teachers, pair, monkeypatch):
 
 
 @cuda_test
+def test_batch_one_fused_norms_replay_as_eager(teachers, pair, monkeypatch):
+    """At batch 1 with every linear in the decode-time kernel, a decode step runs the norms inside
+    the linears (Decoder._fuses_norms; their split tickets and partial sums of squares written and
+    read within the captured graph): graph replay gives the eager steps' tokens and log-probs, with
+    programmatic dependent launch on (where it applies) and off (bf16)."""
+    kw = dict(max_new_tokens=MAX_NEW, tau=1.0, lam=0.5, seed=7, stop_token_ids=[5])
+
+    def run(graph):
+        engine = Engine(teachers["qwen2"], pair, max_batch_size=1, max_seq_len=16, device="cuda",
+                        dtype=torch.bfloat16, cuda_graph=graph)
+        for model in (engine.teacher, engine.proxies):
+            model.linear_kernel = True
+        return [(r.tokens, r.mean_logprob) for prompt in PROMPTS[:2] for mode in ("antidistill", "temperature")
+                for r in engine.generate([prompt], mode=mode, **kw)]
+
+    eager = run(False)
+    assert run(True) == eager
+    monkeypatch.setenv("ADFAST_PDL", "0")
+    assert run(True) == eager
+
+
+@cuda_test
 def test_weight_prefetch_changes_no_result(teachers, pair):
     """The decoders' L2 weight prefetch (a side stream forked and joined in every captured decode
     step) gives the same tokens and log-probs as none, with whole weights (a budget they fit) and

@@ -20,20 +20,22 @@ PROMPTS = [[5, 7, 9, 11, 2], [3], [13, 14, 15]]
 SLOTS = torch.tensor([2, 0, 1])
 
 
-def run(decoder: Decoder, fused: bool, tangent: bool, steps: int = 2, linear_kernel: bool = False):
-    """Prefill PROMPTS, then ``steps`` decode steps of fixed tokens: every step's logits (and tangent
-    logits); ``linear_kernel``: the layers' linears in the decode-time GEMM kernel."""
+def run(decoder: Decoder, fused: bool, tangent: bool, steps: int = 2, linear_kernel: bool = False,
+        prompts: int = len(PROMPTS)):
+    """Prefill the first ``prompts`` of PROMPTS, then ``steps`` decode steps of fixed tokens: every
+    step's logits (and tangent logits); ``linear_kernel``: the layers' linears in the decode-time
+    GEMM kernel."""
     decoder.fused, decoder.linear_kernel = fused, linear_kernel
     decoder.setup_cache(4, 12)
     device = decoder.embed.device
-    ids = torch.zeros(len(PROMPTS), max(map(len, PROMPTS)), dtype=torch.int64)
-    for b, p in enumerate(PROMPTS):
+    ids = torch.zeros(prompts, max(map(len, PROMPTS[:prompts])), dtype=torch.int64)
+    for b, p in enumerate(PROMPTS[:prompts]):
         ids[b, :len(p)] = torch.tensor(p)
-    lengths = torch.tensor([len(p) for p in PROMPTS])
-    slots = SLOTS.to(device)
+    lengths = torch.tensor([len(p) for p in PROMPTS[:prompts]])
+    slots = SLOTS[:prompts].to(device)
     outputs = [decoder(ids.to(device), slots, lengths.to(device), last_only=False, tangent=tangent)]
     for step in range(steps):
-        tokens = torch.tensor([[4 + step], [8], [VOCAB - 1 - step]], device=device)
+        tokens = torch.tensor([[4 + step], [8], [VOCAB - 1 - step]][:prompts], device=device)
         outputs.append(decoder(tokens, slots, tangent=tangent))
     cache = decoder.cache
     caches = [cache.k, cache.v] + ([cache.dk, cache.dv] if tangent else [])
@@ -71,6 +73,18 @@ def test_decode_linear_decoder_equals_pytorch_decoder(family, copies, dtype):
     model = with_random_biases((tiny_qwen2 if family == "qwen2" else tiny_llama)())
     decoder = Decoder.from_hf([model] * copies, dtype=dtype, device=KERNEL_DEVICE)
     assert_same_runs(run(decoder, True, False, linear_kernel=True), run(decoder, False, False), TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+@pytest.mark.parametrize("copies", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_one_fused_norms_decoder_equals_pytorch_decoder(family, copies, dtype):
+    """One prompt: its decode steps run the norms inside the linear kernel (residual epilogues and
+    normed inputs, Decoder._fuses_norms): the same logits and caches as the PyTorch decoder."""
+    model = with_random_biases((tiny_qwen2 if family == "qwen2" else tiny_llama)())
+    decoder = Decoder.from_hf([model] * copies, dtype=dtype, device=KERNEL_DEVICE)
+    assert_same_runs(run(decoder, True, False, steps=3, linear_kernel=True, prompts=1),
+                     run(decoder, False, False, steps=3, prompts=1), TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
