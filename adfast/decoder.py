@@ -284,11 +284,13 @@ class Decoder(nn.Module):
         # tensors it needs TRITON_INTERPRET=1), a set of LINEAR_PROJECTIONS names only those linears
         # (per product the kernel beat cuBLAS on some and lost on others, bench/linear.py), False (the
         # default: cuBLAS was faster in the engine) runs them all as `linear`. With the Triton layer
-        # ops the kernel also computes the MLP's activation (gate/up epilogue) and, at batch-1 decode
-        # with every linear in it, the norms (_fuses_norms). The kernel's split-K tickets (one
-        # buffer: a decoder runs on one stream at a time) come with setup_cache.
+        # ops and linear_fusions (the default; False for comparisons) the kernel also computes the
+        # MLP's activation (gate/up epilogue) and, at batch-1 decode with every linear in it, the
+        # norms (_fuses_norms). The kernel's split-K tickets (one buffer: a decoder runs on one
+        # stream at a time) come with setup_cache.
         self.linear_kernel = False
         self.linear_kernel_rows = LINEAR_KERNEL_ROWS
+        self.linear_fusions = True
         self.linear_counters: torch.Tensor | None = None
         # Decode steps' weight prefetch (adfast.weight_prefetch): bytes of each layer matmul's weight
         # pulled into L2 on a side stream while the kernels before that matmul run; 0 (the default
@@ -544,10 +546,10 @@ class Decoder(nn.Module):
         return linear(x, weight, bias)
 
     def _gated_mlp_input(self, ops, h: torch.Tensor | NormedInput, layer) -> torch.Tensor:
-        """``silu(gate) up`` of the gate/up projection of ``h``: with the Triton layer ops, in the
-        kernel's epilogue where it takes the projection (the same bits as the separate kernel, one
+        """``silu(gate) up`` of the gate/up projection of ``h``: with the Triton layer ops and
+        :attr:`linear_fusions`, in the kernel's epilogue where it takes the projection (the same bits as the separate kernel, one
         launch and the ``[C, N, 2 I]`` round trip fewer), else the projection then ``ops.silu_mul``."""
-        if not isinstance(h, torch.Tensor) or (ops is not TORCH and self._linear_kernel_takes(h.shape[1], "gate_up")):
+        if not isinstance(h, torch.Tensor) or (self._fuses(ops) and self._linear_kernel_takes(h.shape[1], "gate_up")):
             return decode_linear(h, layer.w_gate_up, layer.b_gate_up, gated=True, counters=self.linear_counters)
         return ops.silu_mul(self._linear(h, layer.w_gate_up, layer.b_gate_up, "gate_up"))
 
@@ -555,9 +557,13 @@ class Decoder(nn.Module):
         kernel = self.linear_kernel
         return rows <= self.linear_kernel_rows and kernel is not False and (kernel is True or projection in kernel)
 
+    def _fuses(self, ops) -> bool:
+        """Whether the linear kernel may take the layer ops' work: Triton layer ops and :attr:`linear_fusions`."""
+        return ops is not TORCH and self.linear_fusions
+
     def _fuses_norms(self, ops, rows: int) -> bool:
         """Whether a forward of ``rows = B T`` rows runs the layers' norms inside the linear kernel:
-        one row (batch-1 decode), the Triton layer ops, and every linear in the kernel. Then each
+        one row (batch-1 decode), :meth:`_fuses`, and every linear in the kernel. Then each
         residual add and its RMSNorm's sums of squares are the epilogue of the o and down
         projections (a :class:`ResidualSum`), and the norm itself the prologue of the qkv, gate/up
         and lm_head projections (a :class:`NormedInput`): the arithmetic of
@@ -565,7 +571,7 @@ class Decoder(nn.Module):
         order), two launches a layer fewer (the first layer's norm stays one). At more rows every
         output tile would normalise a ``[rows, BLOCK_K]`` tile per step (``compile_check``: a loop
         of 340 instructions against 79 at 16 rows), as much issue as the weight's bytes allow."""
-        return rows == 1 and ops is not TORCH and all(self._linear_kernel_takes(rows, p) for p in LINEAR_PROJECTIONS)
+        return rows == 1 and self._fuses(ops) and all(self._linear_kernel_takes(rows, p) for p in LINEAR_PROJECTIONS)
 
     def _add_rms_norm(self, ops, x: torch.Tensor, weight: torch.Tensor, update
                       ) -> tuple[torch.Tensor, torch.Tensor | NormedInput]:

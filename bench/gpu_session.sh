@@ -37,8 +37,8 @@
 #             (with its fused norm/activation/residual), the fused layers, the L2 prefetch and the
 #             engine, the engine's temperature and antidistillation rows at batch 1 and 32 (the
 #             engine now draws with proxy_vocab_only from bf16 logits), at batch 1 with every linear
-#             in the kernel (rows *_kernel: the activation and norms fused into it) and with all but
-#             the lm_head (*_kernel-qkv-o-gate_up-down: the norms separate; their A/B), goals, the rows with
+#             in the kernel (rows *_kernel: the activation and norms fused into it) and without the
+#             fusions (*_kernel_unfused: their A/B), goals, the rows with
 #             --prefetch-mb 24 (*_pf24), bench/sampler_tune.py over the plans with shared Philox
 #             words (8 warps, block 2048)                                               (~9.5 min)
 #   levers    after sampler: Nsight Compute on the sampler at batch 64; engine temperature and
@@ -112,12 +112,12 @@ stage_sampler() {  # most important first: a call cut short keeps what came befo
         tests/test_layer_ops.py tests/test_l2_prefetch_kernel.py tests/test_engine.py
     step 110 decode.log python3 bench/decode.py --append --batches 1 32 --variants engine_temperature \
         engine_antidistill
-    # every linear in the kernel: a batch-1 decode step runs the norms inside them too; the same
-    # with the lm_head in cuBLAS keeps them separate (the A/B of the norms' fusion, one run apart)
+    # every linear in the kernel, which at batch 1 also runs the activation and the norms, and the
+    # same with those in their own kernels (the fusions' A/B, one run apart)
     step 70 decode.log python3 bench/decode.py --append --batches 1 --linear kernel --variants \
         engine_temperature engine_antidistill
-    step 70 decode.log python3 bench/decode.py --append --batches 1 --linear kernel --linear-projections qkv o \
-        gate_up down --variants engine_temperature engine_antidistill
+    step 70 decode.log python3 bench/decode.py --append --batches 1 --linear kernel --no-linear-fusions \
+        --variants engine_temperature engine_antidistill
     step 10 goals.log python3 bench/goals.py
     step 110 decode.log python3 bench/decode.py --append --batches 1 32 --prefetch-mb 24 --variants \
         engine_temperature engine_antidistill

@@ -185,10 +185,10 @@ def _decode_linear(
             xt, wt = xt.to(tl.float32), wt.to(tl.float32)
         acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PRECISION)
     bias_cols = b_ptr + c * sb_c + w_row
-    res_tile = res_ptr + c * sr_c
+    res_base = res_ptr + c * sr_c
     stats_out = stats_out_ptr + (c * tl.num_programs(0) + j) * M
     if not SPLIT:
-        _store_output(acc, y_ptr, c, j, rm, rn, m_mask, n_mask, bias_cols, res_tile, sr_m, stats_out, M, N, dtype,
+        _store_output(acc, y_ptr, c, j, rm, rn, m_mask, n_mask, bias_cols, res_base, sr_m, stats_out, M, N, dtype,
                       HAS_BIAS, OUTPUT, BLOCK_N, LIBDEVICE_EXP)
     else:
         tile = c * tl.num_programs(0) + j
@@ -200,7 +200,7 @@ def _decode_linear(
             total = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
             for i in range(split_k):  # split order, whichever program got here
                 total += tl.load(parts + i * tile_elems, cache_modifier=".cg")
-            _store_output(total, y_ptr, c, j, rm, rn, m_mask, n_mask, bias_cols, res_tile, sr_m, stats_out, M, N,
+            _store_output(total, y_ptr, c, j, rm, rn, m_mask, n_mask, bias_cols, res_base, sr_m, stats_out, M, N,
                           dtype, HAS_BIAS, OUTPUT, BLOCK_N, LIBDEVICE_EXP)
 
 

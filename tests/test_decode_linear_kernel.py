@@ -293,7 +293,7 @@ def test_decoder_fuses_activation_and_norms(monkeypatch):
     ``silu(gate) up`` from its epilogue (prefill and decode); at one row (batch-1 decode) with every linear in the kernel and the Triton
     layer ops, qkv (after the first layer), gate/up and the lm_head also read a NormedInput, and o
     and down add themselves to the residual stream; at two rows, with a partial ``linear_kernel``
-    set or with the PyTorch layer ops, the norms stay separate. (That the fused decoder computes the
+    set or with the PyTorch layer ops, the norms stay separate (and without ``linear_fusions`` both). (That the fused decoder computes the
     same logits: test_layer_ops.py.)"""
     import adfast.decoder
 
@@ -319,9 +319,9 @@ def test_decoder_fuses_activation_and_norms(monkeypatch):
     layer = [("NormedInput", False, False), ("Tensor", False, True), ("NormedInput", True, False),
              ("Tensor", False, True)]
     assert calls == plain[:1] + layer[1:] + layer * (layers - 1) + [("NormedInput", False, False)]
-    for fused, kernel in ((True, LINEAR_PROJECTIONS[:-1]), (False, True)):
+    for fused, kernel, fusions in ((True, LINEAR_PROJECTIONS[:-1], True), (False, True, True), (True, True, False)):
         calls.clear()
-        decoder.fused, decoder.linear_kernel = fused, kernel
+        decoder.fused, decoder.linear_kernel, decoder.linear_fusions = fused, kernel, fusions
         decoder(step, slots[:1])
         unfused = plain[:2] + [("Tensor", False, False)] + plain[3:] if kernel is True else plain
         assert calls == unfused * layers + ([("Tensor", False, False)] if kernel is True else [])
