@@ -293,11 +293,11 @@ def _linear_cases():
     """``(label, thunk)`` pairs driving :func:`adfast.kernels.decode_linear.decode_linear` on the
     decode-time linear layers of the teacher and the proxy pair (with the qkv bias) at 1, 32 and 64
     rows, bf16 and fp32: each with a plain input and output, and as a decoder fuses them (the
-    gate/up projection's ``gated`` epilogue up to :data:`adfast.decoder.LINEAR_KERNEL_ROWS` rows;
-    at one row also the norms: a normed input for qkv, gate/up and, bf16 only, the lm_head, the
-    residual epilogue for o and down)."""
+    qkv projection's ``rotary`` and the gate/up projection's ``gated`` epilogues up to
+    :data:`adfast.decoder.LINEAR_KERNEL_ROWS` rows; at one row also the norms: a normed input for
+    qkv, gate/up and, bf16 only, the lm_head, the residual epilogue for o and down)."""
     from .decoder import LINEAR_KERNEL_ROWS
-    from .kernels.decode_linear import NormedInput, decode_linear
+    from .kernels.decode_linear import NormedInput, RotaryCacheWrite, decode_linear
 
     cases = []
     for label, copies, hidden, inter, heads, kv_heads, head_dim in LAYER_SHAPES[:2]:
@@ -322,12 +322,19 @@ def _linear_cases():
                     if layer == "gate_up" and rows <= LINEAR_KERNEL_ROWS:
                         cases.append((f"decode_linear {name} gated", lambda x=normed if rows == 1 else x, w=w:
                                       decode_linear(x, w, gated=True)))
+                    if layer == "qkv" and rows <= LINEAR_KERNEL_ROWS:
+                        cache = torch.empty(copies, rows, 17, kv_heads, head_dim, dtype=dtype)
+                        rotary = RotaryCacheWrite(torch.empty(rows, 1, head_dim), torch.empty(rows, 1, head_dim), cache,
+                                                  cache, torch.zeros(rows, dtype=torch.int64),
+                                                  torch.zeros(rows, 1, dtype=torch.int64), heads, kv_heads)
+                        cases.append((f"decode_linear {name} rotary", lambda x=normed if rows == 1 else x, w=w, b=b,
+                                      r=rotary: decode_linear(x, w, b, rotary=r)))
                     if rows > 1:
                         continue
                     if layer in ("o", "down"):
                         cases.append((f"decode_linear {name} residual", lambda x=x, w=w, r=residual:
                                       decode_linear(x, w, residual=r)))
-                    elif layer != "gate_up":
+                    elif layer == "lm_head":
                         cases.append((f"decode_linear {name} normed", lambda x=normed, w=w, b=b:
                                       decode_linear(x, w, b)))
     return cases

@@ -65,7 +65,7 @@ import torch
 from torch import nn
 
 from .attention import attend, attend_jvp
-from .kernels.decode_linear import NormedInput, ResidualSum, counters_for, decode_linear
+from .kernels.decode_linear import NormedInput, ResidualSum, RotaryCacheWrite, counters_for, decode_linear
 from .layer_ops import TORCH, LowRankTerm, compute_dtype, layer_ops
 from .matmul import linear
 from .tangent import (BLOCK_DIAGONAL_PADDING_BYTES, FactoredTangent, linear_jvp, log_softmax_tangent, source_shape,
@@ -584,16 +584,25 @@ class Decoder(nn.Module):
             return update.s, NormedInput(update.s, update.stats, weight, eps)
         return ops.add_rms_norm(x, weight, eps, update)
 
-    def _qkv(self, h: torch.Tensor | NormedInput, rows: int, layer, rotary_kernel: bool
-             ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(qkv, bias)``: the qkv projection of ``h`` (``rows`` rows) and the bias still to add (None
-        when added). With the rotary kernel (``rotary_kernel``), several weight copies add theirs there:
-        their batched matmul has no bias epilogue (``baddbmm`` would first copy the bias into its output,
-        a kernel a layer), so ``qkv + bias`` rounds twice (as a separate add would) instead of once."""
-        if (rotary_kernel and layer.bqkv is not None and self.num_copies > 1
-                and not self._linear_kernel_takes(rows, "qkv")):
-            return self._linear(h, layer.wqkv, None, "qkv"), layer.bqkv
-        return self._linear(h, layer.wqkv, layer.bqkv, "qkv"), None
+    def _rotated_queries(self, ops, h: torch.Tensor | NormedInput, rows: int, layer, k_cache, v_cache, cos, sin,
+                         slots, write_pos) -> torch.Tensor:
+        """The qkv projection of ``h`` (``rows`` rows) with rotary embeddings and the KV-cache write
+        (``ops.rope_and_cache_write``'s arguments): returns the rotated queries. With :meth:`_fuses`
+        where the kernel takes the projection, all of it in the kernel's epilogue
+        (:class:`RotaryCacheWrite`; one launch and the ``[C, N, (H + 2 KV) D]`` round trip fewer).
+        Otherwise the projection, then the rotary op; with the rotary kernel, several weight copies
+        add their bias there: their batched matmul has no bias epilogue (``baddbmm`` would first copy
+        the bias into its output, a kernel a layer), so ``qkv + bias`` rounds twice (as a separate add
+        would) instead of once."""
+        heads, kv_heads = self.config.num_heads, self.config.num_kv_heads
+        kernel = not isinstance(h, torch.Tensor) or self._linear_kernel_takes(rows, "qkv")
+        if kernel and self._fuses(ops):
+            rotary = RotaryCacheWrite(cos, sin, k_cache, v_cache, slots, write_pos, heads, kv_heads)
+            return decode_linear(h, layer.wqkv, layer.bqkv, rotary=rotary, counters=self.linear_counters)
+        bias_in_rotary = ops is not TORCH and layer.bqkv is not None and self.num_copies > 1 and not kernel
+        qkv = self._linear(h, layer.wqkv, None if bias_in_rotary else layer.bqkv, "qkv")
+        return ops.rope_and_cache_write(qkv, cos, sin, k_cache, v_cache, slots, write_pos, heads, kv_heads,
+                                        layer.bqkv if bias_in_rotary else None)
 
     # ----------------------------------------------------------------------------------- forward
 
@@ -707,7 +716,7 @@ class Decoder(nn.Module):
             return self._forward_tangent(tokens, slots, n, write_pos, query_pos, lengths, key_span, cos, sin,
                                          last_only, float_logits)
 
-        copies, heads, kv_heads, head_dim = self.num_copies, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        copies, heads, head_dim = self.num_copies, cfg.num_heads, cfg.head_dim
         rows = batch * seq
         x = self.embed[:, tokens].view(copies, rows, cfg.hidden_size)
         fuse = self._fuses_norms(ops, rows)
@@ -716,10 +725,8 @@ class Decoder(nn.Module):
         for i, layer in enumerate(self.layers):
             prefetch(layer.wqkv)  # each weight once the matmul before has read its own
             x, h = self._add_rms_norm(ops, x, layer.attention_norm, update)
-            qkv, qkv_bias = self._qkv(h, rows, layer, ops is not TORCH)
+            q = self._rotated_queries(ops, h, rows, layer, cache.k[i], cache.v[i], cos, sin, slots, write_pos)
             prefetch(layer.wo)
-            q = ops.rope_and_cache_write(qkv, cos, sin, cache.k[i], cache.v[i], slots, write_pos, heads, kv_heads,
-                                         qkv_bias)
             out = attend(q, cache.k[i], cache.v[i], slots, query_pos, lengths, cache.attention_counters, key_span)
             update = self._linear(out.reshape(copies, rows, heads * head_dim), layer.wo, layer.bo, "o",
                                   residual=x if fuse else None)

@@ -31,11 +31,15 @@ and all ``M`` rows (``BLOCK_M >= M``, at least 16 for the tensor-core product). 
 ``C * ceil(N / BLOCK_N)`` of them, all zero at entry and at exit (:func:`counters_for` sizes a
 buffer; callers that launch concurrently on several streams pass their own).
 
-Fusions (a decoder layer's elementwise chains, without their launches:
-:meth:`adfast.decoder.Decoder._fuses_norms`). ``gated``: the output columns of a gate/up projection
+Fusions (a decoder layer's elementwise chains, without their launches: :meth:`adfast.decoder.Decoder._fuses`,
+:meth:`~adfast.decoder.Decoder._fuses_norms`). ``gated``: the output columns of a gate/up projection
 are taken as (gate ``n``, up ``n``) pairs (tile column ``2 i + h`` reads weight row ``i + h N / 2``)
 and the epilogue writes ``round(silu(round(gate)) round(up))`` (the arithmetic of
-:mod:`adfast.kernels.silu_mul`, bit for bit) instead of both. ``residual``: the output becomes the
+:mod:`adfast.kernels.silu_mul`, bit for bit) instead of both. ``rotary``: the columns of a qkv
+projection are taken as the pairs ``(x[i], x[i + D / 2])`` of each head (tile column ``2 i + h``
+of head ``e`` reads weight row ``e D + i + h D / 2``), and the epilogue rotates the q and k pairs
+and writes q, and k and v to each row's cache position, as :mod:`adfast.kernels.rotary_cache`
+does (:class:`RotaryCacheWrite`). ``residual``: the output becomes the
 new residual stream ``s = round(residual + round(acc + b))`` (the rounded output added in float32
 and rounded, as the norm kernel adds it) and each output tile also writes its rows' partial sum of
 ``s^2`` over its ``BLOCK_N`` columns, ``stats [C, ceil(N / BLOCK_N), M]`` float32, which a
@@ -56,6 +60,7 @@ import triton.language as tl
 
 from . import split as launch_plan
 from .launch_order import last_ticket, wait_for_predecessor, zeroed_counters
+from .rotary_cache import check_inputs as check_rotary_inputs
 from .silu_mul import exp_sigmoid
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -66,8 +71,9 @@ PREFETCH_STEPS = 2
 """``BLOCK_K`` steps of its weight rows a program prefetches to L2 before waiting on the kernel before it (PDL)."""
 
 
-PLAIN, GATED, RESIDUAL = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
-"""The kernel's ``OUTPUT`` kinds: ``y`` itself, ``silu(gate) up`` of its halves, a :class:`ResidualSum`."""
+PLAIN, GATED, RESIDUAL, ROTARY = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
+"""The kernel's ``OUTPUT`` kinds: ``y`` itself, ``silu(gate) up`` of its halves, a :class:`ResidualSum`,
+the rotated queries of a :class:`RotaryCacheWrite`."""
 BLOCK_T = tl.constexpr(64)
 """Partial sums of squares a :class:`NormedInput` program adds per step."""
 
@@ -109,17 +115,60 @@ def _reciprocal_rms(stats_ptr, rm, m_mask, tiles, rows, inputs_f, eps, BLOCK_M: 
 
 
 @triton.jit
-def _store_output(acc, y_ptr, c, j, rm, rn, m_mask, n_mask, bias_cols, res_ptr, sr_m, stats_ptr, M, N, dtype,
-                  HAS_BIAS: tl.constexpr, OUTPUT: tl.constexpr, BLOCK_N: tl.constexpr, LIBDEVICE_EXP: tl.constexpr):
+def _store_rotary(y, q_ptr, c, j, rm, m_mask, M, N, rotary, dtype, BLOCK_N: tl.constexpr, HEADS: tl.constexpr,
+                  KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The qkv projection's tile ``j`` of copy ``c`` (``y [BLOCK_M, BLOCK_N]``, rounded, its columns the
+    pairs ``(x[i], x[i + D / 2])`` of a head's halves) rotated and written as
+    :mod:`adfast.kernels.rotary_cache` writes them: q heads to ``q_ptr`` (``[C, M, H D]``), k heads
+    and (unrotated) v heads to each row's cache position. ``rotary``: ``(cos, sin, k_cache, v_cache,
+    slots, write_pos, T, cos stride b, cos stride t, cache strides c, slot, position, head)``."""
+    cos_ptr, sin_ptr, k_ptr, v_ptr, slots_ptr, pos_ptr, seq, s_cos_b, s_cos_t, s_c, s_s, s_n, s_j = rotary
+    HALF: tl.constexpr = HEAD_DIM // 2
+    x1, x2 = tl.split(tl.reshape(y.to(tl.float32), (y.shape[0], BLOCK_N // 2, 2)))
+    pair = j * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)  # over all heads' first halves
+    head = pair // HALF
+    p = pair % HALF
+    mask = m_mask[:, None] & (pair < N // 2)[None, :]
+    b = rm // seq
+    table = b[:, None].to(tl.int64) * s_cos_b + (rm % seq)[:, None].to(tl.int64) * s_cos_t + p[None, :]
+    cos1 = tl.load(cos_ptr + table, mask=mask, other=0.0).to(dtype).to(tl.float32)  # tables rounded as the
+    cos2 = tl.load(cos_ptr + table + HALF, mask=mask, other=0.0).to(dtype).to(tl.float32)  # rotary kernel's
+    sin1 = tl.load(sin_ptr + table, mask=mask, other=0.0).to(dtype).to(tl.float32)
+    sin2 = tl.load(sin_ptr + table + HALF, mask=mask, other=0.0).to(dtype).to(tl.float32)
+    rotated = (head < HEADS + KV_HEADS)[None, :]
+    out1 = tl.where(rotated, x1 * cos1 - x2 * sin1, x1)
+    out2 = tl.where(rotated, x2 * cos2 + x1 * sin2, x2)
+    is_q = mask & (head < HEADS)[None, :]
+    q_tile = q_ptr + (c * M + rm[:, None]) * (HEADS * HEAD_DIM) + head[None, :] * HEAD_DIM + p[None, :]
+    tl.store(q_tile, out1.to(dtype), mask=is_q)
+    tl.store(q_tile + HALF, out2.to(dtype), mask=is_q)
+    slot = tl.load(slots_ptr + b, mask=m_mask, other=0).to(tl.int64)
+    pos = tl.load(pos_ptr + rm, mask=m_mask, other=0).to(tl.int64)
+    is_v = head >= HEADS + KV_HEADS
+    kv_head = tl.where(is_v, head - HEADS - KV_HEADS, head - HEADS)
+    at = c * s_c + slot[:, None] * s_s + pos[:, None] * s_n + kv_head[None, :].to(tl.int64) * s_j + p[None, :]
+    is_k = mask & ((head >= HEADS) & ~is_v)[None, :]
+    tl.store(k_ptr + at, out1.to(k_ptr.dtype.element_ty), mask=is_k)
+    tl.store(k_ptr + at + HALF, out2.to(k_ptr.dtype.element_ty), mask=is_k)
+    tl.store(v_ptr + at, out1.to(v_ptr.dtype.element_ty), mask=mask & is_v[None, :])
+    tl.store(v_ptr + at + HALF, out2.to(v_ptr.dtype.element_ty), mask=mask & is_v[None, :])
+
+
+@triton.jit
+def _store_output(acc, y_ptr, c, j, rm, rn, m_mask, n_mask, bias_cols, res_ptr, sr_m, stats_ptr, rotary, M, N, dtype,
+                  HAS_BIAS: tl.constexpr, OUTPUT: tl.constexpr, BLOCK_N: tl.constexpr, LIBDEVICE_EXP: tl.constexpr,
+                  HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Write output tile ``j`` of copy ``c`` from its float32 sums ``acc [BLOCK_M, BLOCK_N]`` (``bias_cols``:
     the bias of its columns): ``y = round(acc + b)``; ``GATED``: the columns are (gate, up) pairs, and
     ``round(silu(g) u)`` of their rounded values goes to column ``j BLOCK_N / 2 + pair`` of the
     ``[C, M, N / 2]`` output; ``RESIDUAL``: ``s = round(res + y)`` and the tile's per-row sum of ``s^2``
-    (float32) at ``stats_ptr + rm``."""
+    (float32) at ``stats_ptr + rm``; ``ROTARY``: :func:`_store_rotary`."""
     if HAS_BIAS:
         acc += tl.load(bias_cols, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     y = acc.to(dtype)
-    if OUTPUT == GATED:
+    if OUTPUT == ROTARY:
+        _store_rotary(y, y_ptr, c, j, rm, m_mask, M, N, rotary, dtype, BLOCK_N, HEADS, KV_HEADS, HEAD_DIM)
+    elif OUTPUT == GATED:
         gate, up = tl.split(tl.reshape(y.to(tl.float32), (acc.shape[0], BLOCK_N // 2, 2)))
         _, sig = exp_sigmoid(gate, LIBDEVICE_EXP)
         half = N // 2
@@ -141,11 +190,11 @@ def _store_output(acc, y_ptr, c, j, rm, rn, m_mask, n_mask, bias_cols, res_ptr, 
 def _decode_linear(
     x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, nw_ptr, stats_in_ptr, res_ptr, stats_out_ptr,
     M, N, K, k_split, split_k, tiles_in, inputs_f, eps,
-    sx_c, sx_m, sw_c, sw_n, sb_c, snw_c, sr_c, sr_m,
+    sx_c, sx_m, sw_c, sw_n, sb_c, snw_c, sr_c, sr_m, rotary,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, NORMED: tl.constexpr, ONE_ROW: tl.constexpr,
     OUTPUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, PREFETCH_LINES: tl.constexpr, LIBDEVICE_EXP: tl.constexpr,
-    PDL: tl.constexpr = False,
+    HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr = False,
 ):
     j = tl.program_id(0)
     s = tl.program_id(1)
@@ -158,6 +207,8 @@ def _decode_linear(
     dtype = w_ptr.dtype.element_ty
     if OUTPUT == GATED:  # column pairs (gate n, up n): weight rows n and N / 2 + n
         w_row = rn // 2 + (rn % 2) * (N // 2)
+    elif OUTPUT == ROTARY:  # column pairs (x[i], x[i + D / 2]) of each head
+        w_row = (rn // HEAD_DIM) * HEAD_DIM + (rn % HEAD_DIM) // 2 + (rn % 2) * (HEAD_DIM // 2)
     else:
         w_row = rn
     x_row0 = x_ptr + c * sx_c
@@ -188,8 +239,8 @@ def _decode_linear(
     res_base = res_ptr + c * sr_c
     stats_out = stats_out_ptr + (c * tl.num_programs(0) + j) * M
     if not SPLIT:
-        _store_output(acc, y_ptr, c, j, rm, rn, m_mask, n_mask, bias_cols, res_base, sr_m, stats_out, M, N, dtype,
-                      HAS_BIAS, OUTPUT, BLOCK_N, LIBDEVICE_EXP)
+        _store_output(acc, y_ptr, c, j, rm, rn, m_mask, n_mask, bias_cols, res_base, sr_m, stats_out, rotary, M, N,
+                      dtype, HAS_BIAS, OUTPUT, BLOCK_N, LIBDEVICE_EXP, HEADS, KV_HEADS, HEAD_DIM)
     else:
         tile = c * tl.num_programs(0) + j
         tile_elems = BLOCK_M * BLOCK_N
@@ -200,8 +251,8 @@ def _decode_linear(
             total = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
             for i in range(split_k):  # split order, whichever program got here
                 total += tl.load(parts + i * tile_elems, cache_modifier=".cg")
-            _store_output(total, y_ptr, c, j, rm, rn, m_mask, n_mask, bias_cols, res_base, sr_m, stats_out, M, N,
-                          dtype, HAS_BIAS, OUTPUT, BLOCK_N, LIBDEVICE_EXP)
+            _store_output(total, y_ptr, c, j, rm, rn, m_mask, n_mask, bias_cols, res_base, sr_m, stats_out,
+                          rotary, M, N, dtype, HAS_BIAS, OUTPUT, BLOCK_N, LIBDEVICE_EXP, HEADS, KV_HEADS, HEAD_DIM)
 
 
 @dataclass(frozen=True)
@@ -282,7 +333,24 @@ class ResidualSum(NamedTuple):
     stats: torch.Tensor
 
 
-def _check_inputs(x, weight, bias, residual, gated, counters) -> None:
+class RotaryCacheWrite(NamedTuple):
+    """The qkv projection's epilogue (``decode_linear(..., rotary=)``): rotary embeddings of its q and
+    k heads and the KV-cache write of k and v, the math and roundings of
+    :func:`adfast.kernels.rotary_cache.rope_and_cache_write` (its shapes: ``cos, sin [B, T, D]``
+    float32 with ``B T = M``, caches ``[C, max_batch, S + 1, KV, D]``, ``slots [B]``, ``write_pos
+    [B, T]``); :func:`decode_linear` then returns the rotated queries ``[C, B, T, H, D]``."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    slots: torch.Tensor
+    write_pos: torch.Tensor
+    heads: int
+    kv_heads: int
+
+
+def _check_inputs(x, weight, bias, residual, gated, rotary, counters) -> None:
     normed = x if isinstance(x, NormedInput) else None
     rows_of = x.s if normed else x
     if not isinstance(rows_of, torch.Tensor):
@@ -314,9 +382,14 @@ def _check_inputs(x, weight, bias, residual, gated, counters) -> None:
                              f"stride, got {tuple(norm_weight.shape)}, {norm_weight.dtype}")
         if not normed.eps >= 0:
             raise ValueError(f"NormedInput eps must be >= 0, got {normed.eps}")
-    if gated and (outputs % 2 or residual is not None):
-        raise ValueError(f"gated takes an even number of outputs (gate, up) and no residual, got N = {outputs}"
-                         + (" and a residual" if residual is not None else ""))
+    if (gated, residual is not None, rotary is not None).count(True) > 1:
+        raise ValueError("gated, residual and rotary are different outputs: give at most one")
+    if gated and outputs % 2:
+        raise ValueError(f"gated takes an even number of outputs (gate, up), got N = {outputs}")
+    if rotary is not None:
+        check_rotary_inputs(torch.empty(copies, rows, outputs, dtype=weight.dtype, device="meta"), rotary.cos,
+                            rotary.sin, (rotary.k_cache, rotary.v_cache), rotary.slots, rotary.write_pos, rotary.heads,
+                            rotary.kv_heads)
     if residual is not None and (residual.shape != (copies, rows, outputs) or residual.dtype != weight.dtype
                                  or residual.stride(2) != 1):
         raise ValueError(f"residual must be [C, M, N] = {(copies, rows, outputs)} in {weight.dtype} with a unit "
@@ -325,7 +398,7 @@ def _check_inputs(x, weight, bias, residual, gated, counters) -> None:
             outputs, MIN_BLOCK_N)):
         raise ValueError(f"counters must be int32 with at least {copies * triton.cdiv(outputs, MIN_BLOCK_N)} "
                          f"entries (counters_for), got {counters.dtype} with {counters.numel()}")
-    extra = (normed.stats, normed.weight) if normed else ()
+    extra = ((normed.stats, normed.weight) if normed else ()) + (rotary[:6] if rotary is not None else ())
     devices = {t.device for t in (rows_of, weight, bias, residual, counters, *extra) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"x, weight, bias, residual and counters must be on one device, got "
@@ -333,8 +406,8 @@ def _check_inputs(x, weight, bias, residual, gated, counters) -> None:
 
 
 def decode_linear(x: torch.Tensor | NormedInput, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                  gated: bool = False, residual: torch.Tensor | None = None, counters: torch.Tensor | None = None,
-                  plan: LinearPlan | None = None) -> torch.Tensor | ResidualSum:
+                  gated: bool = False, residual: torch.Tensor | None = None, rotary: RotaryCacheWrite | None = None,
+                  counters: torch.Tensor | None = None, plan: LinearPlan | None = None) -> torch.Tensor | ResidualSum:
     """``x W^T + b`` per copy (see the module docstring), ``[C, M, N]`` in x's dtype.
 
     Fusions (module docstring), each computing what its separate kernel would without its launch:
@@ -343,20 +416,24 @@ def decode_linear(x: torch.Tensor | NormedInput, weight: torch.Tensor, bias: tor
     the result is ``silu(gate) up`` ``[C, M, N / 2]`` (:mod:`adfast.kernels.silu_mul`'s ``a`` of
     this output); ``residual [C, M, N]``: the result is the :class:`ResidualSum` ``(s, stats)``, the
     residual stream with this output added and the partial sums of squares of a following
-    :class:`NormedInput`.
+    :class:`NormedInput`; ``rotary``: the weight is a qkv projection, whose q and k heads the
+    epilogue rotates and whose k and v heads it writes to the cache: the result is the rotated
+    queries ``[C, B, T, H, D]`` (:class:`RotaryCacheWrite`). At most one of the three.
 
     ``counters``: the split-K tickets (:func:`counters_for`; zero at entry, left zero); None
     allocates zeroed ones (an extra fill kernel each call; a CUDA-graph captured step passes its
     own, one buffer per stream that may run concurrently). ``plan`` overrides :func:`plan_linear`
     (tests, tuning). Raises ValueError for inputs the kernel cannot take.
     """
-    _check_inputs(x, weight, bias, residual, gated, counters)
+    _check_inputs(x, weight, bias, residual, gated, rotary, counters)
     normed = x if isinstance(x, NormedInput) else None
     rows_of = x.s if normed else x
     copies, rows, inputs = rows_of.shape
     outputs, device = weight.shape[1], weight.device
     plan = plan or plan_linear(copies, rows, outputs, inputs, device)
-    y = torch.empty((copies, rows, outputs // 2 if gated else outputs), device=device, dtype=weight.dtype)
+    width = outputs // 2 if gated else outputs * rotary.heads // (rotary.heads + 2 * rotary.kv_heads) if rotary \
+        else outputs
+    y = torch.empty((copies, rows, width), device=device, dtype=weight.dtype)
     interpreted = launch_plan.multiprocessor_count(device) is None
     tiles = triton.cdiv(outputs, plan.block_n)
     if plan.split_k > 1:
@@ -366,7 +443,14 @@ def decode_linear(x: torch.Tensor | NormedInput, weight: torch.Tensor, bias: tor
     else:
         parts = counters = y  # unused
     stats = torch.empty((copies, tiles, rows), device=device, dtype=torch.float32) if residual is not None else None
-    output = GATED if gated else RESIDUAL if residual is not None else PLAIN
+    output = GATED if gated else RESIDUAL if residual is not None else ROTARY if rotary is not None else PLAIN
+    if rotary is not None:
+        cos, cache = rotary.cos, rotary.k_cache
+        rotary_args = (cos, rotary.sin, cache, rotary.v_cache, rotary.slots.contiguous(), rotary.write_pos.contiguous(),
+                       cos.shape[1], cos.stride(0), cos.stride(1), *cache.stride()[:4])
+        heads, kv_heads = rotary.heads, rotary.kv_heads
+    else:
+        rotary_args, heads, kv_heads = (y, y, y, y, y, y, 1, 0, 0, 0, 0, 0, 0), 0, 0
     _decode_linear[(tiles, plan.split_k, copies)](
         rows_of, weight, weight if bias is None else bias, y, parts, counters,
         weight if normed is None else normed.weight, y if normed is None else normed.stats,
@@ -375,12 +459,16 @@ def decode_linear(x: torch.Tensor | NormedInput, weight: torch.Tensor, bias: tor
         float(inputs), 0.0 if normed is None else float(normed.eps),
         rows_of.stride(0), rows_of.stride(1), weight.stride(0), weight.stride(1),
         0 if bias is None else bias.stride(0), 0 if normed is None else normed.weight.stride(0),
-        0 if residual is None else residual.stride(0), 0 if residual is None else residual.stride(1),
+        0 if residual is None else residual.stride(0), 0 if residual is None else residual.stride(1), rotary_args,
         HAS_BIAS=bias is not None, SPLIT=plan.split_k > 1, NORMED=normed is not None, ONE_ROW=rows == 1,
         OUTPUT=output.value, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
         PRECISION="ieee" if weight.dtype == torch.float32 or interpreted else "tf32",
         UPCAST=interpreted, PREFETCH_LINES=max(1, PREFETCH_STEPS * plan.block_k * weight.element_size() // 128),
-        LIBDEVICE_EXP=not interpreted, num_warps=plan.num_warps, num_stages=plan.num_stages,
+        LIBDEVICE_EXP=not interpreted, HEADS=heads, KV_HEADS=kv_heads,
+        HEAD_DIM=outputs // (heads + 2 * kv_heads) if rotary is not None else 0,
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
         **launch_plan.dependent_launch(device),
     )
+    if rotary is not None:
+        return y.view(copies, *rotary.cos.shape[:2], rotary.heads, -1)
     return y if residual is None else ResidualSum(y, stats)

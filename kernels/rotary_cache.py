@@ -159,8 +159,11 @@ def _rope_and_cache_write(
                     HALF, HAS_DBIAS, RANK)
 
 
-def _check(qkv, cos, sin, caches, slots, write_pos, heads: int, kv_heads: int, dqkv=None, biases=()) -> int:
-    """Validate shapes, dtypes and layouts (``biases``: name -> bias or None); returns the head dim."""
+def check_inputs(qkv, cos, sin, caches, slots, write_pos, heads: int, kv_heads: int, dqkv=None, biases=None) -> int:
+    """Raise ValueError for shapes, dtypes and layouts the kernel cannot take (``biases``: name -> bias
+    or None; ``qkv`` may be a meta tensor of the projection's shape, as for the decode-time linear's
+    rotary epilogue, :class:`adfast.kernels.decode_linear.RotaryCacheWrite`); returns the head dim."""
+    biases = biases or {}
     if qkv.dim() != 3 or qkv.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"qkv must be [C, B*T, (H + 2 KV) D] float32/bfloat16/float16, got {tuple(qkv.shape)} "
                          f"{qkv.dtype}")
@@ -205,7 +208,7 @@ def _check(qkv, cos, sin, caches, slots, write_pos, heads: int, kv_heads: int, d
 def _launch(qkv, dqkv, cos, sin, k_cache, v_cache, dk_cache, dv_cache, slots, write_pos, heads, kv_heads,
             bias, dbias, low_rank=None):
     caches = (k_cache, v_cache) + ((dk_cache, dv_cache) if dqkv is not None else ())
-    head_dim = _check(qkv, cos, sin, caches, slots, write_pos, heads, kv_heads, dqkv, dict(bias=bias, dbias=dbias))
+    head_dim = check_inputs(qkv, cos, sin, caches, slots, write_pos, heads, kv_heads, dqkv, dict(bias=bias, dbias=dbias))
     if low_rank is not None:
         check_low_rank(low_rank, *dqkv.shape, dqkv, "dqkv")
     copies, tokens = qkv.shape[:2]

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from conftest import KERNEL_DEVICE as DEVICE, tiny_qwen2
 
 from adfast.decoder import LINEAR_KERNEL_ROWS, LINEAR_PROJECTIONS
-from adfast.kernels.decode_linear import (BLOCK_T, MAX_ROWS, NormedInput, ResidualSum, counters_for, decode_linear,
-                                         plan_linear)
+from adfast.kernels.decode_linear import (BLOCK_T, MAX_ROWS, NormedInput, ResidualSum, RotaryCacheWrite, counters_for,
+                                         decode_linear, plan_linear)
+from adfast.kernels.rotary_cache import rope_and_cache_write
 from adfast.kernels.silu_mul import silu_mul
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -169,6 +170,51 @@ def test_gated_output(dtype, shape):
     assert worst <= 1, f"error up to {worst:.2f}x the bound"
 
 
+def assert_equal_up_to_contraction(a, b):
+    """Bit for bit under the interpreter; on a GPU within a rounding of the dtype, where the compiler
+    may contract another of a rotation's products into a fused multiply-add than in the other kernel."""
+    if DEVICE == "cpu":
+        assert torch.equal(a, b)
+    else:
+        eps = torch.finfo(a.dtype).eps
+        torch.testing.assert_close(a, b, rtol=eps, atol=eps * b.abs().max().item())
+
+
+# (C, B, T, H, KV, D): one row; several copies, rows and tokens; head dim 8 (two heads a 16-column tile)
+ROTARY_SHAPES = [(1, 1, 1, 4, 2, 8), (2, 2, 3, 4, 2, 8), (1, 3, 1, 2, 1, 32)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ROTARY_SHAPES)
+def test_rotary_output(dtype, shape):
+    """``rotary=``: the rotated queries and the caches' keys and values equal those of
+    adfast.kernels.rotary_cache on the plain product (bias included), under every plan (column pairs
+    crossing tiles, heads and splits); cache positions no token writes keep their contents, and
+    padding tokens write only the scratch position (whose contents are unspecified)."""
+    copies, batch, seq, heads, kv_heads, head_dim = shape
+    outputs, inputs, max_batch, max_seq = (heads + 2 * kv_heads) * head_dim, 40, 5, 9
+    x, w, b = make(copies, batch * seq, outputs, inputs, dtype)
+    g = torch.Generator().manual_seed(8)
+    angles = torch.rand(batch, seq, head_dim, generator=g) * 6.0
+    cos, sin = angles.cos().to(DEVICE), angles.sin().to(DEVICE)
+    slots = torch.randperm(max_batch, generator=g)[:batch]
+    t = torch.arange(seq)[None]
+    start = torch.randint(0, max_seq - seq, (batch,), generator=g)
+    write_pos = torch.where(t < seq - (torch.arange(batch) % 2)[:, None], start[:, None] + t, max_seq)  # some padding
+    slots, write_pos = slots.to(DEVICE), write_pos.to(DEVICE)
+    for plan in explicit_plans(copies, batch * seq, outputs, inputs):
+        fused, separate = ([torch.full((copies, max_batch, max_seq + 1, kv_heads, head_dim), 7.5, dtype=dtype,
+                                       device=DEVICE) for _ in range(2)] for _ in range(2))
+        q = decode_linear(x, w, b, rotary=RotaryCacheWrite(cos, sin, *fused, slots, write_pos, heads, kv_heads),
+                          plan=plan)
+        want = rope_and_cache_write(decode_linear(x, w, b, plan=plan), cos, sin, *separate, slots, write_pos, heads,
+                                    kv_heads)
+        assert q.shape == (copies, batch, seq, heads, head_dim)
+        assert_equal_up_to_contraction(q, want)
+        for got, expected in zip(fused, separate):
+            assert_equal_up_to_contraction(got[:, :, :max_seq], expected[:, :, :max_seq])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES[:3])
 def test_normed_input(dtype, shape):
@@ -288,19 +334,23 @@ def test_decoder_dispatch_by_projection_and_rows(monkeypatch):
         decoder.linear_kernel = {"qkv", "up"}
 
 
-def test_decoder_fuses_activation_and_norms(monkeypatch):
-    """A decoder with the Triton layer ops whose gate/up projection runs in the kernel takes
-    ``silu(gate) up`` from its epilogue (prefill and decode); at one row (batch-1 decode) with every linear in the kernel and the Triton
-    layer ops, qkv (after the first layer), gate/up and the lm_head also read a NormedInput, and o
-    and down add themselves to the residual stream; at two rows, with a partial ``linear_kernel``
-    set or with the PyTorch layer ops, the norms stay separate (and without ``linear_fusions`` both). (That the fused decoder computes the
-    same logits: test_layer_ops.py.)"""
+def test_decoder_fuses_layer_ops(monkeypatch):
+    """A decoder with the Triton layer ops (and ``linear_fusions``, the default) whose linears run in
+    the kernel takes the rotary embeddings and cache write from the qkv projection's epilogue and
+    ``silu(gate) up`` from the gate/up projection's (prefill and decode); at one row (batch-1
+    decode) with every linear in the kernel, qkv (after the first layer), gate/up and the lm_head
+    also read a NormedInput, and o and down add themselves to the residual stream. At two rows or
+    with a partial ``linear_kernel`` set the norms stay separate; with the PyTorch layer ops or
+    without ``linear_fusions`` everything does. (That the fused decoder computes the same logits:
+    test_layer_ops.py.)"""
     import adfast.decoder
 
     calls = []
 
     def recording(x, w, b=None, **kwargs):
-        calls.append((type(x).__name__, kwargs.get("gated", False), kwargs.get("residual") is not None))
+        output = [name for name in ("gated", "residual", "rotary") if kwargs.get(name) is not None
+                  and kwargs.get(name) is not False]
+        calls.append((type(x).__name__, output[0] if output else "plain"))
         return decode_linear(x, w, b, **kwargs)
 
     monkeypatch.setattr(adfast.decoder, "decode_linear", recording)
@@ -308,23 +358,26 @@ def test_decoder_fuses_activation_and_norms(monkeypatch):
     decoder.setup_cache(2, 64)
     decoder.fused, decoder.linear_kernel = True, True
     slots, layers = torch.tensor([0, 1], device=DEVICE), decoder.config.num_layers
-    plain = [("Tensor", False, False), ("Tensor", False, False), ("Tensor", True, False), ("Tensor", False, False)]
+    tensor_in = [("Tensor", "rotary"), ("Tensor", "plain"), ("Tensor", "gated"), ("Tensor", "plain")]
+    head = [("Tensor", "plain")]
     for batch, seq in ((2, 3), (2, 1)):
         calls.clear()
         decoder(torch.ones(batch, seq, dtype=torch.int64, device=DEVICE), slots[:batch])
-        assert calls == plain * layers + [("Tensor", False, False)]
+        assert calls == tensor_in * layers + head
     calls.clear()
     step = torch.ones(1, 1, dtype=torch.int64, device=DEVICE)
     decoder(step, slots[:1])
-    layer = [("NormedInput", False, False), ("Tensor", False, True), ("NormedInput", True, False),
-             ("Tensor", False, True)]
-    assert calls == plain[:1] + layer[1:] + layer * (layers - 1) + [("NormedInput", False, False)]
-    for fused, kernel, fusions in ((True, LINEAR_PROJECTIONS[:-1], True), (False, True, True), (True, True, False)):
+    layer = [("NormedInput", "rotary"), ("Tensor", "residual"), ("NormedInput", "gated"), ("Tensor", "residual")]
+    assert calls == tensor_in[:1] + layer[1:] + layer * (layers - 1) + [("NormedInput", "plain")]
+    calls.clear()
+    decoder.linear_kernel = LINEAR_PROJECTIONS[:-1]
+    decoder(step, slots[:1])
+    assert calls == tensor_in * layers
+    for fused, fusions in ((False, True), (True, False)):
         calls.clear()
-        decoder.fused, decoder.linear_kernel, decoder.linear_fusions = fused, kernel, fusions
+        decoder.fused, decoder.linear_kernel, decoder.linear_fusions = fused, True, fusions
         decoder(step, slots[:1])
-        unfused = plain[:2] + [("Tensor", False, False)] + plain[3:] if kernel is True else plain
-        assert calls == unfused * layers + ([("Tensor", False, False)] if kernel is True else [])
+        assert calls == [("Tensor", "plain")] * (4 * layers + 1)
 
 
 def _bad_calls():
@@ -344,8 +397,11 @@ def _bad_calls():
                                                                                         device=DEVICE))),
         ("must be a tensor or a NormedInput", lambda: decode_linear([x], w, b)),
         ("gated takes an even number of outputs", lambda: decode_linear(x, w[:, :19], b[:, :19], gated=True)),
-        ("gated takes an even number of outputs .* and no residual",
-         lambda: decode_linear(x, w, b, gated=True, residual=torch.zeros(2, 3, 20, device=DEVICE))),
+        ("at most one", lambda: decode_linear(x, w, b, gated=True, residual=torch.zeros(2, 3, 20, device=DEVICE))),
+        ("qkv width 20 is not", lambda: decode_linear(x, w, b, rotary=RotaryCacheWrite(
+            torch.ones(3, 1, 4, device=DEVICE), torch.ones(3, 1, 4, device=DEVICE),
+            torch.ones(2, 4, 5, 1, 4, device=DEVICE), torch.ones(2, 4, 5, 1, 4, device=DEVICE),
+            torch.arange(3, device=DEVICE), torch.zeros(3, 1, dtype=torch.int64, device=DEVICE), 2, 1))),
         ("stats must be contiguous float32 \\[C, T, M\\]",
          lambda: decode_linear(NormedInput(x, stats[:, :, :2], norm_weight, 1e-6), w, b)),
         ("stats must be contiguous float32", lambda: decode_linear(NormedInput(x, stats.half(), norm_weight, 1e-6), w, b)),
