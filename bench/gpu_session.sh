@@ -34,8 +34,8 @@
 #   kernels   the whole test suite (the GPU tests, and the kernel tests on CUDA tensors instead of
 #             the interpreter); bench/sampler.py at batch 1 to 64                       (~5 min)
 #   sampler   the sampler's tests on the GPU, bench/sampler.py, the GPU tests of the linear kernel
-#             (with its fused norm/activation/residual), the fused layers, the L2 prefetch and the
-#             engine, the engine's temperature and antidistillation rows at batch 1 and 32 (the
+#             (with its fused rotary, activation, norms and residual adds), the fused layers, the L2
+#             prefetch and the engine, the engine's temperature and antidistillation rows at batch 1 and 32 (the
 #             engine now draws with proxy_vocab_only from bf16 logits), at batch 1 with every linear
 #             in the kernel (rows *_kernel: the activation and norms fused into it) and without the
 #             fusions (*_kernel_unfused: their A/B), goals, the rows with
