@@ -285,9 +285,10 @@ class Decoder(nn.Module):
         # (per product the kernel beat cuBLAS on some and lost on others, bench/linear.py), False (the
         # default: cuBLAS was faster in the engine) runs them all as `linear`. With the Triton layer
         # ops and linear_fusions (the default; False for comparisons) the kernel also computes the
-        # MLP's activation (gate/up epilogue) and, at batch-1 decode with every linear in it, the
-        # norms (_fuses_norms). The kernel's split-K tickets (one buffer: a decoder runs on one
-        # stream at a time) come with setup_cache.
+        # rotary embeddings with the cache write (qkv epilogue), the MLP's activation (gate/up
+        # epilogue) and, at batch-1 decode with every linear in it, the norms (_fuses_norms). The
+        # kernel's split-K tickets (one buffer: a decoder runs on one stream at a time) come with
+        # setup_cache.
         self.linear_kernel = False
         self.linear_kernel_rows = LINEAR_KERNEL_ROWS
         self.linear_fusions = True
@@ -546,9 +547,9 @@ class Decoder(nn.Module):
         return linear(x, weight, bias)
 
     def _gated_mlp_input(self, ops, h: torch.Tensor | NormedInput, layer) -> torch.Tensor:
-        """``silu(gate) up`` of the gate/up projection of ``h``: with the Triton layer ops and
-        :attr:`linear_fusions`, in the kernel's epilogue where it takes the projection (the same bits as the separate kernel, one
-        launch and the ``[C, N, 2 I]`` round trip fewer), else the projection then ``ops.silu_mul``."""
+        """``silu(gate) up`` of the gate/up projection of ``h``: with :meth:`_fuses`, in the kernel's
+        epilogue where it takes the projection (the same bits as the separate kernel, one launch and
+        the ``[C, N, 2 I]`` round trip fewer), else the projection then ``ops.silu_mul``."""
         if not isinstance(h, torch.Tensor) or (self._fuses(ops) and self._linear_kernel_takes(h.shape[1], "gate_up")):
             return decode_linear(h, layer.w_gate_up, layer.b_gate_up, gated=True, counters=self.linear_counters)
         return ops.silu_mul(self._linear(h, layer.w_gate_up, layer.b_gate_up, "gate_up"))
@@ -569,8 +570,9 @@ class Decoder(nn.Module):
         and lm_head projections (a :class:`NormedInput`): the arithmetic of
         :func:`adfast.layer_ops.add_rms_norm`'s kernel (only the sum of squares added in another
         order), two launches a layer fewer (the first layer's norm stays one). At more rows every
-        output tile would normalise a ``[rows, BLOCK_K]`` tile per step (``compile_check``: a loop
-        of 340 instructions against 79 at 16 rows), as much issue as the weight's bytes allow."""
+        output tile normalises a ``[BLOCK_M, BLOCK_K]`` tile per step, as much issue as the weight's
+        bytes allow (``compile_check``, the 7B's qkv normalising its padded 16-row tile: 340 SASS
+        instructions a loop iteration against 79 unfused; 104 normalising the one row's vector)."""
         return rows == 1 and self._fuses(ops) and all(self._linear_kernel_takes(rows, p) for p in LINEAR_PROJECTIONS)
 
     def _add_rms_norm(self, ops, x: torch.Tensor, weight: torch.Tensor, update

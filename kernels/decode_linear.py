@@ -360,7 +360,8 @@ def _check_inputs(x, weight, bias, residual, gated, rotary, counters) -> None:
                          f"{tuple(weight.shape)}")
     (copies, rows, inputs), (w_copies, outputs, w_inputs) = rows_of.shape, weight.shape
     if w_copies != copies or w_inputs != inputs:
-        raise ValueError(f"weight {tuple(weight.shape)} does not fit x {tuple(rows_of.shape)}: copies and inputs must match")
+        raise ValueError(f"weight {tuple(weight.shape)} does not fit x {tuple(rows_of.shape)}: copies and inputs "
+                         f"must match")
     if not 1 <= rows <= MAX_ROWS:
         raise ValueError(f"decode_linear takes 1 to {MAX_ROWS} rows, got {rows}")
     if rows_of.dtype not in DTYPES or weight.dtype != rows_of.dtype:

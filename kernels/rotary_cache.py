@@ -208,7 +208,8 @@ def check_inputs(qkv, cos, sin, caches, slots, write_pos, heads: int, kv_heads: 
 def _launch(qkv, dqkv, cos, sin, k_cache, v_cache, dk_cache, dv_cache, slots, write_pos, heads, kv_heads,
             bias, dbias, low_rank=None):
     caches = (k_cache, v_cache) + ((dk_cache, dv_cache) if dqkv is not None else ())
-    head_dim = check_inputs(qkv, cos, sin, caches, slots, write_pos, heads, kv_heads, dqkv, dict(bias=bias, dbias=dbias))
+    head_dim = check_inputs(qkv, cos, sin, caches, slots, write_pos, heads, kv_heads, dqkv,
+                            dict(bias=bias, dbias=dbias))
     if low_rank is not None:
         check_low_rank(low_rank, *dqkv.shape, dqkv, "dqkv")
     copies, tokens = qkv.shape[:2]

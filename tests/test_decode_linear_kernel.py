@@ -112,12 +112,6 @@ def kernel_rounding(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype)
 
 
-def silu_up(gate_up: torch.Tensor) -> torch.Tensor:
-    """float64 ``silu(gate) up`` of ``gate_up [C, M, 2 K]``."""
-    gate, up = gate_up.double().cpu().chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
 def rms_normed(s: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """float64 ``weight s / sqrt(mean(s^2) + eps)`` of ``s [C, M, K]``, ``weight [C, K]``."""
     s64 = s.double().cpu()
@@ -404,8 +398,10 @@ def _bad_calls():
             torch.arange(3, device=DEVICE), torch.zeros(3, 1, dtype=torch.int64, device=DEVICE), 2, 1))),
         ("stats must be contiguous float32 \\[C, T, M\\]",
          lambda: decode_linear(NormedInput(x, stats[:, :, :2], norm_weight, 1e-6), w, b)),
-        ("stats must be contiguous float32", lambda: decode_linear(NormedInput(x, stats.half(), norm_weight, 1e-6), w, b)),
-        ("NormedInput weight must be \\[C, K\\]", lambda: decode_linear(NormedInput(x, stats, norm_weight[:1], 1e-6), w, b)),
+        ("stats must be contiguous float32",
+         lambda: decode_linear(NormedInput(x, stats.half(), norm_weight, 1e-6), w, b)),
+        ("NormedInput weight must be \\[C, K\\]",
+         lambda: decode_linear(NormedInput(x, stats, norm_weight[:1], 1e-6), w, b)),
         ("eps must be >= 0", lambda: decode_linear(NormedInput(x, stats, norm_weight, -1.0), w, b)),
         ("residual must be \\[C, M, N\\]", lambda: decode_linear(x, w, b, residual=x)),
         ("residual must be \\[C, M, N\\]", lambda: decode_linear(x, w, b, residual=torch.zeros(2, 3, 20, device=DEVICE,
