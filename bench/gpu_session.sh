@@ -43,8 +43,9 @@
 #             words (8 warps, block 2048) (~11 min of limits: a 590 s call keeps all but the last two)
 #   levers    after sampler: Nsight Compute on the sampler at batch 64; engine temperature and
 #             antidistillation rows with the L2 weight prefetch at 16 and 40 MB (batch 1 and 32),
-#             with the linear kernel on o/gate_up/down/lm_head without the prefetch (batch 1), the
-#             permutation rows at batch 1 and 32, a profile of temperature with the prefetch, goals
+#             with every linear in the kernel at batch 8 and 32 (its rotary and activation epilogues;
+#             the norms stay apart there), the permutation rows at batch 1 and 32, a profile of
+#             temperature with the prefetch, goals
 #                                                                                       (~9 min)
 #   decode    bench/decode.py: HF generate and engine temperature/antidistill/permutation (~6 min)
 #   jvp       bench/decode.py --append: engine temperature, exact-D jvp, low-rank jvp r8..r512 (~6 min);
@@ -130,8 +131,8 @@ stage_levers() {  # after sampler: the step's settings not yet measured, each a 
         engine_temperature engine_antidistill
     step 120 decode.log python3 bench/decode.py --append --batches 1 32 --prefetch-mb 40 --variants \
         engine_temperature engine_antidistill
-    step 100 decode.log python3 bench/decode.py --append --batches 1 --linear kernel --linear-projections o \
-        gate_up down lm_head --variants engine_temperature engine_antidistill
+    step 100 decode.log python3 bench/decode.py --append --batches 8 32 --linear kernel --variants \
+        engine_temperature engine_antidistill
     step 60 decode.log python3 bench/decode.py --append --batches 1 32 --variants engine_permutation
     step 50 profile.log python3 bench/profile_step.py --variant engine_temperature --batch 1 --prefetch-mb 24
     step 10 goals.log python3 bench/goals.py
