@@ -435,3 +435,53 @@ def test_cuda_graph_replay_at_model_shapes(shape):
         torch.testing.assert_close(out, decode_linear(x, w, b, counters=counters), rtol=0, atol=0)
         assert_close_to_reference(out, x, w, b)
     assert not counters.any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("copies,hidden,inter,heads,kv_heads", [(1, 3584, 18944, 28, 4), (2, 2048, 11008, 16, 2)])
+def test_cuda_fused_layer_at_model_shapes(copies, hidden, inter, heads, kv_heads):
+    """One batch-1 decoder layer of the 7B teacher's and the 3B pair's shapes as a fused decode step
+    runs it, on the GPU plans (split K through the tickets, many tiles per norm statistic): qkv of a
+    NormedInput with the rotary epilogue, o with the residual epilogue, gate/up of a NormedInput
+    with the gated epilogue, down with the residual epilogue; against the plain products and the
+    separate layer kernels: the same queries, cache entries, activations and residual streams within
+    a rounding of bf16 (the norms' sums of squares add in another order)."""
+    from adfast.kernels.rms_norm import add_rms_norm
+
+    g = torch.Generator().manual_seed(9)
+    dtype, head_dim, eps = torch.bfloat16, 128, 1e-6
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g)).to(DEVICE, dtype)
+
+    width = (heads + 2 * kv_heads) * head_dim
+    w_qkv, b_qkv = rand(copies, width, hidden, scale=hidden ** -0.5), rand(copies, width)
+    w_o = rand(copies, hidden, heads * head_dim, scale=hidden ** -0.5)
+    w_gate_up, w_down = rand(copies, 2 * inter, hidden, scale=hidden ** -0.5), rand(copies, hidden, inter,
+                                                                                   scale=inter ** -0.5)
+    norm, stream = rand(copies, hidden, scale=0.1) + 1, rand(copies, 1, hidden)
+    attention = rand(copies, 1, heads * head_dim)
+    cos, sin = (f(torch.rand(1, 1, head_dim, generator=g) * 6).to(DEVICE) for f in (torch.cos, torch.sin))
+    slots, write_pos = torch.tensor([1], device=DEVICE), torch.tensor([[17]], device=DEVICE)
+    fused_cache, separate_cache = ([torch.zeros(copies, 2, 41, kv_heads, head_dim, dtype=dtype, device=DEVICE)
+                                    for _ in range(2)] for _ in range(2))
+    counters = counters_for(copies, max(width, 2 * inter), DEVICE)
+
+    normed = NormedInput(stream, block_squares(stream, 112).to(DEVICE), norm, eps)  # as a down projection hands over
+    _, h = add_rms_norm(stream, norm, eps)
+    q = decode_linear(normed, w_qkv, b_qkv, counters=counters,
+                      rotary=RotaryCacheWrite(cos, sin, *fused_cache, slots, write_pos, heads, kv_heads))
+    q_want = rope_and_cache_write(decode_linear(h, w_qkv, b_qkv, counters=counters), cos, sin, *separate_cache, slots,
+                                  write_pos, heads, kv_heads)
+    mid = decode_linear(attention, w_o, residual=stream, counters=counters)
+    s, h = add_rms_norm(stream, norm, eps, decode_linear(attention, w_o, counters=counters))
+    a = decode_linear(NormedInput(mid.s, mid.stats, norm, eps), w_gate_up, gated=True, counters=counters)
+    a_want = silu_mul(decode_linear(h, w_gate_up, counters=counters))
+    last = decode_linear(a, w_down, residual=mid.s, counters=counters)
+    s_want, _ = add_rms_norm(s, norm, eps, decode_linear(a_want, w_down, counters=counters))
+    assert torch.equal(mid.s, s)
+    for got, want in ((q, q_want), *zip(fused_cache, separate_cache), (a, a_want), (last.s, s_want)):
+        scale = want.float().abs().max().item()
+        torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=2 ** -7 * scale)
+    assert not counters.any()
