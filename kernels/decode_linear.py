@@ -60,7 +60,7 @@ import triton.language as tl
 
 from . import split as launch_plan
 from .launch_order import last_ticket, wait_for_predecessor, zeroed_counters
-from .rotary_cache import check_inputs as check_rotary_inputs
+from .rotary_cache import check_inputs as check_rotary_inputs, rotate
 from .silu_mul import exp_sigmoid
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -136,8 +136,8 @@ def _store_rotary(y, q_ptr, c, j, rm, m_mask, M, N, rotary, dtype, BLOCK_N: tl.c
     sin1 = tl.load(sin_ptr + table, mask=mask, other=0.0).to(dtype).to(tl.float32)
     sin2 = tl.load(sin_ptr + table + HALF, mask=mask, other=0.0).to(dtype).to(tl.float32)
     rotated = (head < HEADS + KV_HEADS)[None, :]
-    out1 = tl.where(rotated, x1 * cos1 - x2 * sin1, x1)
-    out2 = tl.where(rotated, x2 * cos2 + x1 * sin2, x2)
+    rot1, rot2 = rotate(x1, x2, cos1, sin1, cos2, sin2)
+    out1, out2 = tl.where(rotated, rot1, x1), tl.where(rotated, rot2, x2)
     is_q = mask & (head < HEADS)[None, :]
     q_tile = q_ptr + (c * M + rm[:, None]) * (HEADS * HEAD_DIM) + head[None, :] * HEAD_DIM + p[None, :]
     tl.store(q_tile, out1.to(dtype), mask=is_q)

@@ -68,13 +68,20 @@ def _load_halves(src, bias, low_rank, h, k, hmask, kmask, HEAD_DIM: tl.constexpr
 
 
 @triton.jit
+def rotate(x1, x2, cos1, sin1, cos2, sin2):
+    """The rotated halves ``(x1 c1 - x2 s1, x2 c2 + x1 s2)`` of float32 ``x1, x2`` (tables broadcast
+    to them); the decode-time linear's rotary epilogue (:mod:`adfast.kernels.decode_linear`) uses it
+    too, so that both compile the same arithmetic."""
+    return x1 * cos1 - x2 * sin1, x2 * cos2 + x1 * sin2
+
+
+@triton.jit
 def _rotate_heads(src, bias, low_rank, cos1, sin1, cos2, sin2, h, k, hmask, kmask, HEAD_DIM: tl.constexpr,
                   HALF: tl.constexpr, HAS_BIAS: tl.constexpr, RANK: tl.constexpr):
-    """Rotated halves ``(x1 c1 - x2 s1, x2 c2 + x1 s2)`` in float32 of heads ``h`` of the row at
-    ``src`` (plus ``z U^T`` and ``bias``: :func:`_load_halves`)."""
+    """Rotated halves (:func:`rotate`) in float32 of heads ``h`` of the row at ``src`` (plus ``z U^T``
+    and ``bias``: :func:`_load_halves`)."""
     x1, x2 = _load_halves(src, bias, low_rank, h, k, hmask, kmask, HEAD_DIM, HALF, HAS_BIAS, RANK)
-    x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
-    return x1 * cos1[None, :] - x2 * sin1[None, :], x2 * cos2[None, :] + x1 * sin2[None, :]
+    return rotate(x1.to(tl.float32), x2.to(tl.float32), cos1[None, :], sin1[None, :], cos2[None, :], sin2[None, :])
 
 
 @triton.jit
