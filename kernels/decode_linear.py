@@ -60,6 +60,7 @@ import triton.language as tl
 
 from . import split as launch_plan
 from .launch_order import last_ticket, wait_for_predecessor, zeroed_counters
+from .rms_norm import normalized, reciprocal_rms
 from .rotary_cache import check_inputs as check_rotary_inputs, rotate
 from .silu_mul import exp_sigmoid
 
@@ -94,24 +95,23 @@ def _input_tile(x_rows, x_row0, kk, rm, m_mask, k_mask, nw_ptr, r, dtype,
     if ONE_ROW:
         row = tl.load(x_row0 + kk, mask=k_mask, other=0.0).to(tl.float32)
         r0 = tl.sum(tl.where(rm == 0, r, 0.0), axis=0)
-        normed = (w * (row * r0).to(dtype).to(tl.float32)).to(dtype)
-        return tl.where((rm == 0)[:, None], normed[None, :], 0.0).to(dtype)
+        return tl.where((rm == 0)[:, None], normalized(row, r0, w, dtype)[None, :], 0.0).to(dtype)
     rows = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-    return (w[None, :] * (rows * r[:, None]).to(dtype).to(tl.float32)).to(dtype)
+    return normalized(rows, r[:, None], w[None, :], dtype)
 
 
 @triton.jit
 def _reciprocal_rms(stats_ptr, rm, m_mask, tiles, rows, inputs_f, eps, BLOCK_M: tl.constexpr):
     """``rsqrt(sum_t stats[t, m] / K + eps)`` for the rows ``rm`` (``stats_ptr``: one copy's ``[T, M]``
-    partial sums of squares, ``rows = M``), summed ``BLOCK_T`` partials at a time in ``t`` order;
-    IEEE division, as :mod:`adfast.kernels.rms_norm`'s mean."""
+    partial sums of squares, ``rows = M``), summed ``BLOCK_T`` partials at a time in ``t`` order
+    (:func:`adfast.kernels.rms_norm.reciprocal_rms`)."""
     squares = tl.zeros((BLOCK_M,), tl.float32)
     for t in range(0, tiles, BLOCK_T):
         rt = t + tl.arange(0, BLOCK_T)
         part = tl.load(stats_ptr + rt[:, None] * rows + rm[None, :], mask=(rt < tiles)[:, None] & m_mask[None, :],
                        other=0.0)
         squares += tl.sum(part, axis=0)
-    return tl.rsqrt(tl.math.div_rn(squares, inputs_f) + eps)
+    return reciprocal_rms(squares, inputs_f, eps)
 
 
 @triton.jit

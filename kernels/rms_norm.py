@@ -85,6 +85,20 @@ def _residual_stream(x_ptr, res_ptr, s_ptr, c64, n64, sx_c, sx_n, sr_c, sr_n, e,
 
 
 @triton.jit
+def reciprocal_rms(squares, hidden_f, eps):
+    """``r = rsqrt(squares / E + eps)`` from a row's float32 sum of squares (IEEE division, as torch's
+    mean); the decode-time linear's normed input (:mod:`adfast.kernels.decode_linear`) uses it and
+    :func:`normalized` too, so that both compile the same arithmetic."""
+    return tl.rsqrt(tl.math.div_rn(squares, hidden_f) + eps)
+
+
+@triton.jit
+def normalized(s, r, w, dtype):
+    """``y = round(w round(s r))`` of float32 ``s``, ``r``, ``w`` (broadcast), in ``dtype``."""
+    return (w * (s * r).to(dtype).to(tl.float32)).to(dtype)
+
+
+@triton.jit
 def _add_rms_norm(
     x_ptr, res_ptr, w_ptr, s_ptr, y_ptr,
     rows, hidden, hidden_f, eps,
@@ -103,9 +117,8 @@ def _add_rms_norm(
     s = _residual_stream(x_ptr, res_ptr, s_ptr, c.to(tl.int64), n.to(tl.int64), sx_c, sx_n, sr_c, sr_n, e, out,
                          mask, dtype, HAS_RES, (x_ptr, 0, x_ptr, 0, 0), 0)
     w = tl.load(w_ptr + c.to(tl.int64) * sw_c + e, mask=mask, other=0.0).to(tl.float32)
-    r = tl.rsqrt(tl.math.div_rn(tl.sum(s * s, axis=0), hidden_f) + eps)  # IEEE division, as torch's mean
-    normed = (s * r).to(dtype).to(tl.float32)
-    tl.store(y_ptr + out, (w * normed).to(dtype), mask=mask)
+    r = reciprocal_rms(tl.sum(s * s, axis=0), hidden_f, eps)
+    tl.store(y_ptr + out, normalized(s, r, w, dtype), mask=mask)
 
 
 @triton.jit
@@ -129,7 +142,7 @@ def _add_rms_norm_jvp(
                          (x_ptr, 0, x_ptr, 0, 0), 0)
     ds = _residual_stream(dx_ptr, dres_ptr, ds_ptr, c64, n64, sdx_c, sdx_n, sdr_c, sdr_n, e, out, mask, dtype,
                           HAS_DRES, (z_ptr + c64 * sz_c + n64 * sz_n, sz_r, u_ptr + c64 * su_c, su_m, su_r), RANK)
-    r = tl.rsqrt(tl.math.div_rn(tl.sum(s * s, axis=0), hidden_f) + eps)
+    r = reciprocal_rms(tl.sum(s * s, axis=0), hidden_f, eps)
     mean_sds = tl.math.div_rn(tl.sum(s * ds, axis=0), hidden_f)
     normed = (s * r).to(dtype).to(tl.float32)
     dnormed = (r * (ds - s * (r * r) * mean_sds)).to(dtype).to(tl.float32)
