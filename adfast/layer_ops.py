@@ -5,7 +5,9 @@ residual add and RMSNorm, rotary embeddings with the KV-cache write, the SiLU-ga
 and in tangent mode their forward-mode derivatives. In PyTorch each op is a kernel launch (about
 30 per layer, 60 in tangent mode), which at decode batch sizes costs as much as reading the
 weights, so on CUDA each chain is one Triton kernel (:mod:`adfast.kernels.rms_norm`,
-:mod:`adfast.kernels.rotary_cache`, :mod:`adfast.kernels.silu_mul`).
+:mod:`adfast.kernels.rotary_cache`, :mod:`adfast.kernels.silu_mul`). Where the decoder's linears
+run in :mod:`adfast.kernels.decode_linear`, the primal chains fold into those launches instead
+(:meth:`adfast.decoder.Decoder._fuses`), with these kernels' arithmetic.
 
 :func:`layer_ops` returns one of two namespaces holding the same seven functions (``add_rms_norm``,
 ``add_rms_norm_jvp``, ``rope_and_cache_write``, ``rope_and_cache_write_jvp``, ``silu_mul``,
