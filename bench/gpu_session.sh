@@ -41,12 +41,13 @@
 #             fusions (*_kernel_unfused: their A/B), goals, the rows with
 #             --prefetch-mb 24 (*_pf24), bench/sampler_tune.py over the plans with shared Philox
 #             words (8 warps, block 2048) (~11 min of limits: a 590 s call keeps all but the last two)
-#   levers    after sampler: Nsight Compute on the sampler at batch 64; engine temperature and
+#   levers    after sampler: Nsight Compute on the sampler at batch 64; decode attention against its
+#             split size (bench/attention.py: one split per kv head at batch 1 today); engine temperature and
 #             antidistillation rows with the L2 weight prefetch at 16 and 40 MB (batch 1 and 32),
 #             with every linear in the kernel at batch 8 and 32 (its rotary and activation epilogues;
 #             the norms stay apart there), the permutation rows at batch 1 and 32, a profile of
 #             temperature with the prefetch, goals
-#                                                                                       (~9 min)
+#                                                                                   (~10.5 min)
 #   decode    bench/decode.py: HF generate and engine temperature/antidistill/permutation (~6 min)
 #   jvp       bench/decode.py --append: engine temperature, exact-D jvp, low-rank jvp r8..r512 (~6 min);
 #             on a fresh machine, first copy the returned decode-*.json into bench/results/
@@ -127,6 +128,7 @@ stage_sampler() {  # most important first: a call cut short keeps what came befo
 
 stage_levers() {  # after sampler: the step's settings not yet measured, each a run of its own
     sampler_ncu sampler-ncu-grouped-B64
+    step 90 attention.log python3 bench/attention.py
     step 120 decode.log python3 bench/decode.py --append --batches 1 32 --prefetch-mb 16 --variants \
         engine_temperature engine_antidistill
     step 120 decode.log python3 bench/decode.py --append --batches 1 32 --prefetch-mb 40 --variants \

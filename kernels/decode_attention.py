@@ -155,9 +155,11 @@ def _decode_attention(
             tl.store(o_rows[:, None] + d[None, :], (num / den[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
-def _plan(num_programs: int, max_seq_len: int, device: torch.device, num_splits: int | None,
+def plan_attention(num_programs: int, max_seq_len: int, device: torch.device, num_splits: int | None,
           block_n: int | None) -> tuple[int, int, int, int]:
-    """``(splits, chunk, block_n, num_warps)``; see the module docstring."""
+    """``(splits, chunk, block_n, num_warps)`` of a launch of ``num_programs = C B KV`` kv heads over
+    caches of ``max_seq_len`` positions (module docstring, Splits); ``num_splits`` / ``block_n``
+    override it (tests, tuning, ``bench/attention.py``)."""
     sms = launch_plan.multiprocessor_count(device)
     if sms is not None:
         block_n = block_n or 64
@@ -201,7 +203,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     programs = num_copies * batch * kv_heads
     interpreted = launch_plan.multiprocessor_count(q.device) is None
-    splits, chunk, block_n, num_warps = _plan(programs, max_seq_len, q.device, num_splits, block_n)
+    splits, chunk, block_n, num_warps = plan_attention(programs, max_seq_len, q.device, num_splits, block_n)
     out = torch.empty((num_copies, batch, 1, heads, head_dim), device=q.device, dtype=q.dtype)
     if splits > 1:
         part_m = torch.empty(programs * splits * group, device=q.device, dtype=torch.float32)

@@ -81,7 +81,7 @@ import triton
 import triton.language as tl
 
 from . import split as launch_plan
-from .decode_attention import _plan, _program_rows
+from .decode_attention import _program_rows, plan_attention
 
 LOG2E = 1.4426950408889634
 GPU_BLOCK_N = 32  # bf16 / fp16 caches on a GPU (tensor-core products)
@@ -293,7 +293,7 @@ def decode_attention_jvp(q: torch.Tensor, dq: torch.Tensor, k_cache: torch.Tenso
     fp32 = k_cache.dtype == torch.float32
     if block_n is None and not interpreted:
         block_n = GPU_BLOCK_N_FP32 if fp32 else GPU_BLOCK_N
-    splits, chunk, block_n, num_warps = _plan(programs, max_seq_len, q.device, num_splits, block_n)
+    splits, chunk, block_n, num_warps = plan_attention(programs, max_seq_len, q.device, num_splits, block_n)
     if fp32 and not interpreted:
         num_warps = GPU_WARPS_FP32
     rows = programs * splits * group
