@@ -350,7 +350,9 @@ class RotaryCacheWrite(NamedTuple):
     kv_heads: int
 
 
-def _check_inputs(x, weight, bias, residual, gated, rotary, counters) -> None:
+def _check_inputs(x, weight, bias, residual, gated, rotary, counters) -> tuple[NormedInput | None, torch.Tensor]:
+    """Raise ValueError for inputs the kernel cannot take; returns ``(the NormedInput or None, the
+    tensor whose rows the kernel walks)``."""
     normed = x if isinstance(x, NormedInput) else None
     rows_of = x.s if normed else x
     if not isinstance(rows_of, torch.Tensor):
@@ -404,6 +406,7 @@ def _check_inputs(x, weight, bias, residual, gated, rotary, counters) -> None:
     if len(devices) > 1:
         raise ValueError(f"x, weight, bias, residual and counters must be on one device, got "
                          f"{sorted(map(str, devices))}")
+    return normed, rows_of
 
 
 def decode_linear(x: torch.Tensor | NormedInput, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -426,9 +429,7 @@ def decode_linear(x: torch.Tensor | NormedInput, weight: torch.Tensor, bias: tor
     own, one buffer per stream that may run concurrently). ``plan`` overrides :func:`plan_linear`
     (tests, tuning). Raises ValueError for inputs the kernel cannot take.
     """
-    _check_inputs(x, weight, bias, residual, gated, rotary, counters)
-    normed = x if isinstance(x, NormedInput) else None
-    rows_of = x.s if normed else x
+    normed, rows_of = _check_inputs(x, weight, bias, residual, gated, rotary, counters)
     copies, rows, inputs = rows_of.shape
     outputs, device = weight.shape[1], weight.device
     plan = plan or plan_linear(copies, rows, outputs, inputs, device)
