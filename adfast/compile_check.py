@@ -14,7 +14,8 @@ For each compiled specialisation it reports the kernel, the case that produced i
 thread, local-memory bytes per thread, which are register spills when non-zero, and the SASS
 instructions of its largest loop (one iteration: divided by the elements a thread handles per
 iteration, the instruction cost of an element, which bounds a kernel that issue rather than memory
-limits).
+limits), and which tensor-core instruction it runs (``HGMMA``, Hopper's warpgroup MMA, or
+``HMMA``, the warp-level one).
 
 Usage: ``python -m adfast.compile_check [--arch 90] [--sms 132] [--jobs N] [--json PATH]``; exit
 status 1 when a kernel fails to compile or spills. ``--jobs`` (default: the CPU count) shares the
@@ -67,6 +68,7 @@ class CompiledKernel:
     registers: int | None
     local_bytes: int | None
     loop_instructions: int | None  # SASS instructions in the kernel's largest loop (one iteration)
+    tensor_core: str | None  # the tensor-core instruction in its SASS: HGMMA (warpgroup), HMMA (warp) or None
     hash: str  # Triton's key of the specialisation
 
 
@@ -130,6 +132,15 @@ def loop_instructions(sass: str) -> int | None:
     return max(sizes) if sizes else None
 
 
+def tensor_core_instruction(sass: str) -> str | None:
+    """``"HGMMA"`` (Hopper's warpgroup ``wgmma``) or ``"HMMA"`` (the warp-level ``mma.sync``) where a
+    SASS listing has one (the first kind found, in that order), else None."""
+    for op in ("HGMMA", "HMMA"):
+        if re.search(rf"\b{op}\.", sass):
+            return op
+    return None
+
+
 @contextlib.contextmanager
 def _compile_instead_of_launch(arch: int, sms: int, compiled: list, case: list):
     """Within the block, every Triton launch compiles for ``sm_<arch>`` with GPU plans for ``sms`` SMs
@@ -154,7 +165,8 @@ def _compile_instead_of_launch(arch: int, sms: int, compiled: list, case: list):
             sass = _cuobjdump(kernel.asm["cubin"], "-sass")
             compiled.append(CompiledKernel(self.fn.__name__, case[0], constexprs, kernel.metadata.num_warps,
                                            kernel.metadata.shared, registers, local,
-                                           None if sass is None else loop_instructions(sass), kernel.hash))
+                                           None if sass is None else loop_instructions(sass),
+                                           None if sass is None else tensor_core_instruction(sass), kernel.hash))
         return kernel
 
     triton.runtime.driver.set_active(_CudaTarget(arch))
@@ -295,9 +307,11 @@ def _linear_cases():
     rows, bf16 and fp32: each with a plain input and output, and as a decoder fuses them (the
     qkv projection's ``rotary`` and the gate/up projection's ``gated`` epilogues up to
     :data:`adfast.decoder.LINEAR_KERNEL_ROWS` rows; at one row also the norms: a normed input for
-    qkv, gate/up and, bf16 only, the lm_head, the residual epilogue for o and down)."""
+    qkv, gate/up and, bf16 only, the lm_head, the residual epilogue for o and down); in bf16 each
+    again with the operands swapped (``LinearPlan.swap_ab``): plain at 64 and 128 weight rows a
+    tile, the lm_head too, the fusions at 128."""
     from .decoder import LINEAR_KERNEL_ROWS
-    from .kernels.decode_linear import NormedInput, RotaryCacheWrite, decode_linear
+    from .kernels.decode_linear import NormedInput, RotaryCacheWrite, decode_linear, plan_linear
 
     cases = []
     for label, copies, hidden, inter, heads, kv_heads, head_dim in LAYER_SHAPES[:2]:
@@ -310,33 +324,43 @@ def _linear_cases():
                 if dtype == torch.bfloat16:
                     layers.append(("lm_head", vocab, hidden, False))
                 for layer, outputs, inputs, bias in layers:
-                    name = f"{label} {layer} {str(dtype).split('.')[1]} M{rows}"
                     x = torch.empty(copies, rows, inputs, dtype=dtype)
                     w = torch.empty(copies, outputs, inputs, dtype=dtype)
                     b = torch.empty(copies, outputs, dtype=dtype) if bias else None
                     normed = NormedInput(x, torch.empty(copies, 112, rows), torch.empty(copies, inputs, dtype=dtype),
                                          1e-6)
                     residual = torch.empty(copies, rows, outputs, dtype=dtype)
-                    if layer != "lm_head":
-                        cases.append((f"decode_linear {name}", lambda x=x, w=w, b=b: decode_linear(x, w, b)))
-                    if layer == "gate_up" and rows <= LINEAR_KERNEL_ROWS:
-                        cases.append((f"decode_linear {name} gated", lambda x=normed if rows == 1 else x, w=w:
-                                      decode_linear(x, w, gated=True)))
-                    if layer == "qkv" and rows <= LINEAR_KERNEL_ROWS:
-                        cache = torch.empty(copies, rows, 17, kv_heads, head_dim, dtype=dtype)
-                        rotary = RotaryCacheWrite(torch.empty(rows, 1, head_dim), torch.empty(rows, 1, head_dim), cache,
-                                                  cache, torch.zeros(rows, dtype=torch.int64),
-                                                  torch.zeros(rows, 1, dtype=torch.int64), heads, kv_heads)
-                        cases.append((f"decode_linear {name} rotary", lambda x=normed if rows == 1 else x, w=w, b=b,
-                                      r=rotary: decode_linear(x, w, b, rotary=r)))
-                    if rows > 1:
-                        continue
-                    if layer in ("o", "down"):
-                        cases.append((f"decode_linear {name} residual", lambda x=x, w=w, r=residual:
-                                      decode_linear(x, w, residual=r)))
-                    elif layer == "lm_head":
-                        cases.append((f"decode_linear {name} normed", lambda x=normed, w=w, b=b:
-                                      decode_linear(x, w, b)))
+                    swaps = (64, 128) if dtype == torch.bfloat16 else ()
+                    for swap_n in (None, *swaps):
+                        name = f"{label} {layer} {str(dtype).split('.')[1]} M{rows}" + (
+                            f" swap_ab block_n={swap_n}" if swap_n else "")
+
+                        def plan(swap_n=swap_n, shape=(copies, rows, outputs, inputs)):
+                            return plan_linear(*shape, torch.device("cpu"), swap_ab=True, block_n=swap_n) \
+                                if swap_n else None
+                        if layer != "lm_head" or swap_n:
+                            cases.append((f"decode_linear {name}", lambda x=x, w=w, b=b, plan=plan:
+                                          decode_linear(x, w, b, plan=plan())))
+                        if swap_n == 64:
+                            continue  # the fused epilogues with swapped operands: at 128 weight rows a tile
+                        if layer == "gate_up" and rows <= LINEAR_KERNEL_ROWS:
+                            cases.append((f"decode_linear {name} gated", lambda x=normed if rows == 1 else x, w=w,
+                                          plan=plan: decode_linear(x, w, gated=True, plan=plan())))
+                        if layer == "qkv" and rows <= LINEAR_KERNEL_ROWS:
+                            cache = torch.empty(copies, rows, 17, kv_heads, head_dim, dtype=dtype)
+                            rotary = RotaryCacheWrite(torch.empty(rows, 1, head_dim), torch.empty(rows, 1, head_dim),
+                                                      cache, cache, torch.zeros(rows, dtype=torch.int64),
+                                                      torch.zeros(rows, 1, dtype=torch.int64), heads, kv_heads)
+                            cases.append((f"decode_linear {name} rotary", lambda x=normed if rows == 1 else x, w=w,
+                                          b=b, r=rotary, plan=plan: decode_linear(x, w, b, rotary=r, plan=plan())))
+                        if rows > 1:
+                            continue
+                        if layer in ("o", "down"):
+                            cases.append((f"decode_linear {name} residual", lambda x=x, w=w, r=residual, plan=plan:
+                                          decode_linear(x, w, residual=r, plan=plan())))
+                        elif layer == "lm_head":
+                            cases.append((f"decode_linear {name} normed", lambda x=normed, w=w, b=b, plan=plan:
+                                          decode_linear(x, w, b, plan=plan())))
     return cases
 
 
@@ -414,10 +438,11 @@ def main(argv=None) -> int:
     compiled, failures = compile_all(args.arch, args.sms, jobs=args.jobs)
     print(f"triton {triton.__version__}, sm_{args.arch}, {args.sms} SMs: {len(compiled)} specialisations compiled, "
           f"{len(failures)} cases failed")
-    print(f"{'kernel':<24} {'warps':>5} {'regs':>5} {'local':>5} {'smem':>6} {'loop':>5}  constexprs (first case)")
+    print(f"{'kernel':<24} {'warps':>5} {'regs':>5} {'local':>5} {'smem':>6} {'loop':>5} {'mma':>5}  constexprs "
+          f"(first case)")
     for k in compiled:
         print(f"{k.kernel:<24} {k.num_warps:>5} {k.registers!s:>5} {k.local_bytes!s:>5} {k.shared_bytes:>6} "
-              f"{k.loop_instructions!s:>5}  {k.constexprs} ({k.case})")
+              f"{k.loop_instructions!s:>5} {k.tensor_core or '-':>5}  {k.constexprs} ({k.case})")
     spills = [k for k in compiled if k.local_bytes]
     for k in spills:
         print(f"SPILL: {k.kernel} uses {k.local_bytes} bytes of local memory per thread ({k.case})")

@@ -42,12 +42,12 @@
 #             --prefetch-mb 24 (*_pf24), bench/sampler_tune.py over the plans with shared Philox
 #             words (8 warps, block 2048) (~11 min of limits: a 590 s call keeps all but the last two)
 #   levers    after sampler: Nsight Compute on the sampler at batch 64; decode attention against its
-#             split size (bench/attention.py: one split per kv head at batch 1 today); engine temperature and
-#             antidistillation rows with the L2 weight prefetch at 16 and 40 MB (batch 1 and 32),
-#             with every linear in the kernel at batch 8 and 32 (its rotary and activation epilogues;
-#             the norms stay apart there), the permutation rows at batch 1 and 32, a profile of
-#             temperature with the prefetch, goals
-#                                                                                   (~10.5 min)
+#             split size (bench/attention.py: one split per kv head at batch 1 today); the linear
+#             kernel with swapped operands (the warpgroup MMA) per layer at 1 and 32 rows
+#             (bench/linear.py --swap-sweep, linear_swap-<device>.json); engine temperature and
+#             antidistillation rows with the L2 weight prefetch at 16 MB (batch 1 and 32), with every
+#             linear in the kernel at batch 8 and 32 (its rotary and activation epilogues; the norms
+#             stay apart there), goals, a profile of temperature with the prefetch      (~10 min)
 #   decode    bench/decode.py: HF generate and engine temperature/antidistill/permutation (~6 min)
 #   jvp       bench/decode.py --append: engine temperature, exact-D jvp, low-rank jvp r8..r512 (~6 min);
 #             on a fresh machine, first copy the returned decode-*.json into bench/results/
@@ -129,15 +129,13 @@ stage_sampler() {  # most important first: a call cut short keeps what came befo
 stage_levers() {  # after sampler: the step's settings not yet measured, each a run of its own
     sampler_ncu sampler-ncu-grouped-B64
     step 90 attention.log python3 bench/attention.py
+    step 150 linear.log python3 bench/linear.py --rows 1 32 --swap-sweep --stem linear_swap
     step 120 decode.log python3 bench/decode.py --append --batches 1 32 --prefetch-mb 16 --variants \
-        engine_temperature engine_antidistill
-    step 120 decode.log python3 bench/decode.py --append --batches 1 32 --prefetch-mb 40 --variants \
         engine_temperature engine_antidistill
     step 100 decode.log python3 bench/decode.py --append --batches 8 32 --linear kernel --variants \
         engine_temperature engine_antidistill
-    step 60 decode.log python3 bench/decode.py --append --batches 1 32 --variants engine_permutation
-    step 50 profile.log python3 bench/profile_step.py --variant engine_temperature --batch 1 --prefetch-mb 24
     step 10 goals.log python3 bench/goals.py
+    step 50 profile.log python3 bench/profile_step.py --variant engine_temperature --batch 1 --prefetch-mb 24
 }
 
 stage_followup() {

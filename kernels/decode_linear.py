@@ -31,6 +31,19 @@ and all ``M`` rows (``BLOCK_M >= M``, at least 16 for the tensor-core product). 
 ``C * ceil(N / BLOCK_N)`` of them, all zero at entry and at exit (:func:`counters_for` sizes a
 buffer; callers that launch concurrently on several streams pass their own).
 
+Operand order: a program's tile product is ``x_tile [BLOCK_M, BLOCK_K] @ W_tile^T`` by default, so
+that ``M``, the rows (1 to 64, padded to at least 16), is the tensor-core instruction's ``M``
+side, which on Hopper gives the warp-level ``mma.sync`` (``HMMA``) below 64 rows (the warpgroup
+``wgmma`` needs an ``M`` of 64 a warpgroup). With ``LinearPlan.swap_ab`` it is ``W_tile [BLOCK_N,
+BLOCK_K] @ x_tile^T`` (the accumulator ``[BLOCK_N, BLOCK_M]``, transposed once before the
+epilogue): the weight's ``BLOCK_N >= 64`` rows take the ``M`` side and the product compiles to
+``wgmma`` (``HGMMA``) with ``BLOCK_M`` as its ``N`` (``python -m adfast.compile_check`` reports
+which), as cuBLAS's decode kernels do (a 192 or 384 x 32 weight-by-rows tile at 32 rows,
+``bench/results/profile-*``). Wider weight tiles also re-read the input less: every program loads
+its rows' ``[BLOCK_M, K range]`` slice of ``x`` from L2, so at 32 rows with ``BLOCK_N = 32`` the
+input tiles' L2 traffic equals the weight's; at ``BLOCK_N = 128`` a quarter. The same products,
+accumulated in float32 in the order the instruction adds them.
+
 Fusions (a decoder layer's elementwise chains, without their launches: :meth:`adfast.decoder.Decoder._fuses`,
 :meth:`~adfast.decoder.Decoder._fuses_norms`). ``gated``: the output columns of a gate/up projection
 are taken as (gate ``n``, up ``n``) pairs (tile column ``2 i + h`` reads weight row ``i + h N / 2``)
@@ -193,8 +206,9 @@ def _decode_linear(
     sx_c, sx_m, sw_c, sw_n, sb_c, snw_c, sr_c, sr_m, rotary,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, NORMED: tl.constexpr, ONE_ROW: tl.constexpr,
     OUTPUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, PREFETCH_LINES: tl.constexpr, LIBDEVICE_EXP: tl.constexpr,
-    HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr = False,
+    SWAP_AB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, PREFETCH_LINES: tl.constexpr,
+    LIBDEVICE_EXP: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     j = tl.program_id(0)
     s = tl.program_id(1)
@@ -226,7 +240,10 @@ def _decode_linear(
     r = tl.zeros((BLOCK_M,), tl.float32)
     if NORMED:
         r = _reciprocal_rms(stats_in_ptr + c * tiles_in * M, rm, m_mask, tiles_in, M, inputs_f, eps, BLOCK_M)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    if SWAP_AB:  # the weight tile is the product's left operand: acc^T [BLOCK_N, BLOCK_M]
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k in range(s * k_split, k_end, BLOCK_K):
         kk = k + rk
         k_mask = kk < k_end
@@ -234,7 +251,12 @@ def _decode_linear(
         wt = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         if UPCAST:  # the interpreter's dot takes bfloat16 tiles as raw bits: give it their float32 values
             xt, wt = xt.to(tl.float32), wt.to(tl.float32)
-        acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PRECISION)
+        if SWAP_AB:
+            acc = tl.dot(wt, tl.trans(xt), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PRECISION)
+    if SWAP_AB:
+        acc = tl.trans(acc)
     bias_cols = b_ptr + c * sb_c + w_row
     res_base = res_ptr + c * sr_c
     stats_out = stats_out_ptr + (c * tl.num_programs(0) + j) * M
@@ -257,8 +279,9 @@ def _decode_linear(
 
 @dataclass(frozen=True)
 class LinearPlan:
-    """Tile sizes, the K split (``split_k`` programs of ``k_split`` inputs per output tile) and
-    the launch's warps and pipeline stages."""
+    """Tile sizes, the K split (``split_k`` programs of ``k_split`` inputs per output tile), the
+    launch's warps and pipeline stages, and which operand leads the tile product (``swap_ab``:
+    module docstring, Operand order)."""
 
     block_m: int
     block_n: int
@@ -267,12 +290,13 @@ class LinearPlan:
     k_split: int
     num_warps: int
     num_stages: int
+    swap_ab: bool = False
 
 
 def plan_linear(copies: int, rows: int, outputs: int, inputs: int, device: torch.device, *,
                 block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
                 num_warps: int | None = None, num_stages: int | None = None,
-                programs_per_sm: int | None = None) -> LinearPlan:
+                programs_per_sm: int | None = None, swap_ab: bool = False) -> LinearPlan:
     """The launch plan for ``[C, M, K] x [C, N, K]^T``; keyword arguments override its choices.
 
     GPU: ``BLOCK_N = 32`` output columns; ``K`` split so that ``C ceil(N / BLOCK_N) SPLIT_K``
@@ -281,18 +305,21 @@ def plan_linear(copies: int, rows: int, outputs: int, inputs: int, device: torch
     at up to 16 rows; 4 warps, 3 stages. These are the best single changes to a first plan (256
     inputs, 4 programs per SM) measured per layer of the 7B teacher and the 3B pair at 1 and 32
     rows on an H200 (``bench/linear.py --sweep``: e.g. the 7B's down projection at one row 52 ->
-    39 us). Interpreter (CPU tensors): 16 x 32 tiles and up to 3 splits, so that test shapes cross
-    tiles, splits and masked tails.
+    39 us). ``swap_ab`` (off by default, not yet measured) puts the weight tile on the left of the
+    tile product, by default with ``BLOCK_N = 128`` (the warpgroup MMA takes 64 or more) and always
+    with ``BLOCK_K = 128`` (at 128 weight rows, three stages of 256 inputs would take 221 KB of
+    shared memory, an SM's whole). Interpreter (CPU tensors): 16 x 32 tiles and up to 3 splits, so
+    that test shapes cross tiles, splits and masked tails.
     """
     block_m = max(16, triton.next_power_of_2(rows))
     sms = launch_plan.multiprocessor_count(device)
     if sms is not None:
-        block_n = block_n or 32
+        block_n = block_n or (128 if swap_ab else 32)
         programs_per_sm = programs_per_sm or (2 if block_m <= 16 else 4)
         tiles = copies * triton.cdiv(outputs, block_n)
         if split_k is None:
             split_k = max(1, min(-(-programs_per_sm * sms // tiles), inputs // (2 * (block_k or 128))))
-        block_k = block_k or (256 if split_k == 1 and inputs <= 2048 and block_m <= 16 else 128)
+        block_k = block_k or (256 if split_k == 1 and inputs <= 2048 and block_m <= 16 and not swap_ab else 128)
         num_warps, num_stages = num_warps or 4, num_stages or 3
     else:
         block_n, block_k = block_n or 16, block_k or 32
@@ -303,7 +330,7 @@ def plan_linear(copies: int, rows: int, outputs: int, inputs: int, device: torch
             raise ValueError(f"{name} must be a power of two >= 16, got {value}")
     k_split = triton.cdiv(triton.cdiv(inputs, split_k), block_k) * block_k
     split_k = triton.cdiv(inputs, k_split)  # no empty splits
-    return LinearPlan(block_m, block_n, block_k, split_k, k_split, num_warps, num_stages)
+    return LinearPlan(block_m, block_n, block_k, split_k, k_split, num_warps, num_stages, swap_ab)
 
 
 def counters_for(copies: int, outputs: int, device) -> torch.Tensor:
@@ -464,6 +491,7 @@ def decode_linear(x: torch.Tensor | NormedInput, weight: torch.Tensor, bias: tor
         0 if residual is None else residual.stride(0), 0 if residual is None else residual.stride(1), rotary_args,
         HAS_BIAS=bias is not None, SPLIT=plan.split_k > 1, NORMED=normed is not None, ONE_ROW=rows == 1,
         OUTPUT=output.value, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
+        SWAP_AB=plan.swap_ab,
         PRECISION="ieee" if weight.dtype == torch.float32 or interpreted else "tf32",
         UPCAST=interpreted, PREFETCH_LINES=max(1, PREFETCH_STEPS * plan.block_k * weight.element_size() // 128),
         LIBDEVICE_EXP=not interpreted, HEADS=heads, KV_HEADS=kv_heads,

@@ -85,6 +85,22 @@ def test_gpu_plans_were_compiled(report):
                      (True, True, True, False), (True, False, False, True)}
 
 
+def test_swapped_linear_operands_compile_to_the_warpgroup_mma(report):
+    """The decode-time linear kernel with the weight tile leading its product (``swap_ab``, 64 or
+    128 weight rows a tile) runs on Hopper's warpgroup MMA (``HGMMA``), in every fusion and at 1 to
+    64 rows; the default operand order, the rows padded to 16 or more on the MMA's ``M`` side, on
+    the warp-level one (``HMMA``) below 64 rows, where the warpgroup MMA's ``M`` of 64 is not met."""
+    linears = [k for k in report[1]["compiled"] if k["kernel"] == "_decode_linear" and k["tensor_core"] is not None]
+    if not linears:
+        pytest.skip("no cuobjdump beside triton's NVIDIA backend: the SASS is not read")
+    swapped = [k for k in linears if k["constexprs"]["SWAP_AB"]]
+    assert {k["constexprs"]["BLOCK_M"] for k in swapped} == {16, 32, 64}
+    assert {k["constexprs"]["OUTPUT"] for k in swapped} == {0, 1, 2, 3}  # plain, gated, residual, rotary
+    assert {k["tensor_core"] for k in swapped} == {"HGMMA"}, [k["case"] for k in swapped if k["tensor_core"] != "HGMMA"]
+    default_order = {(k["constexprs"]["BLOCK_M"], k["tensor_core"]) for k in linears if not k["constexprs"]["SWAP_AB"]}
+    assert default_order == {(16, "HMMA"), (32, "HMMA"), (64, "HGMMA")}
+
+
 def test_a_kernel_the_interpreter_accepts_but_the_compiler_rejects_is_reported(tmp_path):
     """A global read inside a kernel without ``constexpr``: fine in the interpreter, a compile error."""
     (tmp_path / "bad_kernel.py").write_text(textwrap.dedent("""
@@ -149,3 +165,12 @@ def test_loop_instructions_counts_the_largest_backward_branch():
     ])
     assert loop_instructions(listing) == 4
     assert loop_instructions("        /*0000*/                   EXIT ;") is None
+
+
+def test_tensor_core_instruction_names_the_mma_kind():
+    from adfast.compile_check import tensor_core_instruction
+
+    line = "        /*0100*/                   {} ;"
+    assert tensor_core_instruction(line.format("HGMMA.64x16x16.F32.BF16 R24, gdesc[UR4], R24")) == "HGMMA"
+    assert tensor_core_instruction(line.format("HMMA.16816.F32.BF16 R4, R8, R12, R4")) == "HMMA"
+    assert tensor_core_instruction(line.format("FFMA R4, R8, R12, R4")) is None

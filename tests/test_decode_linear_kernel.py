@@ -54,11 +54,14 @@ def assert_close_to_reference(y, x, w, b):
 
 
 def explicit_plans(copies, rows, outputs, inputs):
-    """The default plan and explicit ones: one split, several splits of small K blocks."""
+    """The default plan and explicit ones: one split, several splits of small K blocks, and both
+    with the weight tile leading the product (``swap_ab``)."""
     device = torch.device(DEVICE)
     return [plan_linear(copies, rows, outputs, inputs, device),
             plan_linear(copies, rows, outputs, inputs, device, block_n=16, block_k=16, split_k=1),
-            plan_linear(copies, rows, outputs, inputs, device, block_n=32, block_k=16, split_k=3)]
+            plan_linear(copies, rows, outputs, inputs, device, block_n=32, block_k=16, split_k=3),
+            plan_linear(copies, rows, outputs, inputs, device, block_n=16, block_k=16, split_k=1, swap_ab=True),
+            plan_linear(copies, rows, outputs, inputs, device, block_n=64, block_k=16, split_k=3, swap_ab=True)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -417,22 +420,25 @@ def test_rejects_malformed_inputs(match, call):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("shape", [(1, 1, 4608, 3584), (2, 32, 2560, 2048)])
-def test_cuda_graph_replay_at_model_shapes(shape):
+@pytest.mark.parametrize("shape", [(1, 1, 4608, 3584), (2, 32, 2560, 2048), (1, 64, 3584, 3584)])
+@pytest.mark.parametrize("swap_ab", [False, True])
+def test_cuda_graph_replay_at_model_shapes(shape, swap_ab):
     """The real GPU plans (split K reduced through the tickets) at the 7B teacher's and the 3B pair's
-    qkv shapes: captured in a CUDA graph, replays on new inputs equal eager launches, bit for bit,
-    and leave the tickets at zero."""
+    qkv shapes and the 7B's o at 64 rows, and with the weight tile leading the product (128 weight
+    rows a tile, the warpgroup MMA): against float64; captured in a CUDA graph, replays on new
+    inputs equal eager launches, bit for bit, and leave the tickets at zero."""
     x, w, b = make(*shape, torch.bfloat16)
     counters = counters_for(shape[0], shape[2], DEVICE)
-    assert plan_linear(*shape, x.device).split_k > 1
-    assert_close_to_reference(decode_linear(x, w, b, counters=counters), x, w, b)  # compiles outside the capture
+    plan = plan_linear(*shape, x.device, **(dict(swap_ab=True, block_n=128) if swap_ab else {}))
+    assert plan.split_k > 1
+    assert_close_to_reference(decode_linear(x, w, b, counters=counters, plan=plan), x, w, b)  # compiles outside
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = decode_linear(x, w, b, counters=counters)
+        out = decode_linear(x, w, b, counters=counters, plan=plan)
     for seed in (1, 2, 3):
         x.copy_(make(*shape, torch.bfloat16, seed=seed)[0])
         graph.replay()
-        torch.testing.assert_close(out, decode_linear(x, w, b, counters=counters), rtol=0, atol=0)
+        torch.testing.assert_close(out, decode_linear(x, w, b, counters=counters, plan=plan), rtol=0, atol=0)
         assert_close_to_reference(out, x, w, b)
     assert not counters.any()
 
