@@ -286,12 +286,14 @@ class Decoder(nn.Module):
         # default: cuBLAS was faster in the engine) runs them all as `linear`. With the Triton layer
         # ops and linear_fusions (the default; False for comparisons) the kernel also computes the
         # rotary embeddings with the cache write (qkv epilogue), the MLP's activation (gate/up
-        # epilogue) and, at batch-1 decode with every linear in it, the norms (_fuses_norms). The
-        # kernel's split-K tickets (one buffer: a decoder runs on one stream at a time) come with
-        # setup_cache.
+        # epilogue) and, at batch-1 decode with every linear in it, the norms (_fuses_norms).
+        # linear_swap_ab (False until measured) gives the kernel plans with the weight tile leading
+        # its product (LinearPlan.swap_ab: the warpgroup MMA). The kernel's split-K tickets (one
+        # buffer: a decoder runs on one stream at a time) come with setup_cache.
         self.linear_kernel = False
         self.linear_kernel_rows = LINEAR_KERNEL_ROWS
         self.linear_fusions = True
+        self.linear_swap_ab = False
         self.linear_counters: torch.Tensor | None = None
         # Decode steps' weight prefetch (adfast.weight_prefetch): bytes of each layer matmul's weight
         # pulled into L2 on a side stream while the kernels before that matmul run; 0 (the default
@@ -543,15 +545,21 @@ class Decoder(nn.Module):
         come only where :meth:`_fuses_norms` says the kernel takes them."""
         if not isinstance(x, torch.Tensor) or residual is not None or self._linear_kernel_takes(x.shape[1],
                                                                                                 projection):
-            return decode_linear(x, weight, bias, residual=residual, counters=self.linear_counters)
+            return self._decode_linear(x, weight, bias, residual=residual)
         return linear(x, weight, bias)
+
+    def _decode_linear(self, x: torch.Tensor | NormedInput, weight: torch.Tensor, bias: torch.Tensor | None,
+                       **fusion) -> torch.Tensor | ResidualSum:
+        """:func:`decode_linear` with this decoder's tickets and :attr:`linear_swap_ab`; ``fusion``: its
+        ``gated`` / ``residual`` / ``rotary``."""
+        return decode_linear(x, weight, bias, counters=self.linear_counters, swap_ab=self.linear_swap_ab, **fusion)
 
     def _gated_mlp_input(self, ops, h: torch.Tensor | NormedInput, layer) -> torch.Tensor:
         """``silu(gate) up`` of the gate/up projection of ``h``: with :meth:`_fuses`, in the kernel's
         epilogue where it takes the projection (the same bits as the separate kernel, one launch and
         the ``[C, N, 2 I]`` round trip fewer), else the projection then ``ops.silu_mul``."""
         if not isinstance(h, torch.Tensor) or (self._fuses(ops) and self._linear_kernel_takes(h.shape[1], "gate_up")):
-            return decode_linear(h, layer.w_gate_up, layer.b_gate_up, gated=True, counters=self.linear_counters)
+            return self._decode_linear(h, layer.w_gate_up, layer.b_gate_up, gated=True)
         return ops.silu_mul(self._linear(h, layer.w_gate_up, layer.b_gate_up, "gate_up"))
 
     def _linear_kernel_takes(self, rows: int, projection: str) -> bool:
@@ -600,7 +608,7 @@ class Decoder(nn.Module):
         kernel = not isinstance(h, torch.Tensor) or self._linear_kernel_takes(rows, "qkv")
         if kernel and self._fuses(ops):
             rotary = RotaryCacheWrite(cos, sin, k_cache, v_cache, slots, write_pos, heads, kv_heads)
-            return decode_linear(h, layer.wqkv, layer.bqkv, rotary=rotary, counters=self.linear_counters)
+            return self._decode_linear(h, layer.wqkv, layer.bqkv, rotary=rotary)
         bias_in_rotary = ops is not TORCH and layer.bqkv is not None and self.num_copies > 1 and not kernel
         qkv = self._linear(h, layer.wqkv, None if bias_in_rotary else layer.bqkv, "qkv")
         return ops.rope_and_cache_write(qkv, cos, sin, k_cache, v_cache, slots, write_pos, heads, kv_heads,

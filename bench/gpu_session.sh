@@ -46,8 +46,9 @@
 #             kernel with swapped operands (the warpgroup MMA) per layer at 1 and 32 rows
 #             (bench/linear.py --swap-sweep, linear_swap-<device>.json); engine temperature and
 #             antidistillation rows with the L2 weight prefetch at 16 MB (batch 1 and 32), with every
-#             linear in the kernel at batch 8 and 32 (its rotary and activation epilogues; the norms
-#             stay apart there), goals, a profile of temperature with the prefetch      (~10 min)
+#             linear in the kernel at batch 32 (its rotary and activation epilogues; the norms stay
+#             apart there) in both operand orders, goals, a profile of temperature with the prefetch
+#             (~10 min of limits: a 590 s call may cut the profile)
 #   decode    bench/decode.py: HF generate and engine temperature/antidistill/permutation (~6 min)
 #   jvp       bench/decode.py --append: engine temperature, exact-D jvp, low-rank jvp r8..r512 (~6 min);
 #             on a fresh machine, first copy the returned decode-*.json into bench/results/
@@ -132,7 +133,11 @@ stage_levers() {  # after sampler: the step's settings not yet measured, each a 
     step 150 linear.log python3 bench/linear.py --rows 1 32 --swap-sweep --stem linear_swap
     step 120 decode.log python3 bench/decode.py --append --batches 1 32 --prefetch-mb 16 --variants \
         engine_temperature engine_antidistill
-    step 100 decode.log python3 bench/decode.py --append --batches 8 32 --linear kernel --variants \
+    # every linear in the kernel at batch 32 (its rotary and activation epilogues), with the default
+    # operand order and with the weight tile leading (swap_ab)
+    step 70 decode.log python3 bench/decode.py --append --batches 32 --linear kernel --variants \
+        engine_temperature engine_antidistill
+    step 70 decode.log python3 bench/decode.py --append --batches 32 --linear kernel --linear-swap --variants \
         engine_temperature engine_antidistill
     step 10 goals.log python3 bench/goals.py
     step 50 profile.log python3 bench/profile_step.py --variant engine_temperature --batch 1 --prefetch-mb 24

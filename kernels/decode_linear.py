@@ -438,7 +438,8 @@ def _check_inputs(x, weight, bias, residual, gated, rotary, counters) -> tuple[N
 
 def decode_linear(x: torch.Tensor | NormedInput, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                   gated: bool = False, residual: torch.Tensor | None = None, rotary: RotaryCacheWrite | None = None,
-                  counters: torch.Tensor | None = None, plan: LinearPlan | None = None) -> torch.Tensor | ResidualSum:
+                  counters: torch.Tensor | None = None, plan: LinearPlan | None = None,
+                  swap_ab: bool = False) -> torch.Tensor | ResidualSum:
     """``x W^T + b`` per copy (see the module docstring), ``[C, M, N]`` in x's dtype.
 
     Fusions (module docstring), each computing what its separate kernel would without its launch:
@@ -454,12 +455,13 @@ def decode_linear(x: torch.Tensor | NormedInput, weight: torch.Tensor, bias: tor
     ``counters``: the split-K tickets (:func:`counters_for`; zero at entry, left zero); None
     allocates zeroed ones (an extra fill kernel each call; a CUDA-graph captured step passes its
     own, one buffer per stream that may run concurrently). ``plan`` overrides :func:`plan_linear`
-    (tests, tuning). Raises ValueError for inputs the kernel cannot take.
+    (tests, tuning); without one, ``swap_ab`` asks it for a plan with the weight tile leading the
+    product. Raises ValueError for inputs the kernel cannot take.
     """
     normed, rows_of = _check_inputs(x, weight, bias, residual, gated, rotary, counters)
     copies, rows, inputs = rows_of.shape
     outputs, device = weight.shape[1], weight.device
-    plan = plan or plan_linear(copies, rows, outputs, inputs, device)
+    plan = plan or plan_linear(copies, rows, outputs, inputs, device, swap_ab=swap_ab)
     width = outputs // 2 if gated else outputs * rotary.heads // (rotary.heads + 2 * rotary.kv_heads) if rotary \
         else outputs
     y = torch.empty((copies, rows, width), device=device, dtype=weight.dtype)

@@ -342,12 +342,13 @@ def test_decoder_fuses_layer_ops(monkeypatch):
     test_layer_ops.py.)"""
     import adfast.decoder
 
-    calls = []
+    calls, swaps = [], set()
 
     def recording(x, w, b=None, **kwargs):
         output = [name for name in ("gated", "residual", "rotary") if kwargs.get(name) is not None
                   and kwargs.get(name) is not False]
         calls.append((type(x).__name__, output[0] if output else "plain"))
+        swaps.add(kwargs["swap_ab"])
         return decode_linear(x, w, b, **kwargs)
 
     monkeypatch.setattr(adfast.decoder, "decode_linear", recording)
@@ -375,6 +376,13 @@ def test_decoder_fuses_layer_ops(monkeypatch):
         decoder.fused, decoder.linear_kernel, decoder.linear_fusions = fused, True, fusions
         decoder(step, slots[:1])
         assert calls == [("Tensor", "plain")] * (4 * layers + 1)
+    assert swaps == {False}
+    decoder.linear_swap_ab = True  # every call asks for the swapped-operand plan
+    decoder(step, slots[:1])
+    assert swaps == {False, True}
+    swaps.clear()
+    decoder(step, slots[:1])
+    assert swaps == {True}
 
 
 def _bad_calls():

@@ -21,11 +21,11 @@ SLOTS = torch.tensor([2, 0, 1])
 
 
 def run(decoder: Decoder, fused: bool, tangent: bool, steps: int = 2, linear_kernel: bool = False,
-        prompts: int = len(PROMPTS)):
+        prompts: int = len(PROMPTS), swap_ab: bool = False):
     """Prefill the first ``prompts`` of PROMPTS, then ``steps`` decode steps of fixed tokens: every
     step's logits (and tangent logits); ``linear_kernel``: the layers' linears in the decode-time
-    GEMM kernel."""
-    decoder.fused, decoder.linear_kernel = fused, linear_kernel
+    GEMM kernel (``swap_ab``: with the weight tile leading its product)."""
+    decoder.fused, decoder.linear_kernel, decoder.linear_swap_ab = fused, linear_kernel, swap_ab
     decoder.setup_cache(4, 12)
     device = decoder.embed.device
     ids = torch.zeros(prompts, max(map(len, PROMPTS[:prompts])), dtype=torch.int64)
@@ -67,12 +67,15 @@ def test_fused_decoder_equals_pytorch_decoder(family, copies, dtype):
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
 @pytest.mark.parametrize("copies", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_linear_decoder_equals_pytorch_decoder(family, copies, dtype):
+@pytest.mark.parametrize("swap_ab", [False, True])
+def test_decode_linear_decoder_equals_pytorch_decoder(family, copies, dtype, swap_ab):
     """The layers' linears (prefill of 15 rows and decode steps, all within the kernel's 64 rows) in
-    adfast.kernels.decode_linear, with the bias in its epilogue: the same logits and caches."""
+    adfast.kernels.decode_linear, with the bias in its epilogue, and with the weight tile leading
+    its product (``Decoder.linear_swap_ab``): the same logits and caches."""
     model = with_random_biases((tiny_qwen2 if family == "qwen2" else tiny_llama)())
     decoder = Decoder.from_hf([model] * copies, dtype=dtype, device=KERNEL_DEVICE)
-    assert_same_runs(run(decoder, True, False, linear_kernel=True), run(decoder, False, False), TOLERANCE[dtype])
+    assert_same_runs(run(decoder, True, False, linear_kernel=True, swap_ab=swap_ab), run(decoder, False, False),
+                     TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
