@@ -308,8 +308,8 @@ def _linear_cases():
     qkv projection's ``rotary`` and the gate/up projection's ``gated`` epilogues up to
     :data:`adfast.decoder.LINEAR_KERNEL_ROWS` rows; at one row also the norms: a normed input for
     qkv, gate/up and, bf16 only, the lm_head, the residual epilogue for o and down); in bf16 each
-    again with the operands swapped (``LinearPlan.swap_ab``): plain at 64 and 128 weight rows a
-    tile, the lm_head too, the fusions at 128."""
+    again with the operands swapped (``swap_ab``, its default 128 weight rows a tile; plain, the
+    lm_head too, also at 64)."""
     from .decoder import LINEAR_KERNEL_ROWS
     from .kernels.decode_linear import NormedInput, RotaryCacheWrite, decode_linear, plan_linear
 
@@ -330,37 +330,33 @@ def _linear_cases():
                     normed = NormedInput(x, torch.empty(copies, 112, rows), torch.empty(copies, inputs, dtype=dtype),
                                          1e-6)
                     residual = torch.empty(copies, rows, outputs, dtype=dtype)
-                    swaps = (64, 128) if dtype == torch.bfloat16 else ()
-                    for swap_n in (None, *swaps):
-                        name = f"{label} {layer} {str(dtype).split('.')[1]} M{rows}" + (
-                            f" swap_ab block_n={swap_n}" if swap_n else "")
-
-                        def plan(swap_n=swap_n, shape=(copies, rows, outputs, inputs)):
-                            return plan_linear(*shape, torch.device("cpu"), swap_ab=True, block_n=swap_n) \
-                                if swap_n else None
-                        if layer != "lm_head" or swap_n:
-                            cases.append((f"decode_linear {name}", lambda x=x, w=w, b=b, plan=plan:
-                                          decode_linear(x, w, b, plan=plan())))
-                        if swap_n == 64:
-                            continue  # the fused epilogues with swapped operands: at 128 weight rows a tile
+                    for swap in (False, True) if dtype == torch.bfloat16 else (False,):
+                        name = f"{label} {layer} {str(dtype).split('.')[1]} M{rows}" + (" swap_ab" if swap else "")
+                        if layer != "lm_head" or swap:
+                            cases.append((f"decode_linear {name}", lambda x=x, w=w, b=b, swap=swap:
+                                          decode_linear(x, w, b, swap_ab=swap)))
+                        if swap:
+                            cases.append((f"decode_linear {name} block_n=64", lambda x=x, w=w, b=b: decode_linear(
+                                x, w, b, plan=plan_linear(*x.shape[:2], *w.shape[1:], x.device, swap_ab=True,
+                                                          block_n=64))))
                         if layer == "gate_up" and rows <= LINEAR_KERNEL_ROWS:
                             cases.append((f"decode_linear {name} gated", lambda x=normed if rows == 1 else x, w=w,
-                                          plan=plan: decode_linear(x, w, gated=True, plan=plan())))
+                                          swap=swap: decode_linear(x, w, gated=True, swap_ab=swap)))
                         if layer == "qkv" and rows <= LINEAR_KERNEL_ROWS:
                             cache = torch.empty(copies, rows, 17, kv_heads, head_dim, dtype=dtype)
                             rotary = RotaryCacheWrite(torch.empty(rows, 1, head_dim), torch.empty(rows, 1, head_dim),
                                                       cache, cache, torch.zeros(rows, dtype=torch.int64),
                                                       torch.zeros(rows, 1, dtype=torch.int64), heads, kv_heads)
                             cases.append((f"decode_linear {name} rotary", lambda x=normed if rows == 1 else x, w=w,
-                                          b=b, r=rotary, plan=plan: decode_linear(x, w, b, rotary=r, plan=plan())))
+                                          b=b, r=rotary, swap=swap: decode_linear(x, w, b, rotary=r, swap_ab=swap)))
                         if rows > 1:
                             continue
                         if layer in ("o", "down"):
-                            cases.append((f"decode_linear {name} residual", lambda x=x, w=w, r=residual, plan=plan:
-                                          decode_linear(x, w, residual=r, plan=plan())))
+                            cases.append((f"decode_linear {name} residual", lambda x=x, w=w, r=residual, swap=swap:
+                                          decode_linear(x, w, residual=r, swap_ab=swap)))
                         elif layer == "lm_head":
-                            cases.append((f"decode_linear {name} normed", lambda x=normed, w=w, b=b, plan=plan:
-                                          decode_linear(x, w, b, plan=plan())))
+                            cases.append((f"decode_linear {name} normed", lambda x=normed, w=w, b=b, swap=swap:
+                                          decode_linear(x, w, b, swap_ab=swap)))
     return cases
 
 

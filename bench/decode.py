@@ -18,11 +18,12 @@ Settings off the defaults name their rows: ``--linear kernel`` (adfast's decode-
 computes ``silu(gate) up``; with all five linears a batch-1 decode step also runs the norms and the
 residual adds inside them, :meth:`adfast.decoder.Decoder._fuses_norms`; with ``--linear-projections
 o lm_head``, only those linears: ``_kernel-o-lm_head``; with ``--no-linear-fusions``, neither:
-``_kernel_unfused``; with ``--linear-rows N``, calls of at most N
-rows: ``-r<N>``; with ``--linear-swap``, its plans with the weight tile leading the product,
-:class:`adfast.kernels.decode_linear.LinearPlan`'s ``swap_ab``: ``_kernel_swap``), ``--prefetch-mb N`` (each layer weight's first N MB pulled into L2 on a side stream
-before its matmul, :mod:`adfast.weight_prefetch`; teacher and finite-difference pair, not the
-tangent pass) appends ``_pf<N>``, ``ADFAST_PDL=0`` on a Hopper GPU appends ``_nopdl``.
+``_kernel_unfused``; with ``--linear-rows N``, calls of at most N rows: ``-r<N>``; with
+``--linear-swap``, its plans with the weight tile leading the product,
+:class:`adfast.kernels.decode_linear.LinearPlan`'s ``swap_ab``: ``_kernel_swap``), ``--prefetch-mb
+N`` (each layer weight's first N MB pulled into L2 on a side stream before its matmul,
+:mod:`adfast.weight_prefetch`; teacher and finite-difference pair, not the tangent pass) appends
+``_pf<N>``, ``ADFAST_PDL=0`` on a Hopper GPU appends ``_nopdl``.
 
 Models have the real architectures with random bf16 weights (throughput does not depend on the
 values): a Qwen2.5-7B-shaped teacher and a Qwen2.5-3B-shaped proxy pair (``--shapes real``, a CUDA
