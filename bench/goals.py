@@ -19,7 +19,9 @@ the launches per step, and the weight-read limit of the same variant and batch. 
 The goals, as the issues state them for the 7B/3B shapes (all ratios, so they read the same
 on an H100 or an H200; ``limit_frac`` is the weight-read floor over the measured step time):
 
-- #2: the fused sampler at batch 64 reaches >= 80% of the copy bandwidth and is >= 5x eager PyTorch;
+- #2: the fused sampler at batch 64 reaches >= 80% of the copy bandwidth and is >= 5x eager PyTorch
+  (with the Qwen2.5 vocabularies, and the bandwidth also with one vocabulary of 152064, the goal's
+  ``V``, for all three inputs);
 - #3: engine antidistillation ``(d)`` at batch 1 and 32, and engine temperature ``(c)`` at batch 1
   and 32, reach >= 85% of their limits; ``(d)``'s step time over ``(c)``'s is at most 1.05x the
   ratio of their limits (about 1.81); ``(d)`` is >= 6.5x Hugging Face ``generate`` with the logits
@@ -118,9 +120,11 @@ def decode_goals(rows: list[dict], rank: int | None) -> list[Goal]:
 
 def sampler_goals(rows: list[dict]) -> list[Goal]:
     """Issue #2's goals over one device's sampler rows (the fused antidistillation draw at batch 64)."""
-    fused = find(rows, "fused", 64)
+    fused, one_vocab = find(rows, "fused", 64), find(rows, "fused_one_vocab", 64)
     return [at_least("#2", "fused sampler, fraction of copy bandwidth", 64, fused and fused["bandwidth_frac"], 0.8),
-            at_least("#2", "fused sampler, speed-up over eager PyTorch", 64, fused and fused["speedup_vs_eager"], 5)]
+            at_least("#2", "fused sampler, speed-up over eager PyTorch", 64, fused and fused["speedup_vs_eager"], 5),
+            at_least("#2", "fused sampler, one vocabulary of 152064 for all three inputs, fraction of copy bandwidth",
+                     64, one_vocab and one_vocab["bandwidth_frac"], 0.8)]
 
 
 MATMUL_MARKERS = ("nvjet", "gemm", "cutlass", "splitKreduce", "_decode_linear")

@@ -5,6 +5,9 @@ For each batch size, with Qwen2.5 shapes (teacher vocabulary 152064, proxy 15193
 - ``fused``: ``adfast.sample`` in antidistill mode (one pass: teacher + both proxies, Gumbel-max draw);
 - ``fused_proxy_vocab_only``: the same with ``proxy_vocab_only=True``, the engine's draw (ids past the
   proxies' vocabulary never drawn, so no proxy log-sum-exp);
+- ``fused_one_vocab``: ``fused`` with all three inputs ``[B, 152064]`` (issue 2's goal names one
+  ``V = 152064``; with one vocabulary the proxies' normalisers cancel in the draw, and the kernel
+  skips their log-sum-exps);
 - ``fused_temperature``: ``adfast.sample`` in temperature mode (teacher only);
 - ``adjusted``: ``adfast.adjusted_logits`` (two reads of the inputs, one float32 write);
 - ``eager``: the same draw written plainly in eager PyTorch (three log-softmaxes, the difference,
@@ -81,18 +84,18 @@ def write_results(rows: list[dict], out: str, name: str, device: str) -> None:
     print(f"wrote {path}")
 
 
-def qwen_logits(batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The benchmark's bf16 inputs on the GPU: teacher ``[B, 152064]``, plus ``[B, 151936]`` (scale 3)
-    and minus (plus moved by 1e-2 noise, as a nearby perturbed copy would be)."""
+def qwen_logits(batch: int, proxy_vocab: int = VOCAB_P) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The benchmark's bf16 inputs on the GPU: teacher ``[B, 152064]``, plus ``[B, proxy_vocab]`` (scale
+    3) and minus (plus moved by 1e-2 noise, as a nearby perturbed copy would be)."""
     t = torch.randn(batch, VOCAB_T, device="cuda", dtype=torch.bfloat16) * 3
-    p = torch.randn(batch, VOCAB_P, device="cuda", dtype=torch.bfloat16) * 3
+    p = torch.randn(batch, proxy_vocab, device="cuda", dtype=torch.bfloat16) * 3
     return t, p, p + 1e-2 * torch.randn_like(p)
 
 
-def fused_bytes(batch: int) -> int:
+def fused_bytes(batch: int, proxy_vocab: int = VOCAB_P) -> int:
     """Bytes the fused antidistillation draw must move: each bf16 logit of the three inputs read once,
     and per row the token (int64) and the teacher log-prob (float32) written."""
-    return batch * (VOCAB_T + 2 * VOCAB_P) * 2 + batch * 12
+    return batch * (VOCAB_T + 2 * proxy_vocab) * 2 + batch * 12
 
 
 def eager_sample(t, p, m, tau, lam, eps):
@@ -114,12 +117,14 @@ def main(argv=None) -> int:
     rows = []
     for batch in args.batches:
         t, p, m = qwen_logits(batch)
+        _, p1, m1 = qwen_logits(batch, VOCAB_T)
         offset = torch.zeros(1, dtype=torch.int64, device="cuda")
         kw = dict(tau=0.7, lam=0.5, eps=1e-4, seed=1, offset=offset, check=False)
         in_bytes = batch * (VOCAB_T + 2 * VOCAB_P) * 2
         variants = {
             "fused": (lambda: adfast.sample(t, p, m, **kw), fused_bytes(batch)),
             "fused_proxy_vocab_only": (lambda: adfast.sample(t, p, m, proxy_vocab_only=True, **kw), fused_bytes(batch)),
+            "fused_one_vocab": (lambda: adfast.sample(t, p1, m1, **kw), fused_bytes(batch, VOCAB_T)),
             "fused_temperature": (lambda: adfast.sample(t, None, None, mode="temperature", **kw),
                                   batch * VOCAB_T * 2 + batch * 12),
             "adjusted": (lambda: adfast.adjusted_logits(t, p, m, **kw), 2 * in_bytes + batch * VOCAB_T * 4),
