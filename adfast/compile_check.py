@@ -309,7 +309,8 @@ def _linear_cases():
     :data:`adfast.decoder.LINEAR_KERNEL_ROWS` rows; at one row also the norms: a normed input for
     qkv, gate/up and, bf16 only, the lm_head, the residual epilogue for o and down); in bf16 each
     again with the operands swapped (``swap_ab``, its default 128 weight rows a tile; plain, the
-    lm_head too, also at 64)."""
+    lm_head too, also at 64), and plain with each program's whole split prefetched before it waits
+    (``prefetch_steps``)."""
     from .decoder import LINEAR_KERNEL_ROWS
     from .kernels.decode_linear import NormedInput, RotaryCacheWrite, decode_linear, plan_linear
 
@@ -330,33 +331,38 @@ def _linear_cases():
                     normed = NormedInput(x, torch.empty(copies, 112, rows), torch.empty(copies, inputs, dtype=dtype),
                                          1e-6)
                     residual = torch.empty(copies, rows, outputs, dtype=dtype)
+                    if dtype == torch.bfloat16 and layer != "lm_head":  # each program's whole split prefetched
+                        cases.append((f"decode_linear {label} {layer} bfloat16 M{rows} prefetch_steps=64",
+                                      lambda x=x, w=w, b=b: decode_linear(x, w, b,
+                                                                          plan_options=dict(prefetch_steps=64))))
                     for swap in (False, True) if dtype == torch.bfloat16 else (False,):
                         name = f"{label} {layer} {str(dtype).split('.')[1]} M{rows}" + (" swap_ab" if swap else "")
+                        options = dict(swap_ab=True) if swap else {}
                         if layer != "lm_head" or swap:
-                            cases.append((f"decode_linear {name}", lambda x=x, w=w, b=b, swap=swap:
-                                          decode_linear(x, w, b, swap_ab=swap)))
+                            cases.append((f"decode_linear {name}", lambda x=x, w=w, b=b, o=options:
+                                          decode_linear(x, w, b, plan_options=o)))
                         if swap:
                             cases.append((f"decode_linear {name} block_n=64", lambda x=x, w=w, b=b: decode_linear(
                                 x, w, b, plan=plan_linear(*x.shape[:2], *w.shape[1:], x.device, swap_ab=True,
                                                           block_n=64))))
                         if layer == "gate_up" and rows <= LINEAR_KERNEL_ROWS:
                             cases.append((f"decode_linear {name} gated", lambda x=normed if rows == 1 else x, w=w,
-                                          swap=swap: decode_linear(x, w, gated=True, swap_ab=swap)))
+                                          o=options: decode_linear(x, w, gated=True, plan_options=o)))
                         if layer == "qkv" and rows <= LINEAR_KERNEL_ROWS:
                             cache = torch.empty(copies, rows, 17, kv_heads, head_dim, dtype=dtype)
                             rotary = RotaryCacheWrite(torch.empty(rows, 1, head_dim), torch.empty(rows, 1, head_dim),
                                                       cache, cache, torch.zeros(rows, dtype=torch.int64),
                                                       torch.zeros(rows, 1, dtype=torch.int64), heads, kv_heads)
                             cases.append((f"decode_linear {name} rotary", lambda x=normed if rows == 1 else x, w=w,
-                                          b=b, r=rotary, swap=swap: decode_linear(x, w, b, rotary=r, swap_ab=swap)))
+                                          b=b, r=rotary, o=options: decode_linear(x, w, b, rotary=r, plan_options=o)))
                         if rows > 1:
                             continue
                         if layer in ("o", "down"):
-                            cases.append((f"decode_linear {name} residual", lambda x=x, w=w, r=residual, swap=swap:
-                                          decode_linear(x, w, residual=r, swap_ab=swap)))
+                            cases.append((f"decode_linear {name} residual", lambda x=x, w=w, r=residual, o=options:
+                                          decode_linear(x, w, residual=r, plan_options=o)))
                         elif layer == "lm_head":
-                            cases.append((f"decode_linear {name} normed", lambda x=normed, w=w, b=b, swap=swap:
-                                          decode_linear(x, w, b, swap_ab=swap)))
+                            cases.append((f"decode_linear {name} normed", lambda x=normed, w=w, b=b, o=options:
+                                          decode_linear(x, w, b, plan_options=o)))
     return cases
 
 

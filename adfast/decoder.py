@@ -287,13 +287,13 @@ class Decoder(nn.Module):
         # ops and linear_fusions (the default; False for comparisons) the kernel also computes the
         # rotary embeddings with the cache write (qkv epilogue), the MLP's activation (gate/up
         # epilogue) and, at batch-1 decode with every linear in it, the norms (_fuses_norms).
-        # linear_swap_ab (False until measured) gives the kernel plans with the weight tile leading
-        # its product (LinearPlan.swap_ab: the warpgroup MMA). The kernel's split-K tickets (one
-        # buffer: a decoder runs on one stream at a time) come with setup_cache.
+        # linear_plan_options: keyword arguments of the kernel's plan_linear (e.g. swap_ab,
+        # prefetch_steps; none by default: the plans measured best per layer). The kernel's split-K
+        # tickets (one buffer: a decoder runs on one stream at a time) come with setup_cache.
         self.linear_kernel = False
         self.linear_kernel_rows = LINEAR_KERNEL_ROWS
         self.linear_fusions = True
-        self.linear_swap_ab = False
+        self.linear_plan_options: dict = {}
         self.linear_counters: torch.Tensor | None = None
         # Decode steps' weight prefetch (adfast.weight_prefetch): bytes of each layer matmul's weight
         # pulled into L2 on a side stream while the kernels before that matmul run; 0 (the default
@@ -550,9 +550,10 @@ class Decoder(nn.Module):
 
     def _decode_linear(self, x: torch.Tensor | NormedInput, weight: torch.Tensor, bias: torch.Tensor | None,
                        **fusion) -> torch.Tensor | ResidualSum:
-        """:func:`decode_linear` with this decoder's tickets and :attr:`linear_swap_ab`; ``fusion``: its
-        ``gated`` / ``residual`` / ``rotary``."""
-        return decode_linear(x, weight, bias, counters=self.linear_counters, swap_ab=self.linear_swap_ab, **fusion)
+        """:func:`decode_linear` with this decoder's tickets and :attr:`linear_plan_options`; ``fusion``:
+        its ``gated`` / ``residual`` / ``rotary``."""
+        return decode_linear(x, weight, bias, counters=self.linear_counters, plan_options=self.linear_plan_options,
+                             **fusion)
 
     def _gated_mlp_input(self, ops, h: torch.Tensor | NormedInput, layer) -> torch.Tensor:
         """``silu(gate) up`` of the gate/up projection of ``h``: with :meth:`_fuses`, in the kernel's

@@ -20,7 +20,9 @@ residual adds inside them, :meth:`adfast.decoder.Decoder._fuses_norms`; with ``-
 o lm_head``, only those linears: ``_kernel-o-lm_head``; with ``--no-linear-fusions``, neither:
 ``_kernel_unfused``; with ``--linear-rows N``, calls of at most N rows: ``-r<N>``; with
 ``--linear-swap``, its plans with the weight tile leading the product,
-:class:`adfast.kernels.decode_linear.LinearPlan`'s ``swap_ab``: ``_kernel_swap``), ``--prefetch-mb
+:class:`adfast.kernels.decode_linear.LinearPlan`'s ``swap_ab``: ``_kernel_swap``; with
+``--linear-prefetch-steps N``, each program asking L2 for N ``BLOCK_K`` steps of its weight before it
+waits on the kernel before it, instead of 2: ``_kernel_lpf<N>``), ``--prefetch-mb
 N`` (each layer weight's first N MB pulled into L2 on a side stream before its matmul,
 :mod:`adfast.weight_prefetch`; teacher and finite-difference pair, not the tangent pass) appends
 ``_pf<N>``, ``ADFAST_PDL=0`` on a Hopper GPU appends ``_nopdl``.
@@ -120,6 +122,9 @@ def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--linear-swap", action="store_true",
                         help="with --linear kernel: its plans with the weight tile leading the product (swap_ab, the "
                              "warpgroup MMA; rows <variant>_kernel_swap)")
+    parser.add_argument("--linear-prefetch-steps", type=int, default=None,
+                        help="with --linear kernel: BLOCK_K steps of its weight each program prefetches to L2 before "
+                             "it waits on the kernel before it (default 2; rows <variant>_kernel_lpf<N>)")
     parser.add_argument("--prefetch-mb", type=int, default=0,
                         help="MB of each layer weight the engine's decoders prefetch to L2 before its matmul "
                              "(0: off, the default; rows named <variant>_pf<N>)")
@@ -131,14 +136,16 @@ def apply_settings(decoder: Decoder, args) -> None:
     decoder.linear_kernel = args.linear_projections if kernel and args.linear_projections else kernel
     decoder.linear_kernel_rows = args.linear_rows
     decoder.linear_fusions = not args.no_linear_fusions
-    decoder.linear_swap_ab = args.linear_swap
+    decoder.linear_plan_options = (dict(swap_ab=True) if args.linear_swap else {}) | (
+        {} if args.linear_prefetch_steps is None else dict(prefetch_steps=args.linear_prefetch_steps))
     decoder.prefetch_bytes = args.prefetch_mb << 20
 
 
 def variant_suffix(args, device) -> str:
     """What an engine row's variant name gets for settings off the defaults: ``_kernel`` (the
     linears in adfast's kernel; ``-<names>`` for some of them, ``-r<N>`` for at most N rows,
-    ``_swap`` with its swapped-operand plans, ``_unfused`` without the layer ops fused into it),
+    ``_swap`` with its swapped-operand plans, ``_lpf<N>`` prefetching N steps of its weight,
+    ``_unfused`` without the layer ops fused into it),
     ``_pf<N>`` (N MB of each layer weight prefetched to L2), ``_nopdl`` (programmatic dependent
     launch turned off where it applies)."""
     suffix = ""
@@ -146,7 +153,9 @@ def variant_suffix(args, device) -> str:
         names = [p for p in LINEAR_PROJECTIONS if p in (args.linear_projections or LINEAR_PROJECTIONS)]
         suffix = "_kernel" + ("-" + "-".join(names) if len(names) < len(LINEAR_PROJECTIONS) else "") + (
             f"-r{args.linear_rows}" if args.linear_rows != LINEAR_KERNEL_ROWS else "") + (
-            "_swap" if args.linear_swap else "") + ("_unfused" if args.no_linear_fusions else "")
+            "_swap" if args.linear_swap else "") + (
+            f"_lpf{args.linear_prefetch_steps}" if args.linear_prefetch_steps is not None else "") + (
+            "_unfused" if args.no_linear_fusions else "")
     if args.prefetch_mb:
         suffix += f"_pf{args.prefetch_mb}"
     off = dependent_launch_supported(device) and not dependent_launch(device)

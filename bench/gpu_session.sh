@@ -43,8 +43,9 @@
 #             words (8 warps, block 2048) (~11 min of limits: a 590 s call keeps all but the last two)
 #   levers    after sampler: Nsight Compute on the sampler at batch 64; decode attention against its
 #             split size (bench/attention.py: one split per kv head at batch 1 today); the linear
-#             kernel with swapped operands (the warpgroup MMA) per layer at 1 and 32 rows
-#             (bench/linear.py --swap-sweep, linear_swap-<device>.json); engine temperature and
+#             kernel with swapped operands (the warpgroup MMA) and with more of its weight
+#             prefetched before it waits, per layer at 1 and 32 rows (bench/linear.py --swap-sweep
+#             --prefetch-sweep, linear_levers-<device>.json); engine temperature and
 #             antidistillation rows with the L2 weight prefetch at 16 MB (batch 1 and 32), with every
 #             linear in the kernel at batch 32 (its rotary and activation epilogues; the norms stay
 #             apart there) in both operand orders, goals, a profile of temperature with the prefetch
@@ -130,7 +131,7 @@ stage_sampler() {  # most important first: a call cut short keeps what came befo
 stage_levers() {  # after sampler: the step's settings not yet measured, each a run of its own
     sampler_ncu sampler-ncu-grouped-B64
     step 90 attention.log python3 bench/attention.py
-    step 150 linear.log python3 bench/linear.py --rows 1 32 --swap-sweep --stem linear_swap
+    step 150 linear.log python3 bench/linear.py --rows 1 32 --swap-sweep --prefetch-sweep --stem linear_levers
     step 120 decode.log python3 bench/decode.py --append --batches 1 32 --prefetch-mb 16 --variants \
         engine_temperature engine_antidistill
     # every linear in the kernel at batch 32 (its rotary and activation epilogues), with the default

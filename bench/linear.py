@@ -11,7 +11,10 @@ Qwen2.5-3B-shaped proxy pair, two copies stacked as the engine holds them; bf16)
   ``--sweep-rows`` (1 and 32) and every layer but lm_head;
 - with ``--swap-sweep``, the kernel with the weight tile leading the product (``swap_ab``: the
   warpgroup MMA, 64 or 128 weight rows a tile) and the programs per SM and pipeline stages that fit
-  its larger tiles, at every ``--rows`` and layer.
+  its larger tiles, at every ``--rows`` and layer;
+- with ``--prefetch-sweep``, the kernel asking L2 for more of its weight rows before it waits on the
+  launch before it (``prefetch_steps`` 8 and 64 ``BLOCK_K`` steps against the default 2: with
+  programmatic dependent launch, during that launch's last programs), at every ``--rows`` and layer.
 
 Timing: one CUDA graph of calls on distinct copies of the weight (at least 4, and together at least
 256 MiB, four times the L2 cache, so every call reads its weight from memory as a decode step's
@@ -24,7 +27,7 @@ Writes ``bench/results/<stem>-<device>.json`` (``--stem``, default ``linear``; r
 layer, copies, rows, outputs, inputs, backend, plan, us, tb_s, copy_frac``) and prints the table.
 
 Usage: ``python bench/linear.py [--rows 1 8 32 64] [--sweep [--sweep-rows 1 32]] [--swap-sweep]
-[--stem linear] [--out bench/results]``.
+[--prefetch-sweep] [--stem linear] [--out bench/results]``.
 """
 import argparse
 import dataclasses
@@ -48,9 +51,10 @@ LAYERS = [("teacher-7b", 1, "qkv", 4608, 3584, True), ("teacher-7b", 1, "o", 358
 SWEEP = [dict(block_n=16), dict(block_n=64), dict(block_k=128), dict(block_k=256), dict(block_k=512),
          dict(programs_per_sm=2), dict(programs_per_sm=4), dict(programs_per_sm=8), dict(num_stages=2),
          dict(num_stages=4), dict(num_warps=8)]
-SWAP_SWEEP = [dict(swap_ab=True, block_n=64), dict(swap_ab=True, block_n=64, programs_per_sm=2),
-              dict(swap_ab=True, block_n=128), dict(swap_ab=True, block_n=128, programs_per_sm=1),
+SWAP_SWEEP = [dict(swap_ab=True, block_n=64), dict(swap_ab=True, block_n=128),
+              dict(swap_ab=True, block_n=128, programs_per_sm=1),
               dict(swap_ab=True, block_n=128, programs_per_sm=2, num_stages=2)]
+PREFETCH_SWEEP = [dict(prefetch_steps=8), dict(prefetch_steps=64)]
 FLOOR_BYTES = 256 << 20
 
 
@@ -74,6 +78,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep-rows", type=int, nargs="+", default=[1, 32], help="the rows --sweep covers")
     parser.add_argument("--swap-sweep", action="store_true",
                         help="also the kernel with swapped operands (swap_ab) and plans for it, every layer and row")
+    parser.add_argument("--prefetch-sweep", action="store_true",
+                        help="also the kernel prefetching more of its weight before it waits, every layer and row")
     parser.add_argument("--stem", default="linear", help="the results file's name before -<device>.json")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
@@ -91,7 +97,7 @@ def main(argv=None) -> int:
         for rows in args.rows:
             default = plan_linear(copies, rows, outputs, inputs, device)
             changes = (SWEEP if args.sweep and rows in args.sweep_rows and layer != "lm_head" else []) + (
-                SWAP_SWEEP if args.swap_sweep else [])
+                SWAP_SWEEP if args.swap_sweep else []) + (PREFETCH_SWEEP if args.prefetch_sweep else [])
             plans = [("kernel", default)] + [
                 ("kernel " + " ".join(f"{k}={v}" for k, v in change.items()),
                  plan_linear(copies, rows, outputs, inputs, device, **change)) for change in changes]

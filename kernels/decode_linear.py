@@ -82,7 +82,10 @@ MAX_ROWS = 64
 """The most rows (``C``-wise ``M``) the kernel takes: beyond it a GEMM is no longer a weight read."""
 MIN_BLOCK_N = 16
 PREFETCH_STEPS = 2
-"""``BLOCK_K`` steps of its weight rows a program prefetches to L2 before waiting on the kernel before it (PDL)."""
+"""The default of :attr:`LinearPlan.prefetch_steps`."""
+PREFETCH_LINES = tl.constexpr(4)
+"""128-byte lines of each weight row a program asks L2 for per (unrolled) iteration of its prefetch:
+:attr:`LinearPlan.prefetch_steps` rounds up to whole iterations."""
 
 
 PLAIN, GATED, RESIDUAL, ROTARY = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
@@ -206,8 +209,8 @@ def _decode_linear(
     sx_c, sx_m, sw_c, sw_n, sb_c, snw_c, sr_c, sr_m, rotary,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, NORMED: tl.constexpr, ONE_ROW: tl.constexpr,
     OUTPUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SWAP_AB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, PREFETCH_LINES: tl.constexpr,
-    LIBDEVICE_EXP: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    SWAP_AB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, LIBDEVICE_EXP: tl.constexpr,
+    HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PREFETCH_ITERS: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
     j = tl.program_id(0)
@@ -230,12 +233,16 @@ def _decode_linear(
     w_rows = w_ptr + c * sw_c + w_row[:, None].to(tl.int64) * sw_n
     k_end = tl.minimum((s + 1) * k_split, K)
     if PDL:  # programmatic dependent launch (split.dependent_launch): the weights are no kernel's
-        # output, so pull this program's first PREFETCH_LINES 128-byte lines of each weight row into
-        # L2 while the kernel before finishes, then wait for it
-        line = s * k_split + tl.arange(0, PREFETCH_LINES) * (1024 // w_ptr.dtype.element_ty.primitive_bitwidth)
-        ahead = n_mask[:, None] & (line < k_end)[None, :]
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [tl.where(ahead, w_rows + line[None, :], w_ptr)],
-                                  dtype=tl.int32, is_pure=False, pack=1)
+        # output, so pull this program's first PREFETCH_ITERS x PREFETCH_LINES 128-byte lines of each
+        # weight row (within its split) into L2 while the kernel before finishes, then wait for it.
+        # Unrolled: a runtime loop here costs the wgmma main loop 5-9% more instructions (compile_check)
+        per_line = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth
+        for it in tl.static_range(PREFETCH_ITERS):
+            line = s * k_split + (it * PREFETCH_LINES + tl.arange(0, PREFETCH_LINES)) * per_line
+            ahead = n_mask[:, None] & (line < k_end)[None, :]
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l",
+                                      [tl.where(ahead, w_rows + line[None, :], w_ptr)], dtype=tl.int32,
+                                      is_pure=False, pack=1)
     wait_for_predecessor(PDL)
     r = tl.zeros((BLOCK_M,), tl.float32)
     if NORMED:
@@ -280,8 +287,11 @@ def _decode_linear(
 @dataclass(frozen=True)
 class LinearPlan:
     """Tile sizes, the K split (``split_k`` programs of ``k_split`` inputs per output tile), the
-    launch's warps and pipeline stages, and which operand leads the tile product (``swap_ab``:
-    module docstring, Operand order)."""
+    launch's warps and pipeline stages, which operand leads the tile product (``swap_ab``: module
+    docstring, Operand order), and how many ``BLOCK_K`` steps of its weight rows a program asks L2
+    for before it waits on the kernel before it (``prefetch_steps``, rounded up to whole
+    :data:`PREFETCH_LINES`, at most its split's; programmatic dependent launch only: a launch
+    starts while its predecessor's last programs run, when memory has bandwidth to spare)."""
 
     block_m: int
     block_n: int
@@ -291,12 +301,14 @@ class LinearPlan:
     num_warps: int
     num_stages: int
     swap_ab: bool = False
+    prefetch_steps: int = PREFETCH_STEPS
 
 
 def plan_linear(copies: int, rows: int, outputs: int, inputs: int, device: torch.device, *,
                 block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
                 num_warps: int | None = None, num_stages: int | None = None,
-                programs_per_sm: int | None = None, swap_ab: bool = False) -> LinearPlan:
+                programs_per_sm: int | None = None, swap_ab: bool = False,
+                prefetch_steps: int = PREFETCH_STEPS) -> LinearPlan:
     """The launch plan for ``[C, M, K] x [C, N, K]^T``; keyword arguments override its choices.
 
     GPU: ``BLOCK_N = 32`` output columns; ``K`` split so that ``C ceil(N / BLOCK_N) SPLIT_K``
@@ -308,8 +320,9 @@ def plan_linear(copies: int, rows: int, outputs: int, inputs: int, device: torch
     39 us). ``swap_ab`` (off by default, not yet measured) puts the weight tile on the left of the
     tile product, by default with ``BLOCK_N = 128`` (the warpgroup MMA takes 64 or more) and always
     with ``BLOCK_K = 128`` (at 128 weight rows, three stages of 256 inputs would take 221 KB of
-    shared memory, an SM's whole). Interpreter (CPU tensors): 16 x 32 tiles and up to 3 splits, so
-    that test shapes cross tiles, splits and masked tails.
+    shared memory, an SM's whole). ``prefetch_steps``: 2 (measured only as that). Interpreter (CPU
+    tensors): 16 x 32 tiles and up to 3 splits, so that test shapes cross tiles, splits and masked
+    tails.
     """
     block_m = max(16, triton.next_power_of_2(rows))
     sms = launch_plan.multiprocessor_count(device)
@@ -328,9 +341,11 @@ def plan_linear(copies: int, rows: int, outputs: int, inputs: int, device: torch
     for name, value in (("block_n", block_n), ("block_k", block_k)):
         if value < 16 or value & (value - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+    if prefetch_steps < 0:
+        raise ValueError(f"prefetch_steps must be >= 0, got {prefetch_steps}")
     k_split = triton.cdiv(triton.cdiv(inputs, split_k), block_k) * block_k
     split_k = triton.cdiv(inputs, k_split)  # no empty splits
-    return LinearPlan(block_m, block_n, block_k, split_k, k_split, num_warps, num_stages, swap_ab)
+    return LinearPlan(block_m, block_n, block_k, split_k, k_split, num_warps, num_stages, swap_ab, prefetch_steps)
 
 
 def counters_for(copies: int, outputs: int, device) -> torch.Tensor:
@@ -439,7 +454,7 @@ def _check_inputs(x, weight, bias, residual, gated, rotary, counters) -> tuple[N
 def decode_linear(x: torch.Tensor | NormedInput, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                   gated: bool = False, residual: torch.Tensor | None = None, rotary: RotaryCacheWrite | None = None,
                   counters: torch.Tensor | None = None, plan: LinearPlan | None = None,
-                  swap_ab: bool = False) -> torch.Tensor | ResidualSum:
+                  plan_options: dict | None = None) -> torch.Tensor | ResidualSum:
     """``x W^T + b`` per copy (see the module docstring), ``[C, M, N]`` in x's dtype.
 
     Fusions (module docstring), each computing what its separate kernel would without its launch:
@@ -455,13 +470,14 @@ def decode_linear(x: torch.Tensor | NormedInput, weight: torch.Tensor, bias: tor
     ``counters``: the split-K tickets (:func:`counters_for`; zero at entry, left zero); None
     allocates zeroed ones (an extra fill kernel each call; a CUDA-graph captured step passes its
     own, one buffer per stream that may run concurrently). ``plan`` overrides :func:`plan_linear`
-    (tests, tuning); without one, ``swap_ab`` asks it for a plan with the weight tile leading the
-    product. Raises ValueError for inputs the kernel cannot take.
+    (tests, tuning); without one, ``plan_options`` are keyword arguments of :func:`plan_linear` for
+    the plan it chooses (e.g. ``{"swap_ab": True}``). Raises ValueError for inputs the kernel cannot
+    take.
     """
     normed, rows_of = _check_inputs(x, weight, bias, residual, gated, rotary, counters)
     copies, rows, inputs = rows_of.shape
     outputs, device = weight.shape[1], weight.device
-    plan = plan or plan_linear(copies, rows, outputs, inputs, device, swap_ab=swap_ab)
+    plan = plan or plan_linear(copies, rows, outputs, inputs, device, **(plan_options or {}))
     width = outputs // 2 if gated else outputs * rotary.heads // (rotary.heads + 2 * rotary.kv_heads) if rotary \
         else outputs
     y = torch.empty((copies, rows, width), device=device, dtype=weight.dtype)
@@ -495,9 +511,11 @@ def decode_linear(x: torch.Tensor | NormedInput, weight: torch.Tensor, bias: tor
         OUTPUT=output.value, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
         SWAP_AB=plan.swap_ab,
         PRECISION="ieee" if weight.dtype == torch.float32 or interpreted else "tf32",
-        UPCAST=interpreted, PREFETCH_LINES=max(1, PREFETCH_STEPS * plan.block_k * weight.element_size() // 128),
+        UPCAST=interpreted,
         LIBDEVICE_EXP=not interpreted, HEADS=heads, KV_HEADS=kv_heads,
         HEAD_DIM=outputs // (heads + 2 * kv_heads) if rotary is not None else 0,
+        PREFETCH_ITERS=triton.cdiv(min(plan.prefetch_steps * plan.block_k, plan.k_split) * weight.element_size(),
+                                   128 * PREFETCH_LINES.value),
         num_warps=plan.num_warps, num_stages=plan.num_stages,
         **launch_plan.dependent_launch(device),
     )

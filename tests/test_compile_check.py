@@ -79,6 +79,8 @@ def test_gpu_plans_were_compiled(report):
     assert linears >= {(16, 128, True, "tf32", True), (16, 256, False, "tf32", True), (32, 128, True, "tf32", True),
                        (64, 128, True, "tf32", True), (16, 128, True, "ieee", True)}  # split-K or not, 1/32/64 rows
     assert all(k["constexprs"]["PDL"] for k in compiled if "PDL" in k["constexprs"]), "as on Hopper"
+    prefetches = {c["PREFETCH_ITERS"] for c in (k["constexprs"] for k in compiled if k["kernel"] == "_decode_linear")}
+    assert {1, 7} <= prefetches  # the default 2 steps of 128 bf16 inputs; the 7B qkv's whole 1792-input split
     modes = {(c["HAS_PROXY"], c["SHIFT"], c["PERMUTE"], c["EXACT_D"])
              for c in (k["constexprs"] for k in compiled if k["kernel"] == "_fused_sample_partials")}
     assert modes == {(False, False, False, False), (True, True, False, False), (True, False, False, False),

@@ -279,6 +279,8 @@ def test_plan():
     assert plan.block_m == 16 and plan.k_split % 64 == 0 and plan.split_k * plan.k_split >= 1000
     assert (plan.split_k - 1) * plan.k_split < 1000, "no split may be empty"
     assert plan_linear(1, 33, 16, 16, cpu).block_m == 64
+    with pytest.raises(ValueError, match="prefetch_steps must be >= 0"):
+        plan_linear(1, 1, 16, 16, cpu, prefetch_steps=-1)
     with pytest.raises(ValueError, match="block_n must be a power of two"):
         plan_linear(1, 1, 16, 16, cpu, block_n=24)
 
@@ -342,13 +344,13 @@ def test_decoder_fuses_layer_ops(monkeypatch):
     test_layer_ops.py.)"""
     import adfast.decoder
 
-    calls, swaps = [], set()
+    calls, options = [], []
 
     def recording(x, w, b=None, **kwargs):
         output = [name for name in ("gated", "residual", "rotary") if kwargs.get(name) is not None
                   and kwargs.get(name) is not False]
         calls.append((type(x).__name__, output[0] if output else "plain"))
-        swaps.add(kwargs["swap_ab"])
+        options.append(kwargs["plan_options"])
         return decode_linear(x, w, b, **kwargs)
 
     monkeypatch.setattr(adfast.decoder, "decode_linear", recording)
@@ -376,13 +378,11 @@ def test_decoder_fuses_layer_ops(monkeypatch):
         decoder.fused, decoder.linear_kernel, decoder.linear_fusions = fused, True, fusions
         decoder(step, slots[:1])
         assert calls == [("Tensor", "plain")] * (4 * layers + 1)
-    assert swaps == {False}
-    decoder.linear_swap_ab = True  # every call asks for the swapped-operand plan
+    assert options and all(o == {} for o in options)
+    options.clear()
+    decoder.linear_plan_options = dict(swap_ab=True, prefetch_steps=8)  # every call asks plan_linear for them
     decoder(step, slots[:1])
-    assert swaps == {False, True}
-    swaps.clear()
-    decoder(step, slots[:1])
-    assert swaps == {True}
+    assert options and all(o == dict(swap_ab=True, prefetch_steps=8) for o in options)
 
 
 def _bad_calls():
@@ -429,15 +429,17 @@ def test_rejects_malformed_inputs(match, call):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("shape", [(1, 1, 4608, 3584), (2, 32, 2560, 2048), (1, 64, 3584, 3584)])
-@pytest.mark.parametrize("swap_ab", [False, True])
-def test_cuda_graph_replay_at_model_shapes(shape, swap_ab):
+@pytest.mark.parametrize("change", [{}, dict(swap_ab=True, block_n=128), dict(prefetch_steps=64)],
+                         ids=["default", "swap_ab", "prefetch_whole_split"])
+def test_cuda_graph_replay_at_model_shapes(shape, change):
     """The real GPU plans (split K reduced through the tickets) at the 7B teacher's and the 3B pair's
-    qkv shapes and the 7B's o at 64 rows, and with the weight tile leading the product (128 weight
-    rows a tile, the warpgroup MMA): against float64; captured in a CUDA graph, replays on new
-    inputs equal eager launches, bit for bit, and leave the tickets at zero."""
+    qkv shapes and the 7B's o at 64 rows, with the weight tile leading the product (128 weight rows
+    a tile, the warpgroup MMA) and with each program's whole weight range asked of L2 before it
+    waits: against float64; captured in a CUDA graph, replays on new inputs equal eager launches,
+    bit for bit, and leave the tickets at zero."""
     x, w, b = make(*shape, torch.bfloat16)
     counters = counters_for(shape[0], shape[2], DEVICE)
-    plan = plan_linear(*shape, x.device, **(dict(swap_ab=True, block_n=128) if swap_ab else {}))
+    plan = plan_linear(*shape, x.device, **change)
     assert plan.split_k > 1
     assert_close_to_reference(decode_linear(x, w, b, counters=counters, plan=plan), x, w, b)  # compiles outside
     graph = torch.cuda.CUDAGraph()

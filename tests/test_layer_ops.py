@@ -25,7 +25,7 @@ def run(decoder: Decoder, fused: bool, tangent: bool, steps: int = 2, linear_ker
     """Prefill the first ``prompts`` of PROMPTS, then ``steps`` decode steps of fixed tokens: every
     step's logits (and tangent logits); ``linear_kernel``: the layers' linears in the decode-time
     GEMM kernel (``swap_ab``: with the weight tile leading its product)."""
-    decoder.fused, decoder.linear_kernel, decoder.linear_swap_ab = fused, linear_kernel, swap_ab
+    decoder.fused, decoder.linear_kernel, decoder.linear_plan_options = fused, linear_kernel, dict(swap_ab=swap_ab)
     decoder.setup_cache(4, 12)
     device = decoder.embed.device
     ids = torch.zeros(prompts, max(map(len, PROMPTS[:prompts])), dtype=torch.int64)
@@ -71,7 +71,7 @@ def test_fused_decoder_equals_pytorch_decoder(family, copies, dtype):
 def test_decode_linear_decoder_equals_pytorch_decoder(family, copies, dtype, swap_ab):
     """The layers' linears (prefill of 15 rows and decode steps, all within the kernel's 64 rows) in
     adfast.kernels.decode_linear, with the bias in its epilogue, and with the weight tile leading
-    its product (``Decoder.linear_swap_ab``): the same logits and caches."""
+    its product (``Decoder.linear_plan_options``): the same logits and caches."""
     model = with_random_biases((tiny_qwen2 if family == "qwen2" else tiny_llama)())
     decoder = Decoder.from_hf([model] * copies, dtype=dtype, device=KERNEL_DEVICE)
     assert_same_runs(run(decoder, True, False, linear_kernel=True, swap_ab=swap_ab), run(decoder, False, False),
