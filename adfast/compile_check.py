@@ -306,8 +306,9 @@ def _linear_cases():
     decode-time linear layers of the teacher and the proxy pair (with the qkv bias) at 1, 32 and 64
     rows, bf16 and fp32: each with a plain input and output, and as a decoder fuses them (the
     qkv projection's ``rotary`` and the gate/up projection's ``gated`` epilogues up to
-    :data:`adfast.decoder.LINEAR_KERNEL_ROWS` rows; at one row also the norms: a normed input for
-    qkv, gate/up and, bf16 only, the lm_head, the residual epilogue for o and down); in bf16 each
+    :data:`adfast.decoder.LINEAR_KERNEL_ROWS` rows; there also the norms (``Decoder.linear_norm_rows``;
+    at one row always): a normed input for qkv, gate/up and, bf16 only, the lm_head, the residual
+    epilogue for o and down); in bf16 each
     again with the operands swapped (``swap_ab``, its default 128 weight rows a tile; plain, the
     lm_head too, also at 64), and plain with each program's whole split prefetched before it waits
     (``prefetch_steps``)."""
@@ -345,18 +346,22 @@ def _linear_cases():
                             cases.append((f"decode_linear {name} block_n=64", lambda x=x, w=w, b=b: decode_linear(
                                 x, w, b, plan=plan_linear(*x.shape[:2], *w.shape[1:], x.device, swap_ab=True,
                                                           block_n=64))))
-                        if layer == "gate_up" and rows <= LINEAR_KERNEL_ROWS:
-                            cases.append((f"decode_linear {name} gated", lambda x=normed if rows == 1 else x, w=w,
-                                          o=options: decode_linear(x, w, gated=True, plan_options=o)))
-                        if layer == "qkv" and rows <= LINEAR_KERNEL_ROWS:
-                            cache = torch.empty(copies, rows, 17, kv_heads, head_dim, dtype=dtype)
-                            rotary = RotaryCacheWrite(torch.empty(rows, 1, head_dim), torch.empty(rows, 1, head_dim),
-                                                      cache, cache, torch.zeros(rows, dtype=torch.int64),
-                                                      torch.zeros(rows, 1, dtype=torch.int64), heads, kv_heads)
-                            cases.append((f"decode_linear {name} rotary", lambda x=normed if rows == 1 else x, w=w,
-                                          b=b, r=rotary, o=options: decode_linear(x, w, b, rotary=r, plan_options=o)))
-                        if rows > 1:
+                        if rows > LINEAR_KERNEL_ROWS:
                             continue
+                        # the input a decoder gives: normed at one row; at more, plain by default and
+                        # normed with Decoder.linear_norm_rows
+                        for h, norm in ((normed, ""),) if rows == 1 else ((x, ""), (normed, " normed")):
+                            if layer == "gate_up":
+                                cases.append((f"decode_linear {name}{norm} gated", lambda h=h, w=w, o=options:
+                                              decode_linear(h, w, gated=True, plan_options=o)))
+                            if layer == "qkv":
+                                cache = torch.empty(copies, rows, 17, kv_heads, head_dim, dtype=dtype)
+                                rotary = RotaryCacheWrite(torch.empty(rows, 1, head_dim),
+                                                          torch.empty(rows, 1, head_dim), cache, cache,
+                                                          torch.zeros(rows, dtype=torch.int64),
+                                                          torch.zeros(rows, 1, dtype=torch.int64), heads, kv_heads)
+                                cases.append((f"decode_linear {name}{norm} rotary", lambda h=h, w=w, b=b, r=rotary,
+                                              o=options: decode_linear(h, w, b, rotary=r, plan_options=o)))
                         if layer in ("o", "down"):
                             cases.append((f"decode_linear {name} residual", lambda x=x, w=w, r=residual, o=options:
                                           decode_linear(x, w, residual=r, plan_options=o)))

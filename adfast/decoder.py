@@ -286,7 +286,8 @@ class Decoder(nn.Module):
         # default: cuBLAS was faster in the engine) runs them all as `linear`. With the Triton layer
         # ops and linear_fusions (the default; False for comparisons) the kernel also computes the
         # rotary embeddings with the cache write (qkv epilogue), the MLP's activation (gate/up
-        # epilogue) and, at batch-1 decode with every linear in it, the norms (_fuses_norms).
+        # epilogue) and, at decode steps of at most linear_norm_rows rows (1: batch 1) with every
+        # linear in it, the norms (_fuses_norms).
         # linear_plan_options: keyword arguments of the kernel's plan_linear (e.g. swap_ab,
         # prefetch_steps; none by default: the plans measured best per layer). The kernel's split-K
         # tickets (one buffer: a decoder runs on one stream at a time) come with setup_cache.
@@ -294,6 +295,7 @@ class Decoder(nn.Module):
         self.linear_kernel_rows = LINEAR_KERNEL_ROWS
         self.linear_fusions = True
         self.linear_plan_options: dict = {}
+        self.linear_norm_rows = 1
         self.linear_counters: torch.Tensor | None = None
         # Decode steps' weight prefetch (adfast.weight_prefetch): bytes of each layer matmul's weight
         # pulled into L2 on a side stream while the kernels before that matmul run; 0 (the default
@@ -571,9 +573,10 @@ class Decoder(nn.Module):
         """Whether the linear kernel may take the layer ops' work: Triton layer ops and :attr:`linear_fusions`."""
         return ops is not TORCH and self.linear_fusions
 
-    def _fuses_norms(self, ops, rows: int) -> bool:
+    def _fuses_norms(self, ops, rows: int, seq: int) -> bool:
         """Whether a forward of ``rows = B T`` rows runs the layers' norms inside the linear kernel:
-        one row (batch-1 decode), :meth:`_fuses`, and every linear in the kernel. Then each
+        a decode step (``T == 1``) of at most :attr:`linear_norm_rows` rows (1 by default: batch-1
+        decode), :meth:`_fuses`, and every linear in the kernel. Then each
         residual add and its RMSNorm's sums of squares are the epilogue of the o and down
         projections (a :class:`ResidualSum`), and the norm itself the prologue of the qkv, gate/up
         and lm_head projections (a :class:`NormedInput`): the arithmetic of
@@ -581,8 +584,11 @@ class Decoder(nn.Module):
         order), two launches a layer fewer (the first layer's norm stays one). At more rows every
         output tile normalises a ``[BLOCK_M, BLOCK_K]`` tile per step, as much issue as the weight's
         bytes allow (``compile_check``, the 7B's qkv normalising its padded 16-row tile: 340 SASS
-        instructions a loop iteration against 79 unfused; 104 normalising the one row's vector)."""
-        return rows == 1 and self._fuses(ops) and all(self._linear_kernel_takes(rows, p) for p in LINEAR_PROJECTIONS)
+        instructions a loop iteration against 79 unfused; 104 normalising the one row's vector; the
+        gate/up projection at 32 rows 352 against 91, and with ``swap_ab`` plans, whose tiles of 128
+        weight rows share one normalised input tile, 385 against 179)."""
+        return seq == 1 and rows <= self.linear_norm_rows and self._fuses(ops) and all(
+            self._linear_kernel_takes(rows, p) for p in LINEAR_PROJECTIONS)
 
     def _add_rms_norm(self, ops, x: torch.Tensor, weight: torch.Tensor, update
                       ) -> tuple[torch.Tensor, torch.Tensor | NormedInput]:
@@ -730,7 +736,7 @@ class Decoder(nn.Module):
         copies, heads, head_dim = self.num_copies, cfg.num_heads, cfg.head_dim
         rows = batch * seq
         x = self.embed[:, tokens].view(copies, rows, cfg.hidden_size)
-        fuse = self._fuses_norms(ops, rows)
+        fuse = self._fuses_norms(ops, rows, seq)
         update = None  # each sublayer's output joins the residual stream in the next norm
         prefetch = weight_prefetcher(self.prefetch_stream, self.prefetch_bytes, seq)
         for i, layer in enumerate(self.layers):

@@ -22,10 +22,11 @@ o lm_head``, only those linears: ``_kernel-o-lm_head``; with ``--no-linear-fusio
 ``--linear-swap``, its plans with the weight tile leading the product,
 :class:`adfast.kernels.decode_linear.LinearPlan`'s ``swap_ab``: ``_kernel_swap``; with
 ``--linear-prefetch-steps N``, each program asking L2 for N ``BLOCK_K`` steps of its weight before it
-waits on the kernel before it, instead of 2: ``_kernel_lpf<N>``), ``--prefetch-mb
-N`` (each layer weight's first N MB pulled into L2 on a side stream before its matmul,
-:mod:`adfast.weight_prefetch`; teacher and finite-difference pair, not the tangent pass) appends
-``_pf<N>``, ``ADFAST_PDL=0`` on a Hopper GPU appends ``_nopdl``.
+waits on the kernel before it, instead of 2: ``_kernel_lpf<N>``; with ``--linear-norm-rows N``, the
+norms inside the linears at decode steps of up to N rows, not only at batch 1: ``_kernel_norms<N>``),
+``--prefetch-mb N`` (each layer weight's first N MB pulled into L2 on a side stream before its
+matmul, :mod:`adfast.weight_prefetch`; teacher and finite-difference pair, not the tangent pass)
+appends ``_pf<N>``, ``ADFAST_PDL=0`` on a Hopper GPU appends ``_nopdl``.
 
 Models have the real architectures with random bf16 weights (throughput does not depend on the
 values): a Qwen2.5-7B-shaped teacher and a Qwen2.5-3B-shaped proxy pair (``--shapes real``, a CUDA
@@ -122,6 +123,9 @@ def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--linear-swap", action="store_true",
                         help="with --linear kernel: its plans with the weight tile leading the product (swap_ab, the "
                              "warpgroup MMA; rows <variant>_kernel_swap)")
+    parser.add_argument("--linear-norm-rows", type=int, default=1,
+                        help="with --linear kernel: the most rows of a decode step whose norms run inside it (default "
+                             "1: batch 1; rows <variant>_kernel_norms<N>)")
     parser.add_argument("--linear-prefetch-steps", type=int, default=None,
                         help="with --linear kernel: BLOCK_K steps of its weight each program prefetches to L2 before "
                              "it waits on the kernel before it (default 2; rows <variant>_kernel_lpf<N>)")
@@ -136,6 +140,7 @@ def apply_settings(decoder: Decoder, args) -> None:
     decoder.linear_kernel = args.linear_projections if kernel and args.linear_projections else kernel
     decoder.linear_kernel_rows = args.linear_rows
     decoder.linear_fusions = not args.no_linear_fusions
+    decoder.linear_norm_rows = args.linear_norm_rows
     decoder.linear_plan_options = (dict(swap_ab=True) if args.linear_swap else {}) | (
         {} if args.linear_prefetch_steps is None else dict(prefetch_steps=args.linear_prefetch_steps))
     decoder.prefetch_bytes = args.prefetch_mb << 20
@@ -145,6 +150,7 @@ def variant_suffix(args, device) -> str:
     """What an engine row's variant name gets for settings off the defaults: ``_kernel`` (the
     linears in adfast's kernel; ``-<names>`` for some of them, ``-r<N>`` for at most N rows,
     ``_swap`` with its swapped-operand plans, ``_lpf<N>`` prefetching N steps of its weight,
+    ``_norms<N>`` with the norms inside it at decode steps of up to N rows,
     ``_unfused`` without the layer ops fused into it),
     ``_pf<N>`` (N MB of each layer weight prefetched to L2), ``_nopdl`` (programmatic dependent
     launch turned off where it applies)."""
@@ -155,6 +161,7 @@ def variant_suffix(args, device) -> str:
             f"-r{args.linear_rows}" if args.linear_rows != LINEAR_KERNEL_ROWS else "") + (
             "_swap" if args.linear_swap else "") + (
             f"_lpf{args.linear_prefetch_steps}" if args.linear_prefetch_steps is not None else "") + (
+            f"_norms{args.linear_norm_rows}" if args.linear_norm_rows != 1 else "") + (
             "_unfused" if args.no_linear_fusions else "")
     if args.prefetch_mb:
         suffix += f"_pf{args.prefetch_mb}"

@@ -47,8 +47,8 @@
 #             prefetched before it waits, per layer at 1 and 32 rows (bench/linear.py --swap-sweep
 #             --prefetch-sweep, linear_levers-<device>.json); engine temperature and
 #             antidistillation rows with the L2 weight prefetch at 16 MB (batch 1 and 32), with every
-#             linear in the kernel at batch 32 (its rotary and activation epilogues; the norms stay
-#             apart there) in both operand orders, goals, a profile of temperature with the prefetch
+#             linear in the kernel at batch 32 (its rotary and activation epilogues), and with swapped
+#             operands and the norms inside it too, goals, a profile of temperature with the prefetch
 #             (~10 min of limits: a 590 s call may cut the profile)
 #   decode    bench/decode.py: HF generate and engine temperature/antidistill/permutation (~6 min)
 #   jvp       bench/decode.py --append: engine temperature, exact-D jvp, low-rank jvp r8..r512 (~6 min);
@@ -135,11 +135,11 @@ stage_levers() {  # after sampler: the step's settings not yet measured, each a 
     step 120 decode.log python3 bench/decode.py --append --batches 1 32 --prefetch-mb 16 --variants \
         engine_temperature engine_antidistill
     # every linear in the kernel at batch 32 (its rotary and activation epilogues), with the default
-    # operand order and with the weight tile leading (swap_ab)
+    # operand order, and with the weight tile leading (swap_ab) and the norms inside it too
     step 70 decode.log python3 bench/decode.py --append --batches 32 --linear kernel --variants \
         engine_temperature engine_antidistill
-    step 70 decode.log python3 bench/decode.py --append --batches 32 --linear kernel --linear-swap --variants \
-        engine_temperature engine_antidistill
+    step 70 decode.log python3 bench/decode.py --append --batches 32 --linear kernel --linear-swap \
+        --linear-norm-rows 64 --variants engine_temperature engine_antidistill
     step 10 goals.log python3 bench/goals.py
     step 50 profile.log python3 bench/profile_step.py --variant engine_temperature --batch 1 --prefetch-mb 24
 }

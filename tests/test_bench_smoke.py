@@ -33,14 +33,14 @@ def test_decode_benchmark_runs_every_variant_on_tiny_shapes(tmp_path):
         assert [r["variant"] for r in json.loads(result.read_text())] == ["engine_temperature",
                                                                           "engine_temperature_pf2"]
     settings = dict(linear="kernel", linear_projections=["lm_head", "o"], linear_rows=8, no_linear_fusions=False,
-                    linear_swap=False, linear_prefetch_steps=None, prefetch_mb=2)
+                    linear_swap=False, linear_prefetch_steps=None, linear_norm_rows=1, prefetch_mb=2)
     assert bench.variant_suffix(Namespace(**settings), torch.device("cpu")) == "_kernel-o-lm_head-r8_pf2"
     settings.update(linear_projections=None, linear_rows=bench.LINEAR_KERNEL_ROWS, prefetch_mb=0)
     assert bench.variant_suffix(Namespace(**settings), torch.device("cpu")) == "_kernel"
     settings.update(no_linear_fusions=True)
     assert bench.variant_suffix(Namespace(**settings), torch.device("cpu")) == "_kernel_unfused"
-    settings.update(no_linear_fusions=False, linear_swap=True, linear_prefetch_steps=8)
-    assert bench.variant_suffix(Namespace(**settings), torch.device("cpu")) == "_kernel_swap_lpf8"
+    settings.update(no_linear_fusions=False, linear_swap=True, linear_prefetch_steps=8, linear_norm_rows=32)
+    assert bench.variant_suffix(Namespace(**settings), torch.device("cpu")) == "_kernel_swap_lpf8_norms32"
     variants = [v for v in bench.VARIANTS if v != "engine_jvp_lowrank"] + ["engine_jvp_r4"]
     assert sorted((r["variant"], r["batch"]) for r in rows) == sorted((v, b) for v in variants for b in (1, 2))
     for row in rows:

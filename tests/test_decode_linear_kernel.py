@@ -338,8 +338,9 @@ def test_decoder_fuses_layer_ops(monkeypatch):
     the kernel takes the rotary embeddings and cache write from the qkv projection's epilogue and
     ``silu(gate) up`` from the gate/up projection's (prefill and decode); at one row (batch-1
     decode) with every linear in the kernel, qkv (after the first layer), gate/up and the lm_head
-    also read a NormedInput, and o and down add themselves to the residual stream. At two rows or
-    with a partial ``linear_kernel`` set the norms stay separate; with the PyTorch layer ops or
+    also read a NormedInput, and o and down add themselves to the residual stream; so does a
+    two-row decode step with ``linear_norm_rows = 2``, never a prefill. At two rows by default, or
+    with a partial ``linear_kernel`` set, the norms stay separate; with the PyTorch layer ops or
     without ``linear_fusions`` everything does. (That the fused decoder computes the same logits:
     test_layer_ops.py.)"""
     import adfast.decoder
@@ -369,6 +370,14 @@ def test_decoder_fuses_layer_ops(monkeypatch):
     decoder(step, slots[:1])
     layer = [("NormedInput", "rotary"), ("Tensor", "residual"), ("NormedInput", "gated"), ("Tensor", "residual")]
     assert calls == tensor_in[:1] + layer[1:] + layer * (layers - 1) + [("NormedInput", "plain")]
+    calls.clear()
+    decoder.linear_norm_rows = 2  # a two-row decode step too; a prefill (T > 1) never
+    for batch, seq in ((2, 3), (2, 1)):
+        calls.clear()
+        decoder(torch.ones(batch, seq, dtype=torch.int64, device=DEVICE), slots[:batch])
+        assert calls == (tensor_in * layers + head if seq > 1 else
+                         tensor_in[:1] + layer[1:] + layer * (layers - 1) + [("NormedInput", "plain")])
+    decoder.linear_norm_rows = 1
     calls.clear()
     decoder.linear_kernel = LINEAR_PROJECTIONS[:-1]
     decoder(step, slots[:1])

@@ -21,11 +21,13 @@ SLOTS = torch.tensor([2, 0, 1])
 
 
 def run(decoder: Decoder, fused: bool, tangent: bool, steps: int = 2, linear_kernel: bool = False,
-        prompts: int = len(PROMPTS), swap_ab: bool = False):
+        prompts: int = len(PROMPTS), swap_ab: bool = False, norm_rows: int = 1):
     """Prefill the first ``prompts`` of PROMPTS, then ``steps`` decode steps of fixed tokens: every
     step's logits (and tangent logits); ``linear_kernel``: the layers' linears in the decode-time
-    GEMM kernel (``swap_ab``: with the weight tile leading its product)."""
+    GEMM kernel (``swap_ab``: with the weight tile leading its product; ``norm_rows``: the norms
+    inside it at decode steps of up to that many rows)."""
     decoder.fused, decoder.linear_kernel, decoder.linear_plan_options = fused, linear_kernel, dict(swap_ab=swap_ab)
+    decoder.linear_norm_rows = norm_rows
     decoder.setup_cache(4, 12)
     device = decoder.embed.device
     ids = torch.zeros(prompts, max(map(len, PROMPTS[:prompts])), dtype=torch.int64)
@@ -88,6 +90,19 @@ def test_batch_one_fused_norms_decoder_equals_pytorch_decoder(family, copies, dt
     decoder = Decoder.from_hf([model] * copies, dtype=dtype, device=KERNEL_DEVICE)
     assert_same_runs(run(decoder, True, False, steps=3, linear_kernel=True, prompts=1),
                      run(decoder, False, False, steps=3, prompts=1), TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("swap_ab", [False, True])
+def test_batched_fused_norms_decoder_equals_pytorch_decoder(family, dtype, swap_ab):
+    """Three prompts with ``Decoder.linear_norm_rows = 3``: their decode steps (three rows) run the
+    norms inside the linear kernel, each output tile normalising its ``[rows, BLOCK_K]`` input tile,
+    in both operand orders: the same logits and caches as the PyTorch decoder."""
+    model = with_random_biases((tiny_qwen2 if family == "qwen2" else tiny_llama)())
+    decoder = Decoder.from_hf([model] * 2, dtype=dtype, device=KERNEL_DEVICE)
+    assert_same_runs(run(decoder, True, False, steps=3, linear_kernel=True, swap_ab=swap_ab, norm_rows=3),
+                     run(decoder, False, False, steps=3), TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
