@@ -294,20 +294,25 @@ def test_dependent_launch_changes_no_result(teachers, pair, monkeypatch):
 
 
 @cuda_test
-def test_batch_one_fused_norms_replay_as_eager(teachers, pair, monkeypatch):
-    """At batch 1 with every linear in the decode-time kernel, a decode step runs the norms inside
-    the linears (Decoder._fuses_norms; their split tickets and partial sums of squares written and
-    read within the captured graph): graph replay gives the eager steps' tokens and log-probs, with
-    programmatic dependent launch on (where it applies) and off (bf16)."""
+@pytest.mark.parametrize("batch,plan_options", [(1, {}), (3, dict(swap_ab=True, prefetch_steps=64))],
+                         ids=["batch1", "batch3_swapped"])
+def test_fused_norms_replay_as_eager(teachers, pair, monkeypatch, batch, plan_options):
+    """With every linear in the decode-time kernel, a decode step of ``linear_norm_rows`` rows runs
+    the norms inside the linears (Decoder._fuses_norms; their split tickets and partial sums of
+    squares written and read within the captured graph): at batch 1 with the default plans, and at
+    batch 3 with swapped operands and each program's whole split prefetched, graph replay gives
+    the eager steps' tokens and log-probs, with programmatic dependent launch on (where it applies)
+    and off (bf16)."""
     kw = dict(max_new_tokens=MAX_NEW, tau=1.0, lam=0.5, seed=7, stop_token_ids=[5])
 
     def run(graph):
-        engine = Engine(teachers["qwen2"], pair, max_batch_size=1, max_seq_len=16, device="cuda",
+        engine = Engine(teachers["qwen2"], pair, max_batch_size=batch, max_seq_len=16, device="cuda",
                         dtype=torch.bfloat16, cuda_graph=graph)
         for model in (engine.teacher, engine.proxies):
-            model.linear_kernel = True
-        return [(r.tokens, r.mean_logprob) for prompt in PROMPTS[:2] for mode in ("antidistill", "temperature")
-                for r in engine.generate([prompt], mode=mode, **kw)]
+            model.linear_kernel, model.linear_norm_rows, model.linear_plan_options = True, batch, plan_options
+        return [(r.tokens, r.mean_logprob) for first in range(0, 2 * batch, batch)
+                for mode in ("antidistill", "temperature")
+                for r in engine.generate(PROMPTS[first:first + batch], mode=mode, **kw)]
 
     eager = run(False)
     assert run(True) == eager
