@@ -584,9 +584,9 @@ class Decoder(nn.Module):
         order), two launches a layer fewer (the first layer's norm stays one). At more rows every
         output tile normalises a ``[BLOCK_M, BLOCK_K]`` tile per step, as much issue as the weight's
         bytes allow (``compile_check``, the 7B's qkv normalising its padded 16-row tile: 340 SASS
-        instructions a loop iteration against 79 unfused; 104 normalising the one row's vector; the
-        gate/up projection at 32 rows 352 against 91, and with ``swap_ab`` plans, whose tiles of 128
-        weight rows share one normalised input tile, 385 against 179)."""
+        instructions a loop iteration against 79 unfused; 104 normalising the one row's vector; at
+        32 rows 362 against 90, and with ``swap_ab`` plans, whose tiles of 128 weight rows share one
+        normalised input tile, 385 against 179)."""
         return seq == 1 and rows <= self.linear_norm_rows and self._fuses(ops) and all(
             self._linear_kernel_takes(rows, p) for p in LINEAR_PROJECTIONS)
 

@@ -289,8 +289,8 @@ class LinearPlan:
     """Tile sizes, the K split (``split_k`` programs of ``k_split`` inputs per output tile), the
     launch's warps and pipeline stages, which operand leads the tile product (``swap_ab``: module
     docstring, Operand order), and how many ``BLOCK_K`` steps of its weight rows a program asks L2
-    for before it waits on the kernel before it (``prefetch_steps``, rounded up to whole
-    :data:`PREFETCH_LINES`, at most its split's; programmatic dependent launch only: a launch
+    for before it waits on the kernel before it (``prefetch_steps``, at most its split's, rounded up
+    to blocks of :data:`PREFETCH_LINES` lines a row; programmatic dependent launch only: a launch
     starts while its predecessor's last programs run, when memory has bandwidth to spare)."""
 
     block_m: int
