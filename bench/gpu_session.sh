@@ -40,7 +40,7 @@
 #             in the kernel (rows *_kernel: the activation and norms fused into it) and without the
 #             fusions (*_kernel_unfused: their A/B), goals, the rows with
 #             --prefetch-mb 24 (*_pf24), bench/sampler_tune.py over the plans with shared Philox
-#             words (8 warps, block 2048) (~11 min of limits: a 590 s call keeps all but the last two)
+#             words (8 warps, block 2048) (~11.5 min of limits: a 590 s call keeps all but the last two)
 #   levers    after sampler: Nsight Compute on the sampler at batch 64; decode attention against its
 #             split size (bench/attention.py: one split per kv head at batch 1 today); the linear
 #             kernel with swapped operands (the warpgroup MMA) and with more of its weight
@@ -112,7 +112,7 @@ stage_kernels() {
 stage_sampler() {  # most important first: a call cut short keeps what came before
     step 70 gpu-tests.log python3 -m pytest -q -n 8 --tb=short tests/test_sampling.py
     step 30 sampler.log python3 bench/sampler.py
-    step 150 gpu-tests.log python3 -m pytest -q -n 8 --tb=short tests/test_decode_linear_kernel.py \
+    step 180 gpu-tests.log python3 -m pytest -q -n 8 --tb=short tests/test_decode_linear_kernel.py \
         tests/test_layer_ops.py tests/test_l2_prefetch_kernel.py tests/test_engine.py
     step 110 decode.log python3 bench/decode.py --append --batches 1 32 --variants engine_temperature \
         engine_antidistill
