@@ -313,7 +313,7 @@ def _linear_cases():
     lm_head too, also at 64), and plain with each program's whole split prefetched before it waits
     (``prefetch_steps``)."""
     from .decoder import LINEAR_KERNEL_ROWS
-    from .kernels.decode_linear import NormedInput, RotaryCacheWrite, decode_linear, plan_linear
+    from .kernels.decode_linear import NormedInput, RotaryCacheWrite, decode_linear
 
     cases = []
     for label, copies, hidden, inter, heads, kv_heads, head_dim in LAYER_SHAPES[:2]:
@@ -344,8 +344,7 @@ def _linear_cases():
                                           decode_linear(x, w, b, plan_options=o)))
                         if swap:
                             cases.append((f"decode_linear {name} block_n=64", lambda x=x, w=w, b=b: decode_linear(
-                                x, w, b, plan=plan_linear(*x.shape[:2], *w.shape[1:], x.device, swap_ab=True,
-                                                          block_n=64))))
+                                x, w, b, plan_options=dict(swap_ab=True, block_n=64))))
                         if rows > LINEAR_KERNEL_ROWS:
                             continue
                         # the input a decoder gives: normed at one row; at more, plain by default and
