@@ -5,32 +5,8 @@
 # (bench/decode.py rewrites its JSON per row: a step cut short still returns the rows it finished).
 #
 # Usage (repo root, on the GPU machine): bash bench/gpu_session.sh STAGE [STAGE ...]
-#   quick     the one call a 15-minute device budget allows (~9.5 min): the GPU tests with the eps
-#             curve of a random 3B-shaped proxy beside them (neither is timed); the sampler at batch 1
-#             to 64; the engine rows at batch 1 to 64 (temperature, antidistill, permutation, exact-D
-#             jvp, low-rank jvp r8 to r512); Hugging Face generate rows (128 new tokens, the issue's
-#             reference protocol); a profile of the antidistill step at batch 1; bench/goals.py's
-#             verdict on each issue goal
-#   followup  after quick and sampler (one H200, 2026-12-04): the whole test suite on the GPU, the
-#             engine's temperature and antidistillation rows at batch 1 and 32 again (the sampler
-#             was rewritten after they ran), a profile of antidistillation at batch 1, goals (~8 min)
-#   linear    the decode-time linear kernel (adfast.kernels.decode_linear): bench/linear.py against
-#             cuBLAS per layer with a sweep of its plan; the GPU tests and its tests on the GPU; the
-#             engine's temperature and antidistillation rows at batch 1 and 32 with it and with
-#             cuBLAS; a profile of temperature at batch 1; goals                          (~9 min)
-#   pdl       after linear (next GPU session): the GPU tests and the kernel tests on the GPU (the
-#             one-launch decode attention, programmatic dependent launch); engine temperature and
-#             antidistillation rows at batch 1 and 32 with the defaults, with ADFAST_PDL=1 and the
-#             linear kernel (tuned plans), PDL with cuBLAS, the kernel without PDL; bench/linear.py
-#             at 1 and 32 rows; a profile; goals; where HF generate with the processor spends
-#             its host time (bench/hf_profile.py); Nsight Compute on the fused sampler at batch 64
-#             (bench/sampler_ncu.py)                                                     (~9 min)
-#   defaults  after pdl (PDL on by default): the GPU tests, the sampler's and attention's tests on the
-#             GPU; bench/sampler_tune.py at batch 1 and 64 with the main loop's pipelining depth
-#             (1-3) and without the noise (what it costs); the engine rows at batch 1 to 64 with
-#             the defaults (temperature, antidistill, permutation, exact-D jvp, rank-8 jvp); goals (~7 min)
-#   stages    after defaults (the sampler's loop pipelined by default): the GPU tests, the sampler's
-#             tests on the GPU, bench/sampler.py, goals                               (~2.5 min)
+# (The stages that ran in sessions 9-11, quick, followup, linear, pdl, defaults and stages, are in this
+# file's history up to commit 23d241e; bench/results/README.md says which produced what.)
 #   kernels   the whole test suite (the GPU tests, and the kernel tests on CUDA tensors instead of
 #             the interpreter); bench/sampler.py at batch 1 to 64                       (~5 min)
 #   sampler   the sampler's tests on the GPU, bench/sampler.py, the GPU tests of the linear kernel
@@ -60,7 +36,7 @@
 # JSON; --plot-only (see each script) redraws them from the JSON elsewhere.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-[ $# -ge 1 ] || { sed -n 2,20p "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n 2,36p "$0"; exit 2; }
 python3 -m pip install -e . --no-deps --no-build-isolation -q || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 mkdir -p bench/results
@@ -72,7 +48,7 @@ started=$(mktemp)  # results written after this are this session's
 # returns at most 8 files), and the goals tables beside it to read at once.
 collect() {
     if [ -n "${OUT:-}" ]; then
-        local part="$OUT/partial-$BASHPID.tgz"  # one per process: the eps step collects from the background
+        local part="$OUT/partial.tgz"  # written aside, then renamed: $OUT always holds a whole archive
         find bench/results -type f -newer "$started" -printf '%P\n' | tar czf "$part" -C bench/results -T - \
             && mv "$part" "$OUT/results.tgz"
         cp bench/results/goals-*.md "$OUT"/ 2>/dev/null || true
@@ -89,19 +65,6 @@ step() {
     [ "$rc" -eq 0 ] || { echo "== exit $rc: $*" | tee -a "$log"; status=1; }
     collect
     return "$rc"
-}
-
-stage_quick() {
-    step 140 eps-random.log python3 bench/eps_sweep_random.py --holdout 8 --test 4 >/dev/null &
-    local eps=$!
-    step 140 gpu-tests.log python3 -m pytest -q -n 4 --dist loadfile --tb=short --durations=15 -m gpu tests
-    wait "$eps" || status=1
-    step 60 sampler.log python3 bench/sampler.py
-    step 185 decode.log python3 bench/decode.py --append --jvp-ranks 8 32 128 512 --variants engine_temperature \
-        engine_antidistill engine_permutation engine_jvp engine_jvp_lowrank
-    step 100 decode-hf.log python3 bench/decode.py --append --new-tokens 128 --variants hf_antidistill hf_temperature
-    step 50 profile.log python3 bench/profile_step.py --variant engine_antidistill --batch 1
-    step 10 goals.log python3 bench/goals.py
 }
 
 stage_kernels() {
@@ -144,26 +107,6 @@ stage_levers() {  # after sampler: the step's settings not yet measured, each a 
     step 50 profile.log python3 bench/profile_step.py --variant engine_temperature --batch 1 --prefetch-mb 24
 }
 
-stage_followup() {
-    step 300 gpu-tests.log python3 -m pytest -q -n 8 --dist loadfile --tb=short tests
-    step 120 decode.log python3 bench/decode.py --append --batches 1 32 --variants engine_temperature \
-        engine_antidistill
-    step 50 profile.log python3 bench/profile_step.py --variant engine_antidistill --batch 1
-    step 10 goals.log python3 bench/goals.py
-}
-
-stage_linear() {
-    step 150 linear.log python3 bench/linear.py --sweep
-    step 120 gpu-tests.log python3 -m pytest -q -n 8 --dist loadfile --tb=short -m gpu tests
-    step 90 gpu-tests.log python3 -m pytest -q -n 8 --tb=short tests/test_decode_linear_kernel.py tests/test_layer_ops.py
-    step 110 decode.log python3 bench/decode.py --append --batches 1 32 --variants engine_temperature \
-        engine_antidistill
-    step 100 decode.log python3 bench/decode.py --append --batches 1 32 --linear cublas --variants \
-        engine_temperature engine_antidistill
-    step 50 profile.log python3 bench/profile_step.py --variant engine_temperature --batch 1
-    step 10 goals.log python3 bench/goals.py
-}
-
 # sampler_ncu NAME: Nsight Compute's counters for one launch of the fused sampler's main kernel at
 # batch 64 (issue 2's bandwidth goal): the details page and the per-SASS-line source page, as text,
 # in bench/results/NAME-details.txt and NAME-sass.csv.gz.
@@ -175,43 +118,6 @@ sampler_ncu() {
         && { ncu -i "$rep.ncu-rep" --page details > "bench/results/$1-details.txt"
              ncu -i "$rep.ncu-rep" --page source --csv --print-source sass | gzip -9 > "bench/results/$1-sass.csv.gz"
              collect; }
-}
-
-stage_pdl() {  # most important first: a call cut short keeps what came before
-    step 120 gpu-tests.log python3 -m pytest -q -n 8 --dist loadfile --tb=short -m gpu tests
-    step 100 gpu-tests.log python3 -m pytest -q -n 8 --tb=short tests/test_decode_linear_kernel.py \
-        tests/test_decode_attention.py tests/test_layer_ops.py tests/test_sampling.py
-    pdl_decode() {
-        step 75 decode.log env "$1" python3 bench/decode.py --append --batches 1 32 "$2" "$3" --variants \
-            engine_temperature engine_antidistill
-    }
-    pdl_decode ADFAST_PDL=0 --linear cublas
-    pdl_decode ADFAST_PDL=1 --linear kernel
-    pdl_decode ADFAST_PDL=1 --linear cublas
-    step 10 goals.log python3 bench/goals.py
-    step 40 profile.log env ADFAST_PDL=1 python3 bench/profile_step.py --linear kernel --variant engine_temperature
-    sampler_ncu sampler-ncu-B64
-    step 50 linear.log python3 bench/linear.py --rows 1 32
-    step 60 hf-profile.log python3 bench/hf_profile.py
-    pdl_decode ADFAST_PDL=0 --linear kernel
-    step 10 goals.log python3 bench/goals.py
-}
-
-stage_defaults() {
-    step 120 gpu-tests.log python3 -m pytest -q -n 8 --dist loadfile --tb=short -m gpu tests
-    step 80 gpu-tests.log python3 -m pytest -q -n 8 --tb=short tests/test_sampling.py tests/test_decode_attention.py
-    step 90 sampler.log python3 bench/sampler_tune.py --batches 1 64 --blocks 1024 2048 --warps 8 \
-        --programs-per-sm 4 --stages 1 2 3 --noise on off
-    step 170 decode.log python3 bench/decode.py --append --jvp-ranks 8 --variants engine_temperature \
-        engine_antidistill engine_permutation engine_jvp engine_jvp_lowrank
-    step 10 goals.log python3 bench/goals.py
-}
-
-stage_stages() {  # after defaults: the sampler with its pipelined loop as the default
-    step 100 gpu-tests.log python3 -m pytest -q -n 8 --dist loadfile --tb=short -m gpu tests
-    step 60 gpu-tests.log python3 -m pytest -q -n 8 --tb=short tests/test_sampling.py
-    step 40 sampler.log python3 bench/sampler.py
-    step 10 goals.log python3 bench/goals.py
 }
 
 stage_decode() {
@@ -238,21 +144,15 @@ stage_profile() {
 
 for stage in "$@"; do
     case "$stage" in
-        quick) stage_quick ;;
         kernels) stage_kernels ;;
         sampler) stage_sampler ;;
         levers) stage_levers ;;
-        followup) stage_followup ;;
-        linear) stage_linear ;;
-        pdl) stage_pdl ;;
-        defaults) stage_defaults ;;
-        stages) stage_stages ;;
         decode) stage_decode ;;
         jvp) stage_jvp ;;
         eps) stage_eps ;;
         profile) stage_profile ;;
         all) stage_kernels; stage_decode; stage_jvp; stage_eps; stage_profile; step 10 goals.log python3 bench/goals.py ;;
-        *) echo "unknown stage $stage (quick, followup, linear, pdl, defaults, stages, kernels, sampler, levers, decode, jvp, eps, profile, all)"; exit 2 ;;
+        *) echo "unknown stage $stage (sampler, levers, kernels, decode, jvp, eps, profile, all)"; exit 2 ;;
     esac
 done
 exit $status

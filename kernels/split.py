@@ -31,8 +31,8 @@ def dependent_launch(device: torch.device) -> dict:
     (``gdc_launch_dependents``); what the early start buys is the launch and ramp-up latency of
     a decode step's ~280 small kernels, which otherwise sits between every two of them (in a CUDA
     graph too: captured launches keep the attribute). Kernels that are not ours (cuBLAS, torch)
-    launch and order as usual. Measured on an H200 (``bench/gpu_session.sh pdl``, the engine at
-    batch 1 and 32): 1-4% faster steps, the same tokens (``tests/test_engine.py``).
+    launch and order as usual. Measured on an H200 (the ``pdl`` stage of ``bench/gpu_session.sh``,
+    the engine at batch 1 and 32): 1-4% faster steps, the same tokens (``tests/test_engine.py``).
     :mod:`adfast.compile_check` replaces this function to compile the PDL variants without a GPU.
     """
     if not dependent_launch_supported(device) or os.environ.get("ADFAST_PDL") == "0":
