@@ -42,16 +42,17 @@ captures its buckets again. Temperature mode runs no proxy forward at all (prefi
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .decoder import Decoder
-from .sampling import BAD_INPUT_BITS, MODES, sample
+from .sampling import BAD_INPUT_BITS, MODES, check_tau, sample
 
 # Seeds of ranks > 0 in generate_distributed: rank r samples with seed + r * RANK_SEED_STRIDE (mod 2**63).
 RANK_SEED_STRIDE = 0x9E3779B97F4A7C15
@@ -259,6 +260,23 @@ def _midpoint(pair) -> torch.nn.Module:
     return proxy
 
 
+def _token_ids(ids, name: str) -> list[int]:
+    """Token ids given as a sequence of ints or a 1-D integer tensor, as a list of ints; anything
+    else (floats, nested lists, a 2-D tensor) is refused, not rounded or flattened."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"{name} must be a 1-D integer tensor of token ids, got {ids.dtype} of shape "
+                             f"{tuple(ids.shape)}")
+        return ids.tolist()
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise ValueError(f"{name} must be a sequence of token ids (ints), got {type(ids).__name__}")
+    ids = list(ids)
+    wrong = [t for t in ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)]
+    if wrong:
+        raise ValueError(f"{name} must hold token ids (ints), got {wrong[0]!r}")
+    return [int(t) for t in ids]
+
+
 def _per_prompt(value, count: int, name: str) -> list[float]:
     """A float, or one value per prompt (sequence or 1-D tensor), as ``count`` finite floats."""
     if isinstance(value, torch.Tensor):
@@ -402,17 +420,20 @@ class Engine:
         """Generate from every prompt; returns one :class:`GenerationResult` per prompt, in prompt order.
 
         Args:
-            prompts: token-id sequences (lists or 1-D tensors), of any lengths >= 1.
+            prompts: token-id sequences (lists of ints or 1-D integer tensors), of any lengths >= 1.
             max_new_tokens: the most tokens generated per prompt (>= 1).
             tau, lam: a float, or one value per prompt (a sequence or a ``[len(prompts)]`` tensor):
-                the temperature (0 is greedy) and the antidistillation strength, as in :func:`adfast.sample`.
+                the temperature (0 is greedy, else at least :data:`adfast.sampling.TAU_MIN`) and the
+                antidistillation strength, as in :func:`adfast.sample`.
             eps: must be None or the pair's ``eps`` (None with ``delta="jvp"``).
             mode: ``"antidistill"``, ``"temperature"`` (no proxy forwards; no pair needed) or ``"permutation"``.
             top_k, top_p: applied to the adjusted distribution (0 and 1.0 disable them).
             seed: the seed of this call's draws (module docstring).
-            stop_token_ids: a generated token among these ends its sequence (finish reason ``"stop"``).
+            stop_token_ids: a token id, or ids: a generated token among them ends its sequence (finish
+                reason ``"stop"``).
 
-        Raises ``ValueError`` before any work for a bad argument, an empty prompt, a token id outside
+        Raises ``ValueError`` before any work for a bad argument, an empty prompt, a prompt that is not
+        token ids (floats are refused, not rounded), a token id outside
         the vocabulary (the proxies' too, except in temperature mode) or a prompt with
         ``len(prompt) + max_new_tokens > max_seq_len``.
         """
@@ -455,10 +476,10 @@ class Engine:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
-        prompts = [p.tolist() if isinstance(p, torch.Tensor) else [int(t) for t in p] for p in prompts]
+        prompts = [_token_ids(p, f"prompt {i}") for i, p in enumerate(prompts)]
         taus = _per_prompt(tau, len(prompts), "tau")
-        if any(t < 0 for t in taus):
-            raise ValueError(f"tau must be >= 0 (0 means greedy), got {min(taus)}")
+        for value in taus:
+            check_tau(value)
         lams = _per_prompt(lam, len(prompts), "lam")
         vocab = self.teacher.config.vocab_size
         if mode != "temperature":
@@ -472,7 +493,8 @@ class Engine:
             if not all(0 <= t < vocab for t in prompt):
                 raise ValueError(f"prompt {i} has a token id outside [0, {vocab}) (the vocabulary"
                                  f"{' the teacher and the proxies share' if mode != 'temperature' else ''})")
-        stop = frozenset(int(t) for t in stop_token_ids)
+        one_id = isinstance(stop_token_ids, numbers.Integral) and not isinstance(stop_token_ids, bool)
+        stop = frozenset(_token_ids([stop_token_ids] if one_id else stop_token_ids, "stop_token_ids"))
         config = StepConfig(mode, self.eps if self.eps is not None else 1.0, seed, top_k != 0 or top_p != 1.0,
                             self.delta)
         self.inputs.top_k.fill_(top_k)

@@ -37,7 +37,7 @@ import math
 import torch
 from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from .sampling import MODES, adjusted_logits, top_k_top_p_mask
+from .sampling import MODES, adjusted_logits, check_tau, top_k_top_p_mask
 
 # Warper settings that leave the processor's distribution as it is. They are not None: a None
 # in a generation config passed to ``generate`` is filled from the teacher's own config.
@@ -53,7 +53,7 @@ class AntidistillationLogitsProcessor(LogitsProcessor):
             ``V_P <= V_T``, same device for both) and ``eps``, e.g. an :class:`adfast.proxy_pair.ProxyPair`.
         lam: the antidistillation strength (ignored in temperature mode).
         eps: must equal ``pair.eps`` if given (the pair was perturbed by it).
-        tau: the temperature, ``>= 0``; 0 is greedy.
+        tau: the temperature, 0 (greedy) or at least :data:`adfast.sampling.TAU_MIN`.
         mode: ``"antidistill"``, ``"temperature"`` (no proxy forwards) or ``"permutation"``.
         top_k, top_p: applied to the adjusted distribution (0 and 1.0 disable them).
         pad_token_id: the id the prompts are left-padded with (module docstring).
@@ -81,8 +81,7 @@ class AntidistillationLogitsProcessor(LogitsProcessor):
                              "by the pair's eps, and D divides by the same step")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if not (math.isfinite(tau) and tau >= 0):
-            raise ValueError(f"tau must be a finite float >= 0 (0 means greedy), got {tau}")
+        check_tau(float(tau))
         if not math.isfinite(lam):
             raise ValueError(f"lam must be finite, got {lam}")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:

@@ -57,7 +57,7 @@ def draw_groups(scores: torch.Tensor, vocab_p: int, greedy: torch.Tensor, scale:
 
     Entries ``v < vocab_p`` and ``v >= vocab_p`` race apart (the sampler shifts the first set before
     it compares the winners); each set is cut into the parts of groups of 8 entries. Per part, with
-    ``w = 2 ** (s' * scale - max s' * scale)`` (``scale [B]``): key ``max s' * scale + log2(sum w)
+    ``w = 2 ** ((s' - max s') * scale)`` (``scale [B]``): key ``max s' * scale + log2(sum w)
     + log2(e) G`` (greedy rows, ``greedy [B]`` bool: key ``max s'``), and the entry picked by
     inverse CDF over the running sums of ``w`` with one uniform (greedy: the first maximal entry);
     per set, the first part of the largest key. The Philox words follow the sampling layout of
@@ -84,7 +84,7 @@ def draw_groups(scores: torch.Tensor, vocab_p: int, greedy: torch.Tensor, scale:
         part = torch.where(in_set, s, -float("inf"))
         top = part.amax(2)
         ref = torch.where(torch.isneginf(top), 0.0, top)[..., None]
-        w = torch.exp2(fma32(part, scale, -(ref * scale)))
+        w = torch.exp2((part - ref) * scale)
         pairs = w.view(batch, groups, 4, 2).sum(3)  # the kernel's tree: ((w0 + w1) + (w2 + w3)) + ...
         quads = pairs.view(batch, groups, 2, 2).sum(3)
         total = quads[..., 0] + quads[..., 1]

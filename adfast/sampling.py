@@ -7,8 +7,8 @@ padding of the teacher's head), each row ``b`` is drawn from ``softmax(a_b)`` wi
     a_b = log_softmax(t_b) / tau_b + lam_b * D_b,
     D_b[v] = (log_softmax(p_b)[v] - log_softmax(m_b)[v]) / (2 eps)  for v < V_P, 0 beyond.
 
-``tau_b == 0`` is greedy: ``argmax(log_softmax(t_b) + lam_b D_b)``. ``tau`` and ``lam`` are
-floats or per-row ``[B]`` tensors; ``eps`` is one float.
+``tau_b == 0`` is greedy: ``argmax(log_softmax(t_b) + lam_b D_b)``; a sampled row needs ``tau_b >=
+TAU_MIN`` (1e-6). ``tau`` and ``lam`` are floats or per-row ``[B]`` tensors; ``eps`` is one float.
 
 Exact ``D``: instead of the pair, pass ``delta [B, V_P]`` (float32/bfloat16/float16,
 ``V_P <= V_T``), ``D`` itself, e.g. the exact directional derivative of the proxy's
@@ -49,6 +49,18 @@ from . import reference
 
 MODES = ("antidistill", "temperature", "permutation")
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TAU_MIN = 1e-6
+"""The smallest temperature of a sampled row (0 is greedy). Below it the draw is the argmax but
+between logits closer than about ``tau`` (nothing a bf16 or fp16 logit can resolve), and ``t /
+tau`` of large logits leaves float32's range: such a ``tau`` is refused, not rounded to 0."""
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def check_tau(tau: float) -> None:
+    """Raise ``ValueError`` unless ``tau`` is 0 (greedy) or at least :data:`TAU_MIN`."""
+    if not (tau == 0 or TAU_MIN <= tau <= FLOAT32_MAX):
+        raise ValueError(f"tau must be 0 (greedy) or in [{TAU_MIN:g}, float32's max], got {tau:g}: a temperature "
+                         f"below {TAU_MIN:g} draws the argmax to float32 precision, so pass tau=0")
 PerRow = Union[float, torch.Tensor]
 
 
@@ -76,9 +88,19 @@ def _per_row(value: PerRow, batch: int, device: torch.device, name: str, check: 
             raise ValueError(f"{name} has non-finite entries")
         return out
     value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
+    if not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+        raise ValueError(f"{name} must be finite in float32, got {value}")
     return torch.full((batch,), value, device=device, dtype=torch.float32)
+
+
+def _scalar(value) -> float | None:
+    """A real number (a Python or numpy scalar, or a one-element tensor) as a float; None otherwise."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return None
 
 
 def _check_logits(name: str, x: torch.Tensor, batch: int | None = None) -> None:
@@ -86,12 +108,15 @@ def _check_logits(name: str, x: torch.Tensor, batch: int | None = None) -> None:
         raise ValueError(f"{name} must be a [batch, vocab] tensor, got {getattr(x, 'shape', type(x))}")
     if x.dtype not in LOGIT_DTYPES:
         raise ValueError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} has an empty vocabulary (shape {tuple(x.shape)})")
     if batch is not None and x.shape[0] != batch:
         raise ValueError(f"batch mismatch: teacher_logits has {batch} rows, {name} has {x.shape[0]}")
 
 
 def _prepare(teacher, plus, minus, tau, lam, eps, mode, check, delta=None):
-    """Validate inputs; return contiguous logits and float32 ``tau [B]``, ``lam [B]``.
+    """Validate inputs; return contiguous logits, float32 ``tau [B]``, ``lam [B]`` and ``eps`` as a
+    float (None where it is not used).
 
     With ``delta`` (exact ``D``) the returned ``plus`` is ``delta`` and ``minus`` is None, the
     kernels' exact-D input.
@@ -128,15 +153,20 @@ def _prepare(teacher, plus, minus, tau, lam, eps, mode, check, delta=None):
                 "D is defined on the shared prefix, so the proxy may be at most as wide as the teacher")
         if plus.device != teacher.device or minus.device != teacher.device:
             raise ValueError(f"logits on different devices: {teacher.device}, {plus.device}, {minus.device}")
-        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        value = _scalar(eps)
+        if value is None or not (math.isfinite(value) and value > 0):
             raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
+        eps = value
         plus, minus = plus.contiguous(), minus.contiguous()
     tau_t = _per_row(tau, batch, teacher.device, "tau", check)
-    negative = check and bool((tau_t < 0).any()) if isinstance(tau, torch.Tensor) else float(tau) < 0
-    if negative:
-        raise ValueError(f"tau must be >= 0 (0 means greedy), got {tau}")
+    if not isinstance(tau, torch.Tensor):
+        check_tau(float(tau))
+    elif check:
+        unsupported = (tau_t != 0) & (tau_t < TAU_MIN)
+        if bool(unsupported.any()):
+            check_tau(float(tau_t[unsupported][0]))
     lam_t = _per_row(0.0 if mode == "temperature" else lam, batch, teacher.device, "lam", check)
-    return teacher.contiguous(), plus, minus, tau_t, lam_t
+    return teacher.contiguous(), plus, minus, tau_t, lam_t, eps if plus is not None and minus is not None else None
 
 
 def _resolve_seed(seed: int | None, generator: torch.Generator | None) -> int:
@@ -148,10 +178,12 @@ def _resolve_seed(seed: int | None, generator: torch.Generator | None) -> int:
     return int(seed)
 
 
-def _offset_tensor(offset, device) -> torch.Tensor:
+def _offset_tensor(offset, device, check: bool) -> torch.Tensor:
     if isinstance(offset, torch.Tensor):
         if offset.numel() != 1 or offset.dtype != torch.int64:
             raise ValueError("offset tensor must hold one int64")
+        if check and int(offset.reshape(())) < 0:
+            raise ValueError(f"offset must be in [0, 2**63), got {int(offset.reshape(()))}")
         return offset.reshape(1).to(device)
     if not 0 <= int(offset) < 2**63:
         raise ValueError(f"offset must be in [0, 2**63), got {offset}")
@@ -186,7 +218,7 @@ def _raise_on_bad(bad: torch.Tensor) -> None:
 
 
 def adjusted_logits(teacher_logits, plus_logits=None, minus_logits=None, *, delta=None, tau: PerRow,
-                    lam: PerRow, eps: float | None = None, mode: str = "antidistill", seed: int | None = None,
+                    lam: PerRow = 0.0, eps: float | None = None, mode: str = "antidistill", seed: int | None = None,
                     offset=0, generator: torch.Generator | None = None, check: bool = True,
                     backend: str | None = None) -> torch.Tensor:
     """The adjusted log-probabilities ``a = log_softmax(t)/tau + lam * D`` as float32 ``[B, V_T]``.
@@ -197,9 +229,10 @@ def adjusted_logits(teacher_logits, plus_logits=None, minus_logits=None, *, delt
     ``D`` comes from the pair ``plus_logits``, ``minus_logits`` and ``eps`` (needed then), or is
     ``delta`` itself (exact ``D``, module docstring; no pair, ``eps`` unused).
     """
-    t, p, m, tau_t, lam_t = _prepare(teacher_logits, plus_logits, minus_logits, tau, lam, eps, mode, check, delta)
+    t, p, m, tau_t, lam_t, eps = _prepare(teacher_logits, plus_logits, minus_logits, tau, lam, eps, mode, check,
+                                          delta)
     seed = _resolve_seed(seed, generator) if mode == "permutation" else 0
-    off = _offset_tensor(offset, t.device)
+    off = _offset_tensor(offset, t.device, check)
     ops = _kernels(t, backend)
     coef, perm = _coefficients(ops, lam_t, eps, mode, seed, off, t.shape[0], p.shape[1] if p is not None else 0,
                                exact=p is not None and m is None)
@@ -207,6 +240,16 @@ def adjusted_logits(teacher_logits, plus_logits=None, minus_logits=None, *, delt
     if check:
         _raise_on_bad(bad)
     return out
+
+
+def _per_row_setting(value, batch: int, device: torch.device, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """A top-k / top-p setting (a number, or a ``[B]`` tensor) as a ``[B]`` tensor of ``dtype``."""
+    out = torch.as_tensor(value, device=device)
+    if out.dim() > 1 or (out.dim() == 1 and out.shape[0] != batch):
+        raise ValueError(f"{name} must be a number or a [batch={batch}] tensor, got shape {tuple(out.shape)}")
+    if out.is_floating_point() and dtype == torch.int64:
+        raise ValueError(f"{name} must hold integers, got {out.dtype}")
+    return out.to(dtype).expand(batch)
 
 
 def top_k_top_p_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -217,7 +260,7 @@ def top_k_top_p_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
     ``softmax`` of the top-k-filtered row reaches ``top_p``.
     """
     vocab = logits.shape[1]
-    ordered, order = torch.sort(logits, dim=1, descending=True)
+    ordered, order = torch.sort(logits, dim=1, descending=True, stable=True)  # ties: the smaller index first
     rank = torch.arange(vocab, device=logits.device)[None, :]
     k = torch.where(top_k <= 0, vocab, top_k.clamp(max=vocab))
     keep = rank < k[:, None]
@@ -259,10 +302,11 @@ def sample(teacher_logits, plus_logits=None, minus_logits=None, *, delta=None, t
     Returns:
         tokens int64 ``[B]``, and float32 ``[B]`` log-probabilities with ``return_logprobs``.
     """
-    t, p, m, tau_t, lam_t = _prepare(teacher_logits, plus_logits, minus_logits, tau, lam, eps, mode, check, delta)
+    t, p, m, tau_t, lam_t, eps = _prepare(teacher_logits, plus_logits, minus_logits, tau, lam, eps, mode, check,
+                                          delta)
     batch, vocab_t = t.shape
     seed = _resolve_seed(seed, generator)
-    off = _offset_tensor(offset, t.device)
+    off = _offset_tensor(offset, t.device, check)
     ops = _kernels(t, backend)
     coef, perm = _coefficients(ops, lam_t, eps, mode, seed, off, batch, p.shape[1] if p is not None else 0,
                                exact=p is not None and m is None)
@@ -271,16 +315,18 @@ def sample(teacher_logits, plus_logits=None, minus_logits=None, *, delta=None, t
         tokens, logprobs, bad = ops.fused_sample(t, p, m, perm, tau_t, coef, seed, off,
                                                  proxy_vocab_only=proxy_vocab_only)
     else:
-        top_k_t = torch.as_tensor(top_k, device=t.device).expand(batch)
-        top_p_t = torch.as_tensor(top_p, device=t.device, dtype=torch.float32).expand(batch)
-        if check and bool(((top_p_t <= 0) | (top_p_t > 1)).any() | (top_k_t < 0).any()):
+        top_k_t = _per_row_setting(top_k, batch, t.device, "top_k", torch.int64)
+        top_p_t = _per_row_setting(top_p, batch, t.device, "top_p", torch.float32)
+        if check and bool((~((top_p_t > 0) & (top_p_t <= 1))).any() | (top_k_t < 0).any()):
             raise ValueError(f"top_p must be in (0, 1] and top_k >= 0, got top_p={top_p}, top_k={top_k}")
         adjusted, lse_t, bad = ops.adjusted_logits(t, p, m, perm, tau_t, coef)
         if proxy_vocab_only:
             adjusted[:, p.shape[1]:].fill_(-math.inf)
         filtered = top_k_top_p_mask(adjusted, top_k_t, top_p_t)
         greedy_only = torch.where(tau_t == 0, 0.0, 1.0)
-        tokens, _, _ = ops.fused_sample(filtered, None, None, None, greedy_only, torch.zeros_like(coef), seed, off)
+        tokens, _, filtered_bad = ops.fused_sample(filtered, None, None, None, greedy_only, torch.zeros_like(coef),
+                                                   seed, off)
+        bad = bad | filtered_bad  # 4: nothing left after the filters (every token was already -inf)
         logprobs = t.gather(1, tokens[:, None])[:, 0].float() - lse_t
     if bad_out is not None:
         bad_out.copy_(bad)

@@ -95,7 +95,7 @@ from .evaluate import eos_ids, evaluate
 from .gradient import load_gradient, proxy_gradient, save_gradient
 from .models import load_model
 from .proxy_pair import ProxyPair
-from .sampling import MODES
+from .sampling import MODES, check_tau
 from .traces import BACKENDS, check_traces, sample_traces, summarize
 
 DEFAULTS = {
@@ -212,8 +212,10 @@ def expand_settings(entries: list[dict]) -> list[Setting]:
         lams = entry.get("lam", 0.0)
         for tau in taus if isinstance(taus, list) else [taus]:
             for lam in lams if isinstance(lams, list) else [lams]:
-                if tau < 0:
-                    raise ValueError(f"setting {i}: tau must be >= 0, got {tau}")
+                try:
+                    check_tau(float(tau))
+                except ValueError as error:
+                    raise ValueError(f"setting {i}: {error}") from None
                 if mode != "temperature" and lam <= 0:
                     raise ValueError(f"setting {i}: {mode} needs lam > 0, got {lam}")
                 setting = Setting(mode, float(tau), 0.0 if mode == "temperature" else float(lam))

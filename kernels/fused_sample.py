@@ -50,10 +50,11 @@ loops, and the first runs its whole blocks unmasked. A greedy row (one row per p
 past the noise. With the GPU's block (a lane per group of a 256-group block) one Philox call
 serves a lane's groups in four consecutive blocks (:func:`adfast.kernels.group_draw.shared_gumbel_words`;
 the call sits in a branch taken every fourth block). Per vocabulary entry (a logit of each of the
-three inputs) that leaves about 34 SASS instructions executed on sm_90 for bf16 inputs (273.5 per
-8 entries on average, 317 in the loop's listing: ``python -m adfast.compile_check``): per input a
+three inputs) that leaves about 35 SASS instructions executed on sm_90 for bf16 inputs (280.5 per
+8 entries on average, 324 in the loop's listing: ``python -m adfast.compile_check``): per input a
 conversion, a fused multiply-add, an exponential and an add; per entry the difference, the score,
-the part's max, exponential and sum; per group of 8 a quarter of a Philox call and one Gumbel
+the part's max, the score's distance to it, scaled (:func:`adfast.kernels.group_draw.part_weights`:
+exact whatever the temperature), its exponential and the sum; per group of 8 a quarter of a Philox call and one Gumbel
 variate. With 4.25 special-function operations an entry (exponentials and logs) that is about as
 much work for the special-function units (16 lanes a cycle an SM) as for instruction issue. The
 designs before cost 52 (the pick inside every group, running maxes, a Philox call per group) and

@@ -14,8 +14,8 @@ it (:func:`part_pick`). A greedy row (``tau == 0``) keys a part by ``max(s)`` an
 maximal entry.
 
 Units. The kernels hold a row's scores as ``s' = tau * s`` (``tau`` 1 for a greedy row) and
-exponentiate with base 2: ``exp(s - max s) = 2 ** (s' * scale - max s' * scale)``, ``scale =
-log2(e) / tau``, one fused multiply-add. A sampled part's key is ``log2(e)`` times the key above,
+exponentiate with base 2: ``exp(s - max s) = 2 ** ((s' - max s') * scale)``, ``scale = log2(e) /
+tau``. A sampled part's key is ``log2(e)`` times the key above,
 ``max s' * scale + log2(sum) - log2(-log(u))``; a greedy part's key is ``max s'``.
 """
 import triton
@@ -117,11 +117,15 @@ def gumbel2_from_word(word, FAST_LOG: tl.constexpr):
 
 @triton.jit
 def part_weights(s, top, scale):
-    """``2 ** (s' * scale - max s' * scale)`` per entry of ``s`` with ``top`` its max, broadcast to
-    it (a part of -inf scores has max -inf: it gets weights 0). The bare ``ex2.approx``
-    (``tl.exp`` adds a denormal-range fix-up that no term needs here)."""
+    """``2 ** ((s' - max s') * scale)`` per entry of ``s`` with ``top`` its max, broadcast to it (a
+    part of -inf scores has max -inf: it gets weights 0). The difference comes first, so the
+    largest entry's weight is exactly 1 and every weight lies in [0, 1] whatever the scale: the
+    fused form ``fma(s', scale, -(max s' * scale))`` would leave the rounding error of ``max s' *
+    scale`` in every exponent (up to 128 once ``|max s'| log2(e) / tau`` passes ``2**31``, where
+    the weights overflow, and a bias between parts of that error at any scale). The bare
+    ``ex2.approx`` (``tl.exp`` adds a denormal-range fix-up that no term needs here)."""
     ref = tl.where(top == -float("inf"), 0.0, top)
-    return tl.math.exp2(tl.fma(s, scale, -(ref * scale)))
+    return tl.math.exp2((s - ref) * scale)
 
 
 @triton.jit

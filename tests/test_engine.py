@@ -160,6 +160,8 @@ def test_stop_tokens_and_stream(engine):
         else:
             assert r.finish_reason == "length" and r.tokens == full.tokens and r.num_tokens == MAX_NEW
     assert results[2].finish_reason == "stop" and results[2].num_tokens == 2
+    one_id = engine.generate(PROMPTS, max_new_tokens=MAX_NEW, tau=0.0, lam=1.0, stop_token_ids=stop)
+    assert [r.tokens for r in one_id] == [r.tokens for r in results]
 
     events = list(engine.stream(PROMPTS, max_new_tokens=MAX_NEW, tau=0.0, lam=1.0, stop_token_ids=[stop]))
     for i, r in enumerate(results):
@@ -222,8 +224,18 @@ def test_errors(teachers, pair, engine):
     engine.generate([[1]], eps=EPS, **kw)
     with pytest.raises(ValueError, match="lam has 1 values for 2 prompts"):
         engine.generate([[1], [2]], lam=[1.0], **kw)
-    with pytest.raises(ValueError, match="tau must be >= 0"):
+    with pytest.raises(ValueError, match="tau must be 0 \\(greedy\\) or .*got -1:"):
         engine.generate([[1], [2]], tau=[1.0, -1.0], **kw)
+    with pytest.raises(ValueError, match="tau must be 0 \\(greedy\\) or .*got 1e-09"):
+        engine.generate([[1], [2]], tau=[1.0, 1e-9], **kw)
+    with pytest.raises(ValueError, match="prompt 1 must hold token ids \\(ints\\), got 1.5"):
+        engine.generate([[1], [1.5, 2]], **kw)
+    with pytest.raises(ValueError, match="prompt 0 must be a 1-D integer tensor"):
+        engine.generate([torch.ones(1, 3, dtype=torch.long)], **kw)
+    with pytest.raises(ValueError, match="prompt 0 must be a 1-D integer tensor"):
+        engine.generate([torch.ones(3)], **kw)
+    with pytest.raises(ValueError, match="stop_token_ids must hold token ids"):
+        engine.generate([[1]], stop_token_ids=[2.0], **kw)
     with pytest.raises(ValueError, match="max_new_tokens"):
         engine.generate([[1]], max_new_tokens=0)
     with pytest.raises(ValueError, match="mode must be one of"):

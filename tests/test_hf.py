@@ -1,6 +1,7 @@
 """The Hugging Face drop-in (adfast.hf) against independent references: plain greedy generate,
 full non-cached forwards of each row's unpadded sequence, and a hand-written greedy loop."""
 import copy
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -236,6 +237,9 @@ def test_generation_config_checks(teacher, pair):
     with pytest.raises(ValueError, match="differs from the pair's eps"):
         AntidistillationLogitsProcessor(pair, lam=1.0, eps=EPS / 2)
     AntidistillationLogitsProcessor(pair, lam=1.0, eps=EPS)
+    for tau in (-0.5, 1e-9, math.nan):
+        with pytest.raises(ValueError, match="tau must be 0 \\(greedy\\) or"):
+            AntidistillationLogitsProcessor(pair, lam=1.0, tau=tau)
     unpadded = AntidistillationLogitsProcessor(pair, lam=1.0, tau=1.0)
     with pytest.raises(ValueError, match="attention_mask differs"):
         generate(teacher, unpadded, **generate_kwargs(2))

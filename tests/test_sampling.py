@@ -9,6 +9,7 @@ hundreds of thousands of draws, too many for the interpreter, so they run on the
 import importlib
 import math
 
+import numpy
 import pytest
 import torch
 from conftest import KERNEL_DEVICE
@@ -231,6 +232,29 @@ def test_greedy_ties_go_to_the_smallest_index(backend):
     assert tokens.tolist() == [5, 7, 256]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("filters", [dict(top_k=1), dict(top_p=0.5), dict(top_k=3, top_p=0.9)])
+def test_filtered_greedy_ties_go_to_the_smallest_index(backend, filters):
+    """Top-k / top-p keep tied entries in index order (a stable sort), so greedy still takes the first."""
+    t = torch.zeros(2, 64, dtype=torch.bfloat16)
+    t[0, [48, 17, 0]] = 4.0
+    t[1, [63, 41, 40]] = 4.0
+    tokens = sample(t, tau=0.0, mode="temperature", seed=0, backend=backend, **filters)
+    assert tokens.tolist() == [0, 40]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("filters", [dict(top_k=3), dict(top_p=0.9)])
+def test_filters_keep_the_all_masked_error(backend, filters):
+    """Nothing left to draw after the filters is refused as without them (the teacher bans every id
+    the proxies read, and ``proxy_vocab_only`` bans the rest), not answered with token 0."""
+    t, p, m = make_logits(2, 20, 12, torch.float32, 1e-2)
+    t[:, :12] = -math.inf
+    for extra in ({}, filters):
+        with pytest.raises(ValueError, match="every token has -inf score"):
+            sample(t, p, m, tau=1.0, lam=0.5, eps=1e-2, seed=3, proxy_vocab_only=True, backend=backend, **extra)
+
+
 @pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.6), (8, 0.8)])
 def test_top_k_top_p_draws(top_k, top_p):
     eps = 1e-2
@@ -364,14 +388,22 @@ def test_all_masked_row_is_refused(backend):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(tau=-0.5), "tau must be >= 0"),
-    (dict(tau=torch.tensor([1.0, -1.0])), "tau must be >= 0"),
+    (dict(tau=-0.5), "tau must be 0 \\(greedy\\) or in \\[1e-06"),
+    (dict(tau=torch.tensor([1.0, -1.0])), "tau must be 0 \\(greedy\\) or .*got -1:"),
+    (dict(tau=1e-9), "tau must be 0 \\(greedy\\) or .*got 1e-09: a temperature below 1e-06"),
+    (dict(tau=torch.tensor([1.0, 1e-9])), "tau must be 0 \\(greedy\\) or .*got 1e-09"),
+    (dict(tau=1e39), "tau must be finite in float32"),
     (dict(eps=0.0), "eps must be"),
     (dict(eps=-1e-4), "eps must be"),
     (dict(mode="typical"), "mode must be one of"),
     (dict(lam=torch.ones(3)), "lam must be a float or a \\[batch=2\\] tensor"),
     (dict(top_p=0.0), "top_p must be in"),
     (dict(top_k=-1), "top_k >= 0"),
+    (dict(top_p=math.nan), "top_p must be in"),
+    (dict(top_p=torch.tensor([0.5, 0.5, 0.5])), "top_p must be a number or a \\[batch=2\\] tensor"),
+    (dict(top_k=torch.tensor([[2, 2]])), "top_k must be a number or a \\[batch=2\\] tensor"),
+    (dict(top_k=2.5), "top_k must hold integers"),
+    (dict(offset=torch.tensor(-3)), "offset must be in \\[0, 2\\*\\*63\\)"),
 ])
 def test_bad_parameters_are_refused(kwargs, message):
     t, p, m = make_logits(2, 40, 40, torch.float32, 1e-2)
@@ -396,6 +428,41 @@ def test_shape_and_vocab_mismatches_are_refused():
         adfast.sample(t.long(), p, m, **kw)
     with pytest.raises(ValueError, match="\\[batch, vocab\\]"):
         adfast.sample(t[0], p, m, **kw)
+    with pytest.raises(ValueError, match="teacher_logits has an empty vocabulary"):
+        adfast.sample(t[:, :0], mode="temperature", **kw)
+
+
+def test_eps_is_any_real_scalar():
+    """eps as a numpy scalar or a one-element tensor is the same float (sampling.py's ``_scalar``)."""
+    t, p, m = make_logits(2, 40, 40, torch.float32, 1e-2)
+    kw = dict(tau=1.0, lam=0.1, seed=0, backend="torch")
+    expected = adjusted_logits(t, p, m, eps=1e-2, **kw)
+    for eps in (numpy.float32(1e-2), torch.tensor(1e-2)):
+        torch.testing.assert_close(adjusted_logits(t, p, m, eps=eps, **kw), expected)
+    with pytest.raises(ValueError, match="eps must be a finite float > 0"):
+        adjusted_logits(t, p, m, eps=torch.tensor([1e-2, 1e-2]), **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_small_temperature_with_large_scores_draws_the_argmax(backend):
+    """At the smallest temperature, scores of a few thousand put ``max s' log2(e) / tau`` past
+    ``2**31``: each group's weights must still be relative to its exact max (its own weight 1), so
+    the draw is the argmax, inside the vocabulary (the fused form ``fma(s', scale, -max s' *
+    scale)`` overflowed there and picked the index past the group's end). Both halves of the row
+    race: the proxies' vocabulary and the teacher's tail."""
+    t, p, m = make_logits(4, 70, 60, torch.float32, 1e-2, seed=5)
+    t = t + torch.tensor([3000.0, -2500.0, 3000.0, 1800.0])[:, None]
+    t[2, 66] = t[2].amax() + 2.0  # the winner in the teacher's tail
+    t[3, 69] = t[3].amax() + 2.0  # the last entry of the last group
+    tau = adfast.sampling.TAU_MIN
+    assert float(t.abs().amax()) * 1.4427 / tau > 2**31
+    for mode in ("antidistill", "temperature"):
+        ref = reference_adjusted(t, p if mode == "antidistill" else None, m, tau, 0.3, 1e-2)
+        top2 = ref.topk(2, dim=1).values
+        assert bool((top2[:, 0] - top2[:, 1] > 10.0).all()), "test data has near ties"
+        for seed in range(3):
+            tokens = sample(t, p, m, tau=tau, lam=0.3, eps=1e-2, mode=mode, seed=seed, backend=backend)
+            assert torch.equal(tokens, ref.argmax(1)), (mode, seed)
 
 
 @pytest.mark.gpu

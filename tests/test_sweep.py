@@ -26,7 +26,8 @@ def test_settings_expand_lists_in_order_without_duplicates():
     ([{"mode": "greedy"}], "mode must be one of"),
     ([{"mode": "antidistill", "tau": 1.0}], "needs lam > 0"),
     ([{"mode": "permutation", "lam": -1.0}], "needs lam > 0"),
-    ([{"mode": "temperature", "tau": -0.5}], "tau must be >= 0"),
+    ([{"mode": "temperature", "tau": -0.5}], "setting 1: tau must be 0 \\(greedy\\) or"),
+    ([{"mode": "temperature", "tau": [1.0, 1e-8]}], "setting 1: tau must be 0 \\(greedy\\) or .*got 1e-08"),
     ([{"mode": "temperature", "temp": 1.0}], "got keys"),
 ])
 def test_bad_settings_are_named(entries, message):
