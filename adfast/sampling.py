@@ -266,7 +266,7 @@ def top_k_top_p_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
     keep = rank < k[:, None]
     probs = torch.softmax(ordered.masked_fill(~keep, -math.inf), dim=1)
     mass_before = probs.cumsum(1) - probs
-    keep &= mass_before < top_p[:, None]
+    keep &= (mass_before < top_p[:, None]) | (top_p[:, None] >= 1)  # 1 keeps all, past float32 rounding of the sum
     keep_in_place = torch.zeros_like(keep).scatter(1, order, keep)
     return logits.masked_fill(~keep_in_place, -math.inf)
 

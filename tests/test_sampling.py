@@ -255,6 +255,16 @@ def test_filters_keep_the_all_masked_error(backend, filters):
             sample(t, p, m, tau=1.0, lam=0.5, eps=1e-2, seed=3, proxy_vocab_only=True, backend=backend, **extra)
 
 
+def test_top_p_one_keeps_every_token():
+    """A row's top_p of 1 keeps every token even where float32 rounds the running mass to 1 before
+    the last ones (one dominant logit: the others' probabilities, ~1e-13, vanish in the sum)."""
+    logits = torch.zeros(2, 64)
+    logits[:, 3] = 30.0
+    kept = adfast.top_k_top_p_mask(logits, torch.zeros(2, dtype=torch.int64), torch.tensor([1.0, 0.5]))
+    assert bool(torch.isfinite(kept[0]).all())
+    assert torch.isfinite(kept[1]).nonzero().flatten().tolist() == [3]
+
+
 @pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.6), (8, 0.8)])
 def test_top_k_top_p_draws(top_k, top_p):
     eps = 1e-2
