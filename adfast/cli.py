@@ -50,6 +50,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from . import eps_study, tasks
 from .distill import distill, save_student
@@ -82,13 +83,22 @@ def _same_model(a: str, b: str) -> bool:
     return a == b or Path(a).resolve() == Path(b).resolve()
 
 
+def _check_out(path: Path) -> None:
+    """Refuse an output path that is a directory before any work is done."""
+    if Path(path).is_dir():
+        raise ValueError(f"--out {path} is a directory; give a file path")
+
+
 def cmd_grad(args) -> None:
+    _check_out(args.out)
     rows = tasks.read_jsonl(args.traces)
     if not rows:
         raise ValueError(f"{args.traces} holds no traces")
     proxy, tokenizer = load_model(args.proxy, dtype=args.dtype, device=args.device)
     examples = [(tasks.prompt_ids(tokenizer, row, f"{args.traces} row {i}"),
                  tasks.completion_ids(tokenizer, row, f"{args.traces} row {i}")) for i, row in enumerate(rows, 1)]
+    tasks.check_token_ids([p + c for p, c in examples], proxy.get_input_embeddings().num_embeddings,
+                          str(args.traces), "proxy")
     gradient = proxy_gradient(proxy, examples, batch_size=args.batch_size, pad_token_id=tokenizer.pad_token_id)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     if args.rank:
@@ -102,7 +112,24 @@ def cmd_grad(args) -> None:
           f"of {gradient.num_examples} traces{kept}")
 
 
+def check_same_tokenizer(teacher_tokenizer, proxy_tokenizer, proxy_vocab: int) -> None:
+    """Refuse a proxy whose tokenizer maps the shared ids to other tokens than the teacher's: ``D``
+    compares the two models' predictions of the same ids. Tokens either tokenizer adds (special
+    tokens, which distilled checkpoints rename) are not compared."""
+    added = set(teacher_tokenizer.added_tokens_decoder) | set(proxy_tokenizer.added_tokens_decoder)
+    ids = [i for i in range(min(len(teacher_tokenizer), len(proxy_tokenizer), proxy_vocab)) if i not in added]
+    theirs = proxy_tokenizer.convert_ids_to_tokens(ids)
+    differ = [(i, mine, other) for i, mine, other in zip(ids, teacher_tokenizer.convert_ids_to_tokens(ids), theirs)
+              if mine != other]
+    if differ:
+        i, mine, other = differ[0]
+        raise ValueError(f"the proxy's tokenizer differs from the teacher's in {len(differ)} of {len(ids)} shared ids "
+                         f"(id {i} is {mine!r} for the teacher, {other!r} for the proxy): antidistillation needs a "
+                         "proxy with the teacher's tokenizer")
+
+
 def cmd_generate(args) -> None:
+    _check_out(args.out)
     rows = tasks.read_jsonl(args.prompts)
     if not rows:
         raise ValueError(f"{args.prompts} holds no prompts")
@@ -117,18 +144,31 @@ def cmd_generate(args) -> None:
     if args.mode != "temperature":
         if args.proxy is None or args.grad is None:
             raise ValueError(f"--mode {args.mode} needs --proxy and --grad (temperature mode needs neither)")
+        if args.lam == 0:
+            raise ValueError(f"--mode {args.mode} with --lam 0 samples as temperature mode does, with two proxy "
+                             "forwards a step for nothing: give --lam, or use --mode temperature")
         gradient = load_gradient(args.grad)
     load_device = "cpu" if engine else args.device  # the engine copies the weights to args.device
     teacher, tokenizer = load_model(args.teacher, dtype=args.dtype, device=load_device)
     if engine:
         check_engine_support(teacher, "teacher", args.teacher)
     prompts = [tasks.prompt_ids(tokenizer, row, f"{args.prompts} row {i}") for i, row in enumerate(rows, 1)]
+    tasks.check_token_ids(prompts, teacher.get_input_embeddings().num_embeddings, str(args.prompts), "teacher")
+    if args.max_seq_len is not None:
+        longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+        if len(prompts[longest]) + args.max_new_tokens > args.max_seq_len:
+            raise ValueError(f"{args.prompts} row {longest + 1} has {len(prompts[longest])} prompt tokens; with "
+                             f"--max-new-tokens {args.max_new_tokens} it needs more than --max-seq-len "
+                             f"{args.max_seq_len} positions")
     rank = _rank()
     if gradient is None:
         pair = None if engine else no_proxy(args.eps)
     else:
-        proxy = teacher if _same_model(args.teacher, args.proxy) else load_model(
-            args.proxy, dtype=args.dtype, device=load_device)[0]
+        if _same_model(args.teacher, args.proxy):
+            proxy = teacher
+        else:
+            proxy, proxy_tokenizer = load_model(args.proxy, dtype=args.dtype, device=load_device)
+            check_same_tokenizer(tokenizer, proxy_tokenizer, proxy.get_input_embeddings().num_embeddings)
         if engine:
             check_engine_support(proxy, "proxy", args.proxy)
         pair = ProxyPair.from_gradient(proxy, gradient, args.eps)
@@ -300,8 +340,23 @@ def _mean_ci(row: dict, key: str) -> str:
     return f"{row[key]:.3f}" + ("" if half is None or math.isnan(half) else f" +- {half:.3f}")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {value}")
+    return value
+
+
+def _device(text: str) -> str:
+    try:
+        torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (e.g. cpu, cuda, cuda:1)") from None
+    return text
+
+
 def _threads_option(parser: argparse.ArgumentParser, default: int | None) -> None:
-    parser.add_argument("--threads", type=int, default=default,
+    parser.add_argument("--threads", type=_positive_int, default=default,
                         help=f"torch CPU threads (default: {default or 'torch chooses'}). On a busy machine "
                              "more threads than idle cores can slow a run down tenfold (waiting OpenMP threads)")
 
@@ -309,7 +364,7 @@ def _threads_option(parser: argparse.ArgumentParser, default: int | None) -> Non
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model weight dtype")
-    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    common.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
     models = "a Hugging Face directory with safetensors weights, a .gguf file, or 'smollm2' (embedded)"
 
     parser = argparse.ArgumentParser(prog="adfast", description=__doc__.split("\n")[0])
@@ -433,6 +488,6 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         args.run(args)
-    except (OSError, ValueError, ImportError) as error:
+    except (OSError, ValueError, ImportError, SafetensorError) as error:
         raise SystemExit(f"adfast {args.command}: error: {error}") from None
     return 0

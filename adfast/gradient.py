@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import numbers
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -82,7 +85,7 @@ def _check_examples(examples, vocab: int) -> list[tuple[list[int], list[int]]]:
     for i, example in enumerate(examples):
         if not isinstance(example, (tuple, list)) or len(example) != 2:
             raise ValueError(f"example {i} must be a (prompt_ids, completion_ids) pair")
-        prompt, completion = ([int(t) for t in part] for part in example)
+        prompt, completion = (_token_ids(part, f"example {i}") for part in example)
         if not prompt:
             raise ValueError(f"example {i} has an empty prompt: the first completion token needs a context "
                              "(start the prompt with BOS)")
@@ -95,6 +98,19 @@ def _check_examples(examples, vocab: int) -> list[tuple[list[int], list[int]]]:
     if not checked:
         raise ValueError("examples is empty: need at least one (prompt_ids, completion_ids) pair")
     return checked
+
+
+def _token_ids(ids, name: str) -> list[int]:
+    """A sequence of ints (Python or numpy integers, or a 1-D integer tensor) as a list of ints;
+    floats, strings and booleans are refused, not converted."""
+    if isinstance(ids, torch.Tensor):
+        ids = ids.tolist() if ids.dim() == 1 and not (ids.is_floating_point() or ids.dtype == torch.bool) else [ids]
+    if isinstance(ids, (str, bytes)):
+        raise ValueError(f"{name} has token ids given as text ({ids!r}): pass a list of ints")
+    wrong = [t for t in ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)]
+    if wrong:
+        raise ValueError(f"{name} has a token id that is not an int: {wrong[0]!r}")
+    return [int(t) for t in ids]
 
 
 def _batch(examples: list[tuple[list[int], list[int]]], pad: int, device):
@@ -131,8 +147,8 @@ def proxy_gradient(proxy: nn.Module, examples: Sequence[tuple[Sequence[int], Seq
     """
     vocab = proxy.get_input_embeddings().num_embeddings
     examples = _check_examples(examples, vocab)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     pad = getattr(proxy.config, "pad_token_id", None) if pad_token_id is None else pad_token_id
     pad = 0 if pad is None else int(pad)
     if not 0 <= pad < vocab:
@@ -167,12 +183,25 @@ def proxy_gradient(proxy: nn.Module, examples: Sequence[tuple[Sequence[int], Seq
             p.grad = saved_grads[name]
         for module, training in saved_modes:
             module.training = training
-    return ProxyGradient(grads={name: g.cpu() for name, g in grads.items()}, loss=nll_total / total,
-                         num_examples=len(examples), num_tokens=total, model_id=model_identity(proxy))
+    gradient = ProxyGradient(grads={name: g.cpu() for name, g in grads.items()}, loss=nll_total / total,
+                             num_examples=len(examples), num_tokens=total, model_id=model_identity(proxy))
+    _check_finite(gradient, "the proxy's")
+    return gradient
+
+
+def _check_finite(gradient: ProxyGradient, whose: str) -> None:
+    """Raise ``ValueError`` when the loss or a gradient tensor holds NaN or inf (naming them)."""
+    bad = [name for name, g in gradient.grads.items() if not bool(torch.isfinite(g).all())]
+    if bad or not math.isfinite(gradient.loss):
+        raise ValueError(f"{whose} loss is {gradient.loss} and {len(bad)} gradient tensors hold NaN or inf "
+                         f"({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}): a NaN or inf weight or "
+                         "logit upstream (check the model)")
 
 
 def save_gradient(path, gradient: ProxyGradient) -> None:
-    """Write ``gradient`` to a safetensors file: float32 tensors plus string metadata."""
+    """Write ``gradient`` to a safetensors file: float32 tensors plus string metadata. A loss or
+    gradient with NaN or inf is refused (``ValueError``)."""
+    _check_finite(gradient, "the gradient's")
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_id": gradient.model_id,
                 "loss": repr(float(gradient.loss)), "num_examples": str(int(gradient.num_examples)),
                 "num_tokens": str(int(gradient.num_tokens))}
@@ -190,8 +219,8 @@ def read_tensor_file(path, fmt: str, version: str, kind: str, writer: str):
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except SafetensorError as e:
-        raise ValueError(f"{path} is not a safetensors file ({e}); {kind}s are read only from "
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a safetensors file, or cannot be read ({e}); {kind}s are read only from "
                          f"safetensors files written by {writer} (pickles are never loaded)") from None
     if metadata.get("format") != fmt:
         raise ValueError(f"{path} is a safetensors file but not an adfast {kind} "
@@ -210,5 +239,21 @@ def load_gradient(path) -> ProxyGradient:
     if low_rank.is_low_rank_file(path):  # otherwise read_tensor_file says what is wrong with the file
         return low_rank.load_low_rank_gradient(path).to_dense()
     grads, metadata = read_tensor_file(path, FORMAT, FORMAT_VERSION, "proxy gradient", "save_gradient")
-    return ProxyGradient(grads=grads, loss=float(metadata["loss"]), num_examples=int(metadata["num_examples"]),
-                         num_tokens=int(metadata["num_tokens"]), model_id=metadata["model_id"])
+    wrong = [f"{name} ({g.dtype})" for name, g in grads.items() if g.dtype != torch.float32]
+    if wrong:
+        raise ValueError(f"{path}: a proxy gradient holds float32 tensors; {', '.join(wrong[:4])} are not")
+    with metadata_fields(path):
+        fields = dict(loss=float(metadata["loss"]), num_examples=int(metadata["num_examples"]),
+                      num_tokens=int(metadata["num_tokens"]), model_id=metadata["model_id"])
+    return ProxyGradient(grads=grads, **fields)
+
+
+@contextmanager
+def metadata_fields(path):
+    """Within the block, a missing or malformed metadata field of ``path`` raises ``ValueError`` naming it."""
+    try:
+        yield
+    except KeyError as e:
+        raise ValueError(f"{path}: its metadata lacks the field {e.args[0]!r}") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: malformed metadata ({e})") from None

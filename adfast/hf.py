@@ -60,6 +60,13 @@ class AntidistillationLogitsProcessor(LogitsProcessor):
         seed: permutation mode's noise seed; step ``s`` of a generation (``s = 0`` at the
             prefill) uses ``offset = s``. If None, each generation draws a seed from torch's
             global generator.
+        proxy_vocab_only: where the teacher's vocabulary is longer than the proxies' (``V_T >
+            V_P``, e.g. Qwen2.5-7B's padded head over 3B's), return ``-inf`` for the ids ``>= V_P``
+            (except in temperature mode), so that they are never drawn: the proxies could not read
+            them at the next step. The distribution is the one above restricted to ``[0, V_P)`` and
+            renormalised, as :func:`adfast.sample`'s ``proxy_vocab_only`` and the engine draw.
+            False returns the whole vocabulary's scores; a drawn id ``>= V_P`` then raises at the
+            next step (suppress those ids in ``generate`` instead).
 
     State: the two proxies' ``DynamicCache``, the proxies' ``[B, L]`` attention mask and the
     previous call's ``input_ids``. A call continues the current generation iff its batch size is
@@ -72,7 +79,7 @@ class AntidistillationLogitsProcessor(LogitsProcessor):
 
     def __init__(self, pair, *, lam: float, eps: float | None = None, tau: float = 1.0,
                  mode: str = "antidistill", top_k: int = 0, top_p: float = 1.0,
-                 pad_token_id: int | None = None, seed: int | None = None):
+                 pad_token_id: int | None = None, seed: int | None = None, proxy_vocab_only: bool = True):
         missing = [name for name in ("plus", "minus", "eps") if not hasattr(pair, name)]
         if missing:
             raise ValueError(f"pair must have plus, minus and eps attributes; missing {missing}")
@@ -95,7 +102,7 @@ class AntidistillationLogitsProcessor(LogitsProcessor):
         self.pair = pair
         self.lam, self.eps, self.tau = float(lam), float(pair.eps), float(tau)
         self.mode, self.top_k, self.top_p = mode, top_k, float(top_p)
-        self.pad_token_id, self.seed = pad_token_id, seed
+        self.pad_token_id, self.seed, self.proxy_vocab_only = pad_token_id, seed, bool(proxy_vocab_only)
         self.reset()
 
     def reset(self) -> None:
@@ -152,6 +159,8 @@ class AntidistillationLogitsProcessor(LogitsProcessor):
         out = adjusted_logits(scores, plus, minus, tau=self.tau, lam=self.lam, eps=self.eps, mode=self.mode,
                               seed=self._seed, offset=self._step)
         self._step += 1
+        if plus is not None and self.proxy_vocab_only:
+            out[:, plus.shape[1]:] = -math.inf
         if self.top_k != 0 or self.top_p != 1.0:
             batch = out.shape[0]
             out = top_k_top_p_mask(out, torch.full((batch,), self.top_k, device=out.device),
@@ -183,8 +192,9 @@ class AntidistillationLogitsProcessor(LogitsProcessor):
                 self._seed = int(torch.randint(0, 2**62, ()))
         if bool((new >= embeddings.num_embeddings).any()):
             raise ValueError(f"token id {int(new.max())} is outside the proxy's vocabulary "
-                             f"({embeddings.num_embeddings} tokens): suppress the teacher's tokens beyond it "
-                             "(e.g. generate(suppress_tokens=...)) or use a proxy with the teacher's tokenizer")
+                             f"({embeddings.num_embeddings} tokens): keep proxy_vocab_only=True (the default), or "
+                             "suppress the teacher's tokens beyond it (generate(suppress_tokens=...)), or use a "
+                             "proxy with the teacher's tokenizer")
         self._seen = input_ids
         return tuple(
             model(input_ids=new, attention_mask=self._mask, position_ids=position_ids,

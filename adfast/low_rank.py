@@ -33,7 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .gradient import ProxyGradient, read_tensor_file
+from .gradient import ProxyGradient, metadata_fields, read_tensor_file
 
 FORMAT = "adfast.low_rank_gradient"
 FORMAT_VERSION = "1"
@@ -196,22 +196,33 @@ def load_low_rank_gradient(path) -> LowRankGradient:
     """Read a file written by :func:`save_low_rank_gradient`; anything else raises ``ValueError``."""
     tensors, metadata = read_tensor_file(path, FORMAT, FORMAT_VERSION, "low-rank gradient",
                                          "save_low_rank_gradient")
+    wrong = [f"{key} ({t.dtype})" for key, t in tensors.items() if t.dtype != torch.float32]
+    if wrong:
+        raise ValueError(f"{path}: a low-rank gradient holds float32 tensors; {', '.join(wrong[:4])} are not")
+    with metadata_fields(path):
+        fields = dict(rank=int(metadata["rank"]), model_id=metadata["model_id"], loss=float(metadata["loss"]),
+                      num_examples=int(metadata["num_examples"]), num_tokens=int(metadata["num_tokens"]))
+    rank = fields["rank"]
     factors, dense = {}, {}
     for key, t in tensors.items():
         if key.endswith(".U"):
             name = key[:-2]
             if name + ".V" not in tensors:
                 raise ValueError(f"{path}: factor {key!r} has no matching {name + '.V'!r}")
-            factors[name] = (t, tensors[name + ".V"])
+            u, v = t, tensors[name + ".V"]
+            if u.dim() != 2 or v.dim() != 2 or u.shape[1] != rank or v.shape[1] != rank:
+                raise ValueError(f"{path}: factors of {name!r} are U {tuple(u.shape)}, V {tuple(v.shape)}; "
+                                 f"the file's rank is {rank} (U [m, {rank}], V [n, {rank}])")
+            if name in tensors:
+                raise ValueError(f"{path}: {name!r} is stored both as factors and dense")
+            factors[name] = (u, v)
         elif key.endswith(".V"):
             if key[:-2] + ".U" not in tensors:
                 raise ValueError(f"{path}: factor {key!r} has no matching {key[:-2] + '.U'!r}")
         else:
             dense[key] = t
     order = metadata["order"].split("\n") if metadata.get("order") else []
-    return LowRankGradient(factors=factors, dense=dense, rank=int(metadata["rank"]), model_id=metadata["model_id"],
-                           loss=float(metadata["loss"]), num_examples=int(metadata["num_examples"]),
-                           num_tokens=int(metadata["num_tokens"]), order=order)
+    return LowRankGradient(factors=factors, dense=dense, order=order, **fields)
 
 
 __all__ = ["LowRankGradient", "captured_energy", "is_low_rank_file", "load_low_rank_gradient",

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .gradient import ProxyGradient, fingerprint_of, load_gradient, model_identity
+from .sampling import real_scalar
 
 
 def _listing(items: list[str], limit: int = 6) -> str:
@@ -87,13 +88,17 @@ class ProxyPair:
                       warn_above: float = 0.5) -> "ProxyPair":
         """Build the pair from ``proxy`` and its gradient (a ProxyGradient, a mapping or a file path).
 
-        Raises ``ValueError`` for ``eps`` not finite and > 0, a gradient computed for another model
-        (stored ``model_id`` fingerprint differs), names or shapes that differ from the proxy's
-        parameters, a zero or non-finite gradient, and an ``eps`` so small that every perturbation
-        rounds away. Warns when ``vanished_fraction > warn_above``.
+        Raises ``ValueError`` for ``eps`` not finite and > 0, a gradient computed for another
+        architecture (the stored ``model_id`` fingerprint differs: names, shapes and sizes, not the
+        weights, :func:`adfast.gradient.model_fingerprint`), names or shapes that differ from the
+        proxy's parameters, a zero or non-finite gradient, an ``eps`` so small that every
+        perturbation rounds away, and one so large that a perturbed weight overflows. Warns when
+        ``vanished_fraction > warn_above``.
         """
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        value = real_scalar(eps)
+        if value is None or not math.isfinite(value) or value <= 0:
             raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
+        eps = value
         if not 0.0 <= warn_above <= 1.0:
             raise ValueError(f"warn_above must be in [0, 1], got {warn_above}")
         grads, stored_id = _resolve(gradient_or_path)
@@ -107,22 +112,28 @@ class ProxyPair:
         plus, minus = _frozen_copy(proxy), _frozen_copy(proxy)
         plus_params, minus_params = dict(plus.named_parameters()), dict(minus.named_parameters())
         perturbed = vanished = 0
+        overflowed = []
         with torch.no_grad():
             for name, w in params.items():
                 g = grads[name].to(w.device, torch.float32)
                 up, down = plus_params[name], minus_params[name]
                 up.copy_(w.float() + eps * g)  # copy_ casts to the weight's dtype
                 down.copy_(w.float() - eps * g)
+                if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
+                    overflowed.append(name)
                 moved = g != 0
                 perturbed += int(moved.sum())
                 vanished += int((up == down)[moved].sum())
         fraction = vanished / perturbed
         dtypes = ", ".join(sorted({str(w.dtype) for w in params.values()}))
+        if overflowed:
+            raise ValueError(f"eps={eps:g} is too large for the proxy's dtype ({dtypes}): theta +- eps g overflows "
+                             f"to inf in {_listing(overflowed)}; use a smaller eps")
         if vanished == perturbed:
-            raise ValueError(f"eps={eps} is too small for the proxy's dtype ({dtypes}): every perturbed weight "
+            raise ValueError(f"eps={eps:g} is too small for the proxy's dtype ({dtypes}): every perturbed weight "
                              "rounds back to its original value, so plus == minus and D would be identically "
                              "zero; use a larger eps (or a higher-precision proxy)")
         if fraction > warn_above:
-            warnings.warn(f"eps={eps}: the perturbation rounded away in {fraction:.1%} of the perturbed weights "
+            warnings.warn(f"eps={eps:g}: the perturbation rounded away in {fraction:.1%} of the perturbed weights "
                           f"({dtypes}); D only sees the rest. Consider a larger eps.", stacklevel=2)
         return cls(plus=plus, minus=minus, eps=float(eps), vanished_fraction=fraction, model_id=model_id)

@@ -93,7 +93,7 @@ def _per_row(value: PerRow, batch: int, device: torch.device, name: str, check: 
     return torch.full((batch,), value, device=device, dtype=torch.float32)
 
 
-def _scalar(value) -> float | None:
+def real_scalar(value) -> float | None:
     """A real number (a Python or numpy scalar, or a one-element tensor) as a float; None otherwise."""
     if isinstance(value, bool):
         return None
@@ -153,7 +153,7 @@ def _prepare(teacher, plus, minus, tau, lam, eps, mode, check, delta=None):
                 "D is defined on the shared prefix, so the proxy may be at most as wide as the teacher")
         if plus.device != teacher.device or minus.device != teacher.device:
             raise ValueError(f"logits on different devices: {teacher.device}, {plus.device}, {minus.device}")
-        value = _scalar(eps)
+        value = real_scalar(eps)
         if value is None or not (math.isfinite(value) and value > 0):
             raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
         eps = value

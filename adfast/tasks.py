@@ -238,6 +238,14 @@ def check_answer(text: str, answer, kind: str = "number") -> bool:
     return extract(text, kind) == reference_answer(answer, kind)
 
 
+def check_token_ids(id_lists: list[list[int]], vocab: int, where: str, model: str) -> None:
+    """Raise a ValueError naming the row (``"<where> row i"``, from 1) whose ids leave ``[0, vocab)``."""
+    for i, ids in enumerate(id_lists, 1):
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"{where} row {i}: token id {bad[0]} is outside the {model}'s vocabulary [0, {vocab})")
+
+
 def check_rows(rows: list[dict], where: str = "") -> None:
     """Raise a ValueError naming the row (``"<where> row i"``) if a row's ``kind`` is unknown or its
     ``answer`` is not a valid reference for that kind (:func:`reference_answer`)."""
@@ -260,16 +268,20 @@ def read_jsonl(path: str | Path) -> list[dict]:
         raise FileNotFoundError(f"no such file: {path}")
     rows = []
     with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not valid JSON ({error})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+        try:
+            lines = list(f)
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}: not UTF-8 text ({error})") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not valid JSON ({error})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
     return rows
 
 
@@ -289,14 +301,21 @@ def _ids(row: dict, key: str, where: str) -> list[int]:
     return ids
 
 
+def _text(row: dict, key: str, where: str) -> str:
+    text = row[key]
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: {key} must be a string, got {type(text).__name__} ({text!r:.40})")
+    return text
+
+
 def prompt_ids(tokenizer, row: dict, where: str = "row") -> list[int]:
     """A row's prompt as token ids (module docstring: ``prompt_ids`` > ``question`` > ``prompt``)."""
     if "prompt_ids" in row:
         ids = _ids(row, "prompt_ids", where)
     elif "question" in row:
-        ids = format_prompt(tokenizer, str(row["question"]))
+        ids = format_prompt(tokenizer, _text(row, "question", where))
     elif "prompt" in row:
-        ids = tokenizer(str(row["prompt"]), add_special_tokens=False)["input_ids"]
+        ids = tokenizer(_text(row, "prompt", where), add_special_tokens=False)["input_ids"]
     else:
         raise ValueError(f"{where}: needs one of 'prompt_ids', 'question' or 'prompt'")
     if not ids:
@@ -309,7 +328,7 @@ def completion_ids(tokenizer, row: dict, where: str = "row") -> list[int]:
     if "completion_ids" in row:
         ids = _ids(row, "completion_ids", where)
     elif "completion" in row:
-        ids = tokenizer(str(row["completion"]), add_special_tokens=False)["input_ids"]
+        ids = tokenizer(_text(row, "completion", where), add_special_tokens=False)["input_ids"]
     else:
         raise ValueError(f"{where}: needs 'completion_ids' or 'completion'")
     if not ids:

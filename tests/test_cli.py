@@ -239,7 +239,7 @@ def test_pickle_only_model_dir_is_refused(dirs, tmp_path):
 
 
 def test_bad_gradient_files_are_refused(dirs, tmp_path):
-    args = ["generate", "--teacher", dirs["teacher"], "--proxy", dirs["proxy"],
+    args = ["generate", "--teacher", dirs["teacher"], "--proxy", dirs["proxy"], "--lam", "0.5",
             "--prompts", write_jsonl(tmp_path / "p.jsonl", PROMPTS), "--out", str(tmp_path / "o.jsonl")]
     pickled = tmp_path / "g.pt"
     pickled.write_bytes(b"\x80\x04\x95 a pickle")
@@ -252,6 +252,36 @@ def test_bad_gradient_files_are_refused(dirs, tmp_path):
     with pytest.raises(SystemExit, match="needs --proxy and --grad"):
         main(args)
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_generate_refuses_lam_0_and_another_tokenizer(dirs, gradient_file, tmp_path):
+    """An antidistillation run needs lam != 0 (else it samples at temperature, with two proxy forwards
+    a step), and a proxy whose tokenizer gives the shared ids the teacher's tokens."""
+    args = ["generate", "--teacher", dirs["teacher"], "--grad", gradient_file,
+            "--prompts", write_jsonl(tmp_path / "p.jsonl", PROMPTS), "--out", str(tmp_path / "o.jsonl")]
+    with pytest.raises(SystemExit, match="--mode antidistill with --lam 0 samples as temperature mode does"):
+        main(args + ["--proxy", dirs["proxy"]])
+    other = tmp_path / "other"
+    tiny_llama(seed=1).save_pretrained(other)
+    tokenizer = char_tokenizer()
+    vocab = tokenizer.get_vocab()
+    swapped = {token: vocab["b"] if token == "a" else vocab["a"] if token == "b" else i for token, i in vocab.items()}
+    backend = Tokenizer(models.BPE(vocab=swapped, merges=[], unk_token="<unk>"))
+    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(other)
+    with pytest.raises(SystemExit, match="the proxy's tokenizer differs from the teacher's in 2 of .* \\(id .* is "
+                                         "'a' for the teacher, 'b' for the proxy\\)"):
+        main(args + ["--proxy", str(other), "--lam", "0.5"])
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.parametrize("option, value, message", [("--threads", "0", "must be an int >= 1, got 0"),
+                                                    ("--device", "bogus", "not a torch device: 'bogus'")])
+def test_bad_options_are_argparse_errors(dirs, tmp_path, capsys, option, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--teacher", dirs["teacher"], "--mode", "temperature", "--prompts",
+              write_jsonl(tmp_path / "p.jsonl", PROMPTS), "--out", str(tmp_path / "o.jsonl"), option, value])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_generate_checks_answers_by_kind(dirs, tmp_path):
@@ -280,13 +310,28 @@ def test_generate_checks_answers_by_kind(dirs, tmp_path):
      "row 1: needs one of 'prompt_ids', 'question' or 'prompt'"),
     (["generate", "--teacher", "{teacher}", "--mode", "temperature", "--prompts", "{badanswer}", "--out", "{tmp}/o"],
      "answer must be an integer"),
+    (["generate", "--teacher", "{teacher}", "--mode", "temperature", "--prompts", "{latin1}", "--out", "{tmp}/o"],
+     "latin1.jsonl: not UTF-8 text"),
+    (["grad", "--proxy", "{teacher}", "--traces", "{nullcompletion}", "--out", "{tmp}/g.safetensors"],
+     "n2.jsonl row 1: completion must be a string, got NoneType"),
+    (["grad", "--proxy", "{teacher}", "--traces", "{outofvocab}", "--out", "{tmp}/g.safetensors"],
+     "v.jsonl row 2: token id 500 is outside the proxy's vocabulary \\[0, 96\\)"),
+    (["grad", "--proxy", "{teacher}", "--traces", "{traces}", "--out", "{tmp}"], "is a directory; give a file path"),
+    (["generate", "--teacher", "{teacher}", "--mode", "temperature", "--prompts", "{traces}", "--out", "{tmp}/o",
+      "--backend", "hf", "--max-seq-len", "8"], "t.jsonl row 1 has .* prompt tokens; with --max-new-tokens 256 it "
+                                                "needs more than --max-seq-len 8 positions"),
 ])
 def test_bad_input_exits_with_a_message(dirs, tmp_path, argv, message):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"prompt": \n')
     names = {"teacher": dirs["teacher"], "tmp": str(tmp_path), "missing": str(tmp_path / "missing.jsonl"),
              "traces": write_jsonl(tmp_path / "t.jsonl", TRACES), "bad": str(tmp_path / "bad.jsonl"),
              "noprompt": write_jsonl(tmp_path / "n.jsonl", [{"text": "a"}]),
-             "badanswer": write_jsonl(tmp_path / "a.jsonl", [{"question": "q", "answer": "five"}])}
+             "badanswer": write_jsonl(tmp_path / "a.jsonl", [{"question": "q", "answer": "five"}]),
+             "nullcompletion": write_jsonl(tmp_path / "n2.jsonl", [{"prompt": "a", "completion": None}]),
+             "outofvocab": write_jsonl(tmp_path / "v.jsonl", [{"prompt_ids": [1, 5], "completion_ids": [6]},
+                                                             {"prompt_ids": [1, 500], "completion_ids": [6]}])}
+    names["latin1"] = str(tmp_path / "latin1.jsonl")
+    (tmp_path / "latin1.jsonl").write_bytes('{"prompt": "caf\u00e9"}\n'.encode("latin-1"))
     with pytest.raises(SystemExit, match=message):
         main([arg.format(**names) for arg in argv])
 

@@ -1,5 +1,6 @@
 """proxy_gradient against a float64 autograd reference computed on the whole dataset at once."""
 import copy
+import math
 
 import pytest
 import torch
@@ -109,6 +110,25 @@ def test_bad_inputs_are_refused():
         proxy_gradient(model, [([1, 2], [3, VOCAB])], progress=False)
     with pytest.raises(ValueError, match="pad_token_id"):
         proxy_gradient(model, [([1, 2], [3])], pad_token_id=VOCAB, progress=False)
+    with pytest.raises(ValueError, match="example 0 has a token id that is not an int: 3.7"):
+        proxy_gradient(model, [([1, 2], [3.7])], progress=False)
+    with pytest.raises(ValueError, match="example 0 has token ids given as text"):
+        proxy_gradient(model, [("12", [3])], progress=False)
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 2.5"):
+        proxy_gradient(model, [([1, 2], [3])], batch_size=2.5, progress=False)
+
+
+def test_non_finite_loss_or_gradient_is_refused(tmp_path):
+    """A NaN weight gives a NaN loss and gradient: refused when computed, and when saved."""
+    model = tiny_qwen2()
+    with torch.no_grad():
+        model.lm_head.weight[3, 0] = math.nan
+    with pytest.raises(ValueError, match="the proxy's loss is nan and .* gradient tensors hold NaN or inf"):
+        proxy_gradient(model, make_examples(), progress=False)
+    gradient = proxy_gradient(tiny_qwen2(), make_examples(), progress=False)
+    gradient.grads["lm_head.weight"][0, 0] = math.inf
+    with pytest.raises(ValueError, match="1 gradient tensors hold NaN or inf \\(lm_head.weight\\)"):
+        save_gradient(tmp_path / "g.safetensors", gradient)
 
 
 def test_save_load_round_trip(tmp_path):
@@ -136,6 +156,20 @@ def test_load_refuses_other_files(tmp_path):
     foreign = tmp_path / "weights.safetensors"
     save_file({"w": torch.zeros(2)}, str(foreign))
     with pytest.raises(ValueError, match="not an adfast proxy gradient"):
+        load_gradient(foreign)
+    with pytest.raises(ValueError, match="not a safetensors file, or cannot be read"):
+        load_gradient(tmp_path)  # a directory
+    from adfast.gradient import FORMAT, FORMAT_VERSION
+    tagged = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_id": "m@x", "num_examples": "1",
+              "num_tokens": "2"}
+    save_file({"w": torch.zeros(2)}, str(foreign), metadata=tagged)
+    with pytest.raises(ValueError, match="its metadata lacks the field 'loss'"):
+        load_gradient(foreign)
+    save_file({"w": torch.zeros(2)}, str(foreign), metadata={**tagged, "loss": "low"})
+    with pytest.raises(ValueError, match="malformed metadata"):
+        load_gradient(foreign)
+    save_file({"w": torch.zeros(2, dtype=torch.float16)}, str(foreign), metadata={**tagged, "loss": "1.0"})
+    with pytest.raises(ValueError, match="holds float32 tensors; w \\(torch.float16\\) are not"):
         load_gradient(foreign)
 
 

@@ -283,6 +283,23 @@ def test_direct_calls_permutation_temperature_dtypes(pair, monkeypatch):
     assert calls == []  # temperature mode runs no proxy
 
 
+def test_teacher_ids_beyond_the_proxies_are_never_drawn(teacher, small_pair):
+    """By default the processor returns -inf past the proxies' vocabulary (the rest as
+    adjusted_logits gives it), so generate needs no suppress_tokens; proxy_vocab_only=False returns
+    the whole row."""
+    ids, scores = torch.tensor([[5, 6, 7]]), torch.zeros(1, VOCAB)
+    scores[:, PROXY_VOCAB:] = 50.0  # the teacher favours its tail
+    out = AntidistillationLogitsProcessor(small_pair, lam=1.0, pad_token_id=PAD)(ids, scores)
+    assert torch.isneginf(out[:, PROXY_VOCAB:]).all() and torch.isfinite(out[:, :PROXY_VOCAB]).all()
+    whole = AntidistillationLogitsProcessor(small_pair, lam=1.0, pad_token_id=PAD, proxy_vocab_only=False)(ids, scores)
+    assert torch.isfinite(whole).all()
+    torch.testing.assert_close(whole[:, :PROXY_VOCAB], out[:, :PROXY_VOCAB])
+    proc = AntidistillationLogitsProcessor(small_pair, lam=1.0, tau=2.0, pad_token_id=PAD)
+    torch.manual_seed(0)
+    sequences = generate(teacher, proc, **generate_kwargs(8))
+    assert bool((sequences[:, PROMPTS.shape[1]:] < PROXY_VOCAB).all())
+
+
 def test_token_beyond_proxy_vocab_raises(small_pair):
     proc = AntidistillationLogitsProcessor(small_pair, lam=1.0, pad_token_id=PAD)
     with pytest.raises(ValueError, match="outside the proxy's vocabulary"):

@@ -102,6 +102,23 @@ def test_load_refuses_other_files(tmp_path):
     save_gradient(dense_file, _gradient({"w": torch.randn(3, 3)}))
     with pytest.raises(ValueError, match="not an adfast low-rank gradient"):
         load_low_rank_gradient(dense_file)
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    good = tmp_path / "lr.safetensors"
+    save_low_rank_gradient(good, low_rank_gradient(_gradient({"a.weight": torch.randn(20, 12)}), 3))
+    with safe_open(str(good), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(good))
+    broken = tmp_path / "broken.safetensors"
+    save_file({**tensors, "a.weight.V": tensors["a.weight.V"][:, :2].contiguous()}, str(broken), metadata=metadata)
+    with pytest.raises(ValueError, match="factors of 'a.weight' are U \\(20, 3\\), V \\(12, 2\\); the file's rank is 3"):
+        load_low_rank_gradient(broken)
+    save_file({**tensors, "a.weight": torch.zeros(20, 12)}, str(broken), metadata=metadata)
+    with pytest.raises(ValueError, match="'a.weight' is stored both as factors and dense"):
+        load_low_rank_gradient(broken)
+    save_file(tensors, str(broken), metadata={k: v for k, v in metadata.items() if k != "rank"})
+    with pytest.raises(ValueError, match="its metadata lacks the field 'rank'"):
+        load_low_rank_gradient(broken)
 
 
 @pytest.mark.parametrize("make", [tiny_qwen2, tiny_llama])

@@ -2,6 +2,7 @@
 import math
 import warnings
 
+import numpy
 import pytest
 import torch
 from conftest import tiny_llama, tiny_qwen2
@@ -135,6 +136,20 @@ def test_gradient_file_of_the_same_model_gives_the_same_pair(tmp_path, qwen2_gra
 def test_bad_eps_is_refused(eps, qwen2_gradient):
     with pytest.raises(ValueError, match="eps must be a finite float > 0"):
         build(tiny_qwen2(), qwen2_gradient, eps)
+
+
+def test_eps_is_any_real_scalar_and_overflow_is_refused(qwen2_gradient):
+    """A numpy or one-element tensor eps builds the pair of the float; an eps whose perturbation
+    overflows the weight dtype (float16's 65504 here) is refused, naming the tensors."""
+    expected = build(tiny_qwen2(), qwen2_gradient, 1e-3)
+    for eps in (numpy.float32(1e-3), torch.tensor(1e-3)):
+        pair = build(tiny_qwen2(), qwen2_gradient, eps)
+        assert pair.eps == pytest.approx(1e-3)
+        for (name, a), (_, b) in zip(pair.plus.named_parameters(), expected.plus.named_parameters()):
+            assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="eps=1e\\+07 is too large for the proxy's dtype \\(torch.float16\\): "
+                                         "theta \\+- eps g overflows"):
+        build(tiny_qwen2().half(), qwen2_gradient, 1e7)
 
 
 def test_zero_gradient_is_refused(qwen2_gradient):
