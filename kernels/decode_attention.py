@@ -155,11 +155,70 @@ def _decode_attention(
             tl.store(o_rows[:, None] + d[None, :], (num / den[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
+CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_inputs(q, k_cache, v_cache, slots, lengths, tangents: dict | None = None) -> None:
+    """Raise ValueError for inputs the kernels cannot take (shapes, dtypes, strides, devices);
+    ``tangents``: the tangent kernel's ``dq``, ``dk_cache``, ``dv_cache`` by name, checked against q
+    and the caches. The lengths' values are not checked (that would sync with the device)."""
+    tangents = tangents or {}
+    tensors = dict(q=q, k_cache=k_cache, v_cache=v_cache, slots=slots, lengths=lengths, **tangents)
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    devices = {t.device for t in tensors.values()}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+    if q.dim() != 5:
+        raise ValueError(f"q must be [C, B, 1, H, D], got shape {tuple(q.shape)}")
+    num_copies, batch, seq, heads, head_dim = q.shape
+    if seq != 1:
+        raise ValueError(f"decode attention handles one query per row (T == 1), got T = {seq}")
+    if not q.is_floating_point():
+        raise ValueError(f"q must be a floating tensor, got {q.dtype}")
+    if "dq" in tangents and (tangents["dq"].shape != q.shape or tangents["dq"].dtype != q.dtype):
+        raise ValueError(f"dq must match q ({tuple(q.shape)}, {q.dtype}), got {tuple(tangents['dq'].shape)}, "
+                         f"{tangents['dq'].dtype}")
+    if head_dim < 1:
+        raise ValueError(f"head_dim must be >= 1, got {head_dim}")
+    if k_cache.dim() != 5:
+        raise ValueError(f"k_cache must be [C, max_batch, max_seq_len + 1, KV, D], got shape {tuple(k_cache.shape)}")
+    if k_cache.dtype not in CACHE_DTYPES:
+        raise ValueError(f"cache dtype must be one of {CACHE_DTYPES}, got {k_cache.dtype}")
+    for name, t in (("v_cache", v_cache), *((n, t) for n, t in tangents.items() if n != "dq")):
+        if t.shape != k_cache.shape or t.dtype != k_cache.dtype:
+            raise ValueError(f"{name} must match k_cache ({tuple(k_cache.shape)}, {k_cache.dtype}), "
+                             f"got {tuple(t.shape)}, {t.dtype}")
+    if k_cache.shape[0] != num_copies:
+        raise ValueError(f"caches hold {k_cache.shape[0]} copies, q has {num_copies}")
+    if k_cache.shape[4] != head_dim:
+        raise ValueError(f"caches have head_dim {k_cache.shape[4]}, q has {head_dim}")
+    if k_cache.shape[2] < 2:
+        raise ValueError(f"caches need max_seq_len + 1 >= 2 positions, got {k_cache.shape[2]}")
+    kv_heads = k_cache.shape[3]
+    if kv_heads < 1 or heads % kv_heads:
+        raise ValueError(f"query heads ({heads}) must be a multiple of kv heads ({kv_heads})")
+    for name, t in tensors.items():
+        if name not in ("slots", "lengths") and t.stride(4) != 1:
+            raise ValueError(f"{name} must have a unit stride in its last (head_dim) dimension")
+    for name, t in (("slots", slots), ("lengths", lengths)):
+        if t.shape != (batch,):
+            raise ValueError(f"{name} must be [B] = [{batch}], got shape {tuple(t.shape)}")
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
+
+
 def plan_attention(num_programs: int, max_seq_len: int, device: torch.device, num_splits: int | None,
           block_n: int | None) -> tuple[int, int, int, int]:
     """``(splits, chunk, block_n, num_warps)`` of a launch of ``num_programs = C B KV`` kv heads over
     caches of ``max_seq_len`` positions (module docstring, Splits); ``num_splits`` / ``block_n``
     override it (tests, tuning, ``bench/attention.py``)."""
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be an int >= 1 (None: the plan's choice), got {num_splits!r}")
+    if block_n is not None and (isinstance(block_n, bool) or not isinstance(block_n, int) or block_n < 1
+                                or block_n & (block_n - 1)):
+        raise ValueError(f"block_n must be a power of two (None: the plan's choice), got {block_n!r}")
     sms = launch_plan.multiprocessor_count(device)
     if sms is not None:
         block_n = block_n or 64
@@ -186,15 +245,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     ``counters``: the split tickets, int32, at least ``C B KV`` of them, zero at entry and left zero
     (a CUDA-graph captured step passes its own, one buffer per stream); None
     allocates zeroed ones when the plan splits. Same result as :func:`adfast.attention.attend` with
-    ``query_pos = (lengths - 1)[:, None]``.
+    ``query_pos = (lengths - 1)[:, None]``. Raises ValueError for malformed inputs
+    (:func:`check_inputs`, and a plan override that is not a positive int / a power of two).
     """
-    num_copies, batch, seq, heads, head_dim = q.shape
-    assert seq == 1, "decode_attention handles one query per row (T == 1)"
-    assert k_cache.shape == v_cache.shape and k_cache.dtype == v_cache.dtype
-    assert k_cache.shape[0] == num_copies and k_cache.shape[4] == head_dim
+    check_inputs(q, k_cache, v_cache, slots, lengths)
+    num_copies, batch, _, heads, head_dim = q.shape
     kv_heads = k_cache.shape[3]
-    assert heads % kv_heads == 0
-    assert k_cache.stride(4) == 1 and v_cache.stride(4) == 1 and q.stride(4) == 1
     group = heads // kv_heads
     head_pad = max(16, triton.next_power_of_2(head_dim))
     max_seq_len = k_cache.shape[2] - 1
@@ -211,8 +267,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_acc = torch.empty(programs * splits * group * head_dim, device=q.device, dtype=torch.float32)
         if counters is None:
             counters = zeroed_counters(programs, q.device)
-        elif counters.dtype != torch.int32 or counters.numel() < programs:
-            raise ValueError(f"counters must be int32 with at least C B KV = {programs} entries, got "
+        elif counters.dtype != torch.int32 or counters.numel() < programs or not counters.is_contiguous():
+            raise ValueError(f"counters must be contiguous int32 with at least C B KV = {programs} entries, got "
                              f"{counters.dtype} with {counters.numel()}")
     else:
         part_m = part_l = part_acc = counters = out  # unused: the one split writes the output

@@ -81,12 +81,11 @@ import triton
 import triton.language as tl
 
 from . import split as launch_plan
-from .decode_attention import _program_rows, plan_attention
+from .decode_attention import _program_rows, check_inputs, plan_attention
 
 LOG2E = 1.4426950408889634
 GPU_BLOCK_N = 32  # bf16 / fp16 caches on a GPU (tensor-core products)
 GPU_BLOCK_N_FP32, GPU_WARPS_FP32 = 16, 8  # fp32 caches on a GPU (IEEE fp32 products: FMA, many registers)
-CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
@@ -209,60 +208,13 @@ def _decode_jvp_merge(
     m_max = tl.max(m, axis=0)
     w = tl.where(smask, tl.exp2(m - m_max), 0.0)
     den = tl.sum(l * w, axis=0)
-    out = tl.sum(acc_o * w[:, None], axis=0) / den  # as the primal kernel
+    out = tl.sum(acc_o * w[:, None], axis=0) / den  # the primal kernel's formula (it sums the splits in order:
+    # the same bits up to 3 live splits, within a few ulps beyond)
     mean_ds = tl.sum(acc_ds * w, axis=0) / den
     dout = tl.sum(acc_t * w[:, None], axis=0) / den - mean_ds * out
     o_off = c.to(tl.int64) * so_c + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h
     tl.store(out_ptr + o_off + d, out.to(out_ptr.dtype.element_ty), mask=dmask)
     tl.store(dout_ptr + o_off + d, dout.to(dout_ptr.dtype.element_ty), mask=dmask)
-
-
-def _check_inputs(q, dq, k_cache, v_cache, dk_cache, dv_cache, slots, lengths) -> None:
-    """Raise ValueError for inputs the kernel cannot take (shapes, dtypes, strides, devices)."""
-    tensors = dict(q=q, dq=dq, k_cache=k_cache, v_cache=v_cache, dk_cache=dk_cache, dv_cache=dv_cache,
-                   slots=slots, lengths=lengths)
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    devices = {t.device for t in tensors.values()}
-    if len(devices) != 1:
-        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
-    if q.dim() != 5:
-        raise ValueError(f"q must be [C, B, 1, H, D], got shape {tuple(q.shape)}")
-    num_copies, batch, seq, heads, head_dim = q.shape
-    if seq != 1:
-        raise ValueError(f"decode_attention_jvp handles one query per row (T == 1), got T = {seq}")
-    if not q.is_floating_point():
-        raise ValueError(f"q must be a floating tensor, got {q.dtype}")
-    if dq.shape != q.shape or dq.dtype != q.dtype:
-        raise ValueError(f"dq must match q ({tuple(q.shape)}, {q.dtype}), got {tuple(dq.shape)}, {dq.dtype}")
-    if head_dim < 1:
-        raise ValueError(f"head_dim must be >= 1, got {head_dim}")
-    if k_cache.dim() != 5:
-        raise ValueError(f"k_cache must be [C, max_batch, max_seq_len + 1, KV, D], got shape {tuple(k_cache.shape)}")
-    if k_cache.dtype not in CACHE_DTYPES:
-        raise ValueError(f"cache dtype must be one of {CACHE_DTYPES}, got {k_cache.dtype}")
-    for name, t in (("v_cache", v_cache), ("dk_cache", dk_cache), ("dv_cache", dv_cache)):
-        if t.shape != k_cache.shape or t.dtype != k_cache.dtype:
-            raise ValueError(f"{name} must match k_cache ({tuple(k_cache.shape)}, {k_cache.dtype}), "
-                             f"got {tuple(t.shape)}, {t.dtype}")
-    if k_cache.shape[0] != num_copies:
-        raise ValueError(f"caches hold {k_cache.shape[0]} copies, q has {num_copies}")
-    if k_cache.shape[4] != head_dim:
-        raise ValueError(f"caches have head_dim {k_cache.shape[4]}, q has {head_dim}")
-    if k_cache.shape[2] < 2:
-        raise ValueError(f"caches need max_seq_len + 1 >= 2 positions, got {k_cache.shape[2]}")
-    kv_heads = k_cache.shape[3]
-    if kv_heads < 1 or heads % kv_heads:
-        raise ValueError(f"query heads ({heads}) must be a multiple of kv heads ({kv_heads})")
-    for name, t in tensors.items():
-        if name not in ("slots", "lengths") and t.stride(4) != 1:
-            raise ValueError(f"{name} must have a unit stride in its last (head_dim) dimension")
-    for name, t in (("slots", slots), ("lengths", lengths)):
-        if t.shape != (batch,):
-            raise ValueError(f"{name} must be [B] = [{batch}], got shape {tuple(t.shape)}")
-        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
 
 
 def decode_attention_jvp(q: torch.Tensor, dq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -279,7 +231,7 @@ def decode_attention_jvp(q: torch.Tensor, dq: torch.Tensor, k_cache: torch.Tenso
     :func:`adfast.attention.attend_jvp` with ``query_pos = (lengths - 1)[:, None]``; ``out`` is
     :func:`adfast.kernels.decode_attention.decode_attention`'s. Raises ValueError for malformed inputs.
     """
-    _check_inputs(q, dq, k_cache, v_cache, dk_cache, dv_cache, slots, lengths)
+    check_inputs(q, k_cache, v_cache, slots, lengths, tangents=dict(dq=dq, dk_cache=dk_cache, dv_cache=dv_cache))
     num_copies, batch, _, heads, head_dim = q.shape
     kv_heads = k_cache.shape[3]
     group = heads // kv_heads

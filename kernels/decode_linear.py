@@ -324,28 +324,51 @@ def plan_linear(copies: int, rows: int, outputs: int, inputs: int, device: torch
     tensors): 16 x 32 tiles and up to 3 splits, so that test shapes cross tiles, splits and masked
     tails.
     """
+    if inputs < 1:
+        raise ValueError(f"inputs (K) must be >= 1, got {inputs}")
+    if split_k is not None and (isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1):
+        raise ValueError(f"split_k must be an int >= 1 (None: the plan's choice), got {split_k!r}")
     block_m = max(16, triton.next_power_of_2(rows))
     sms = launch_plan.multiprocessor_count(device)
     if sms is not None:
-        block_n = block_n or (128 if swap_ab else 32)
+        block_n = block_n if block_n is not None else (128 if swap_ab else 32)
         programs_per_sm = programs_per_sm or (2 if block_m <= 16 else 4)
         tiles = copies * triton.cdiv(outputs, block_n)
         if split_k is None:
             split_k = max(1, min(-(-programs_per_sm * sms // tiles), inputs // (2 * (block_k or 128))))
-        block_k = block_k or (256 if split_k == 1 and inputs <= 2048 and block_m <= 16 and not swap_ab else 128)
+        if block_k is None:
+            block_k = 256 if split_k == 1 and inputs <= 2048 and block_m <= 16 and not swap_ab else 128
         num_warps, num_stages = num_warps or 4, num_stages or 3
     else:
-        block_n, block_k = block_n or 16, block_k or 32
-        split_k = split_k or max(1, min(3, inputs // (2 * block_k)))
+        block_n = block_n if block_n is not None else 16
+        block_k = block_k if block_k is not None else 32
+        split_k = split_k or max(1, min(3, inputs // max(1, 2 * block_k)))
         num_warps, num_stages = num_warps or 4, num_stages or 1
-    for name, value in (("block_n", block_n), ("block_k", block_k)):
-        if value < 16 or value & (value - 1):
-            raise ValueError(f"{name} must be a power of two >= 16, got {value}")
     if prefetch_steps < 0:
         raise ValueError(f"prefetch_steps must be >= 0, got {prefetch_steps}")
+    _check_tile_sizes(block_n, block_k)
     k_split = triton.cdiv(triton.cdiv(inputs, split_k), block_k) * block_k
     split_k = triton.cdiv(inputs, k_split)  # no empty splits
     return LinearPlan(block_m, block_n, block_k, split_k, k_split, num_warps, num_stages, swap_ab, prefetch_steps)
+
+
+def _check_tile_sizes(block_n: int, block_k: int) -> None:
+    for name, value in (("block_n", block_n), ("block_k", block_k)):
+        if value < MIN_BLOCK_N or value & (value - 1):
+            raise ValueError(f"{name} must be a power of two >= {MIN_BLOCK_N}, got {value}")
+
+
+def _check_plan(plan: LinearPlan, rows: int, inputs: int) -> None:
+    """Raise ValueError for a given plan that does not cover a call of ``rows`` rows and ``inputs``
+    inputs (its tile would leave rows unwritten, its splits inputs unread)."""
+    _check_tile_sizes(plan.block_n, plan.block_k)
+    if plan.block_m < rows or plan.block_m & (plan.block_m - 1):
+        raise ValueError(f"plan.block_m must be a power of two >= the call's {rows} rows, got {plan.block_m}")
+    if plan.split_k < 1 or plan.k_split < 1 or plan.k_split % plan.block_k or plan.split_k * plan.k_split < inputs:
+        raise ValueError(f"plan splits K into {plan.split_k} x {plan.k_split} inputs (a multiple of block_k "
+                         f"{plan.block_k}), which must cover the call's {inputs}")
+    if plan.prefetch_steps < 0:
+        raise ValueError(f"plan.prefetch_steps must be >= 0, got {plan.prefetch_steps}")
 
 
 def counters_for(copies: int, outputs: int, device) -> torch.Tensor:
@@ -398,7 +421,11 @@ def _check_inputs(x, weight, bias, residual, gated, rotary, counters) -> tuple[N
     normed = x if isinstance(x, NormedInput) else None
     rows_of = x.s if normed else x
     if not isinstance(rows_of, torch.Tensor):
-        raise ValueError(f"x must be a tensor or a NormedInput, got {type(x).__name__}")
+        raise ValueError(f"x.s must be a tensor, got {type(rows_of).__name__}" if normed else
+                         f"x must be a tensor or a NormedInput, got {type(x).__name__}")
+    for name, tensor in (("weight", weight), ("bias", bias), ("residual", residual), ("counters", counters)):
+        if tensor is not None and not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(tensor).__name__}")
     if rows_of.dim() != 3 or weight.dim() != 3:
         raise ValueError(f"x must be [C, M, K] and weight [C, N, K], got shapes {tuple(rows_of.shape)}, "
                          f"{tuple(weight.shape)}")
@@ -408,6 +435,8 @@ def _check_inputs(x, weight, bias, residual, gated, rotary, counters) -> tuple[N
                          f"must match")
     if not 1 <= rows <= MAX_ROWS:
         raise ValueError(f"decode_linear takes 1 to {MAX_ROWS} rows, got {rows}")
+    if inputs < 1:
+        raise ValueError(f"x and weight have no inputs (K = 0): shapes {tuple(rows_of.shape)}, {tuple(weight.shape)}")
     if rows_of.dtype not in DTYPES or weight.dtype != rows_of.dtype:
         raise ValueError(f"x and weight must share one dtype of {DTYPES}, got {rows_of.dtype}, {weight.dtype}")
     if rows_of.stride(2) != 1 or weight.stride(2) != 1:
@@ -477,7 +506,10 @@ def decode_linear(x: torch.Tensor | NormedInput, weight: torch.Tensor, bias: tor
     normed, rows_of = _check_inputs(x, weight, bias, residual, gated, rotary, counters)
     copies, rows, inputs = rows_of.shape
     outputs, device = weight.shape[1], weight.device
-    plan = plan or plan_linear(copies, rows, outputs, inputs, device, **(plan_options or {}))
+    if plan is None:
+        plan = plan_linear(copies, rows, outputs, inputs, device, **(plan_options or {}))
+    else:
+        _check_plan(plan, rows, inputs)
     width = outputs // 2 if gated else outputs * rotary.heads // (rotary.heads + 2 * rotary.kv_heads) if rotary \
         else outputs
     y = torch.empty((copies, rows, width), device=device, dtype=weight.dtype)

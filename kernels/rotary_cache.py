@@ -183,9 +183,13 @@ def check_inputs(qkv, cos, sin, caches, slots, write_pos, heads: int, kv_heads: 
     head_dim = width // (heads + 2 * kv_heads)
     if dqkv is not None and (dqkv.shape != qkv.shape or dqkv.dtype != qkv.dtype):
         raise ValueError(f"dqkv must match qkv: {tuple(dqkv.shape)} {dqkv.dtype} vs {tuple(qkv.shape)} {qkv.dtype}")
-    if cos.shape != sin.shape or cos.dim() != 3 or cos.shape[2] != head_dim or cos.dtype != torch.float32:
+    if cos.shape != sin.shape or cos.dim() != 3 or cos.shape[2] != head_dim or cos.dtype != torch.float32 \
+            or sin.dtype != torch.float32:
         raise ValueError(f"cos and sin must be float32 [B, T, D={head_dim}], got {tuple(cos.shape)} {cos.dtype} "
                          f"and {tuple(sin.shape)} {sin.dtype}")
+    if sin.stride() != cos.stride():
+        raise ValueError(f"cos and sin must share one layout (the kernels read both with cos's strides), got "
+                         f"strides {cos.stride()} and {sin.stride()}")
     batch, seq = cos.shape[:2]
     if batch * seq != qkv.shape[1]:
         raise ValueError(f"qkv has {qkv.shape[1]} token rows, cos/sin describe B*T = {batch * seq}")

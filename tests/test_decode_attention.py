@@ -107,5 +107,31 @@ def test_split_tickets_are_left_at_zero_and_the_merge_is_deterministic():
     assert not counters.any()
     one = decode_attention(q, k, v, slots, lengths, num_splits=1, block_n=SMALL_BLOCK)
     torch.testing.assert_close(one, first, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="counters must be int32 with at least C B KV = 16"):
+    with pytest.raises(ValueError, match="counters must be contiguous int32 with at least C B KV = 16"):
         decode_attention(q, k, v, slots, lengths, num_splits=5, block_n=SMALL_BLOCK, counters=counters[:15])
+    with pytest.raises(ValueError, match="counters must be contiguous int32"):
+        decode_attention(q, k, v, slots, lengths, num_splits=5, block_n=SMALL_BLOCK,
+                         counters=torch.zeros(32, dtype=torch.int32, device=DEVICE)[::2])
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(slots=lambda t: t[:1]), "slots must be \\[B\\] = \\[4\\], got shape \\(1,\\)"),
+    (dict(lengths=lambda t: t.float()), "lengths must be an integer tensor"),
+    (dict(k=lambda t: t.to(torch.int8), v=lambda t: t.to(torch.int8)), "cache dtype must be one of"),
+    (dict(v=lambda t: t.half()), "v_cache must match k_cache"),
+    (dict(q=lambda t: t[0]), "q must be \\[C, B, 1, H, D\\]"),
+    (dict(q=lambda t: t[:, :, :, :3]), "multiple of kv heads"),
+    (dict(num_splits=-1), "num_splits must be an int >= 1"),
+    (dict(block_n=0), "block_n must be a power of two"),
+    (dict(block_n=12), "block_n must be a power of two"),
+])
+def test_rejects_bad_inputs(change, match):
+    """Malformed inputs and plan overrides are ValueErrors (short slots read out of bounds, a
+    negative split count gave garbage, an int8 cache wrong values)."""
+    args = dict(zip(("q", "k", "v", "slots", "lengths"), make_inputs(1, 4, 2, 16, torch.float32)))
+    args.update(num_splits=None, block_n=None)
+    for name, value in change.items():
+        args[name] = value(args[name]) if callable(value) else value
+    with pytest.raises(ValueError, match=match):
+        decode_attention(args["q"], args["k"], args["v"], args["slots"], args["lengths"],
+                         num_splits=args["num_splits"], block_n=args["block_n"])

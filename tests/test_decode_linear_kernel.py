@@ -11,6 +11,8 @@ Plans are given explicitly too (one and several ``K`` splits, tiles past ``N`` a
 ``N`` tiles per copy), so the split-K reduction is exercised whatever the default plan picks on
 the machine running the tests.
 """
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -283,6 +285,13 @@ def test_plan():
         plan_linear(1, 1, 16, 16, cpu, prefetch_steps=-1)
     with pytest.raises(ValueError, match="block_n must be a power of two"):
         plan_linear(1, 1, 16, 16, cpu, block_n=24)
+    for split_k in (0, -2, 1.5):
+        with pytest.raises(ValueError, match="split_k must be an int >= 1"):
+            plan_linear(1, 1, 16, 64, cpu, split_k=split_k)
+    with pytest.raises(ValueError, match="block_k must be a power of two >= 16, got 0"):
+        plan_linear(1, 1, 16, 64, cpu, block_k=0)
+    with pytest.raises(ValueError, match="inputs \\(K\\) must be >= 1"):
+        plan_linear(1, 1, 16, 0, cpu)
 
 
 def test_decoder_dispatch(monkeypatch):
@@ -424,6 +433,15 @@ def _bad_calls():
          lambda: decode_linear(NormedInput(x, stats, norm_weight[:1], 1e-6), w, b)),
         ("eps must be >= 0", lambda: decode_linear(NormedInput(x, stats, norm_weight, -1.0), w, b)),
         ("residual must be \\[C, M, N\\]", lambda: decode_linear(x, w, b, residual=x)),
+        ("x.s must be a tensor, got list", lambda: decode_linear(NormedInput([x], stats, norm_weight, 1e-6), w, b)),
+        ("weight must be a tensor, got list", lambda: decode_linear(x, [w], b)),
+        ("no inputs \\(K = 0\\)", lambda: decode_linear(x[:, :, :0], w[:, :, :0], b)),
+        ("block_m must be a power of two >= the call's 3 rows",
+         lambda: decode_linear(x, w, b, plan=dataclasses.replace(plan_linear(2, 1, 20, 40, x.device), block_m=2))),
+        ("which must cover the call's 40",
+         lambda: decode_linear(x, w, b, plan=plan_linear(2, 3, 20, 20, x.device))),
+        ("block_n must be a power of two >= 16",
+         lambda: decode_linear(x, w, b, plan=dataclasses.replace(plan_linear(2, 3, 20, 40, x.device), block_n=8))),
         ("residual must be \\[C, M, N\\]", lambda: decode_linear(x, w, b, residual=torch.zeros(2, 3, 20, device=DEVICE,
                                                                                          dtype=torch.float16))),
     ]

@@ -159,6 +159,10 @@ def test_errors():
         rope_and_cache_write(qkv.double(), *args, 4, 2)
     with pytest.raises(ValueError, match="cos and sin"):
         rope_and_cache_write(qkv, cos.double(), sin, k, v, slots, write_pos, 4, 2)
+    with pytest.raises(ValueError, match="cos and sin must share one layout"):
+        wide = torch.zeros(*sin.shape[:2], 2 * sin.shape[2], device=DEVICE)
+        wide[..., :sin.shape[2]] = sin
+        rope_and_cache_write(qkv, cos, wide[..., :sin.shape[2]], k, v, slots, write_pos, 4, 2)
     with pytest.raises(ValueError, match="token rows"):
         rope_and_cache_write(qkv[:, :1], *args, 4, 2)
     with pytest.raises(ValueError, match="write_pos"):
