@@ -46,12 +46,13 @@ import numbers
 import os
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .decoder import Decoder
+from .ids import token_ids
 from .sampling import BAD_INPUT_BITS, MODES, check_tau, sample
 
 # Seeds of ranks > 0 in generate_distributed: rank r samples with seed + r * RANK_SEED_STRIDE (mod 2**63).
@@ -260,23 +261,6 @@ def _midpoint(pair) -> torch.nn.Module:
     return proxy
 
 
-def _token_ids(ids, name: str) -> list[int]:
-    """Token ids given as a sequence of ints or a 1-D integer tensor, as a list of ints; anything
-    else (floats, nested lists, a 2-D tensor) is refused, not rounded or flattened."""
-    if isinstance(ids, torch.Tensor):
-        if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            raise ValueError(f"{name} must be a 1-D integer tensor of token ids, got {ids.dtype} of shape "
-                             f"{tuple(ids.shape)}")
-        return ids.tolist()
-    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
-        raise ValueError(f"{name} must be a sequence of token ids (ints), got {type(ids).__name__}")
-    ids = list(ids)
-    wrong = [t for t in ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)]
-    if wrong:
-        raise ValueError(f"{name} must hold token ids (ints), got {wrong[0]!r}")
-    return [int(t) for t in ids]
-
-
 def _per_prompt(value, count: int, name: str) -> list[float]:
     """A float, or one value per prompt (sequence or 1-D tensor), as ``count`` finite floats."""
     if isinstance(value, torch.Tensor):
@@ -476,7 +460,7 @@ class Engine:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
-        prompts = [_token_ids(p, f"prompt {i}") for i, p in enumerate(prompts)]
+        prompts = [token_ids(p, f"prompt {i}") for i, p in enumerate(prompts)]
         taus = _per_prompt(tau, len(prompts), "tau")
         for value in taus:
             check_tau(value)
@@ -494,7 +478,7 @@ class Engine:
                 raise ValueError(f"prompt {i} has a token id outside [0, {vocab}) (the vocabulary"
                                  f"{' the teacher and the proxies share' if mode != 'temperature' else ''})")
         one_id = isinstance(stop_token_ids, numbers.Integral) and not isinstance(stop_token_ids, bool)
-        stop = frozenset(_token_ids([stop_token_ids] if one_id else stop_token_ids, "stop_token_ids"))
+        stop = frozenset(token_ids([stop_token_ids] if one_id else stop_token_ids, "stop_token_ids"))
         config = StepConfig(mode, self.eps if self.eps is not None else 1.0, seed, top_k != 0 or top_p != 1.0,
                             self.delta)
         self.inputs.top_k.fill_(top_k)

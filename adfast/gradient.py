@@ -33,6 +33,8 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .ids import token_ids
+
 FORMAT = "adfast.proxy_gradient"
 FORMAT_VERSION = "1"
 
@@ -85,7 +87,7 @@ def _check_examples(examples, vocab: int) -> list[tuple[list[int], list[int]]]:
     for i, example in enumerate(examples):
         if not isinstance(example, (tuple, list)) or len(example) != 2:
             raise ValueError(f"example {i} must be a (prompt_ids, completion_ids) pair")
-        prompt, completion = (_token_ids(part, f"example {i}") for part in example)
+        prompt, completion = (token_ids(part, f"example {i}") for part in example)
         if not prompt:
             raise ValueError(f"example {i} has an empty prompt: the first completion token needs a context "
                              "(start the prompt with BOS)")
@@ -98,19 +100,6 @@ def _check_examples(examples, vocab: int) -> list[tuple[list[int], list[int]]]:
     if not checked:
         raise ValueError("examples is empty: need at least one (prompt_ids, completion_ids) pair")
     return checked
-
-
-def _token_ids(ids, name: str) -> list[int]:
-    """A sequence of ints (Python or numpy integers, or a 1-D integer tensor) as a list of ints;
-    floats, strings and booleans are refused, not converted."""
-    if isinstance(ids, torch.Tensor):
-        ids = ids.tolist() if ids.dim() == 1 and not (ids.is_floating_point() or ids.dtype == torch.bool) else [ids]
-    if isinstance(ids, (str, bytes)):
-        raise ValueError(f"{name} has token ids given as text ({ids!r}): pass a list of ints")
-    wrong = [t for t in ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)]
-    if wrong:
-        raise ValueError(f"{name} has a token id that is not an int: {wrong[0]!r}")
-    return [int(t) for t in ids]
 
 
 def _batch(examples: list[tuple[list[int], list[int]]], pad: int, device):

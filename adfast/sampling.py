@@ -128,6 +128,7 @@ def _prepare(teacher, plus, minus, tau, lam, eps, mode, check, delta=None):
     if delta is not None and (plus is not None or minus is not None):
         raise ValueError("pass either plus_logits and minus_logits (the perturbed proxy pair, D by finite "
                          "difference) or delta (D itself), not both")
+    pair_eps = None
     if mode == "temperature":
         plus = minus = None
     elif delta is not None:
@@ -153,10 +154,9 @@ def _prepare(teacher, plus, minus, tau, lam, eps, mode, check, delta=None):
                 "D is defined on the shared prefix, so the proxy may be at most as wide as the teacher")
         if plus.device != teacher.device or minus.device != teacher.device:
             raise ValueError(f"logits on different devices: {teacher.device}, {plus.device}, {minus.device}")
-        value = real_scalar(eps)
-        if value is None or not (math.isfinite(value) and value > 0):
+        pair_eps = real_scalar(eps)
+        if pair_eps is None or not (math.isfinite(pair_eps) and pair_eps > 0):
             raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
-        eps = value
         plus, minus = plus.contiguous(), minus.contiguous()
     tau_t = _per_row(tau, batch, teacher.device, "tau", check)
     if not isinstance(tau, torch.Tensor):
@@ -166,7 +166,7 @@ def _prepare(teacher, plus, minus, tau, lam, eps, mode, check, delta=None):
         if bool(unsupported.any()):
             check_tau(float(tau_t[unsupported][0]))
     lam_t = _per_row(0.0 if mode == "temperature" else lam, batch, teacher.device, "lam", check)
-    return teacher.contiguous(), plus, minus, tau_t, lam_t, eps if plus is not None and minus is not None else None
+    return teacher.contiguous(), plus, minus, tau_t, lam_t, pair_eps
 
 
 def _resolve_seed(seed: int | None, generator: torch.Generator | None) -> int:
