@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 from conftest import VOCAB, tiny_llama, tiny_qwen2
@@ -236,6 +237,8 @@ def test_errors(teachers, pair, engine):
         engine.generate([torch.ones(3)], **kw)
     with pytest.raises(ValueError, match="stop_token_ids must hold token ids"):
         engine.generate([[1]], stop_token_ids=[2.0], **kw)
+    as_ints = engine.generate([[1, 2]], tau=0.0, **kw)[0].tokens
+    assert engine.generate([[torch.tensor(1), numpy.int64(2)]], tau=0.0, **kw)[0].tokens == as_ints
     with pytest.raises(ValueError, match="max_new_tokens"):
         engine.generate([[1]], max_new_tokens=0)
     with pytest.raises(ValueError, match="mode must be one of"):
