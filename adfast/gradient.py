@@ -201,8 +201,9 @@ def save_gradient(path, gradient: ProxyGradient) -> None:
 def read_tensor_file(path, fmt: str, version: str, kind: str, writer: str):
     """``(tensors, metadata)`` of a safetensors file whose metadata names format ``fmt``, ``version``.
 
-    Anything else (not safetensors, another format or version) raises ``ValueError`` naming ``kind``
-    (e.g. "proxy gradient") and ``writer``, the function that writes such files. Never unpickles.
+    Anything else (not safetensors, another format or version, a tensor not in float32) raises
+    ``ValueError`` naming ``kind`` (e.g. "proxy gradient") and ``writer``, the function that writes
+    such files. Never unpickles.
     """
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -217,6 +218,9 @@ def read_tensor_file(path, fmt: str, version: str, kind: str, writer: str):
     if metadata.get("format_version") != version:
         raise ValueError(f"{path} has {kind.replace(' ', '-')} format version {metadata.get('format_version')!r}; "
                          f"this adfast reads version {version}")
+    wrong = [f"{name} ({t.dtype})" for name, t in tensors.items() if t.dtype != torch.float32]
+    if wrong:
+        raise ValueError(f"{path}: a {kind} holds float32 tensors; {', '.join(wrong[:4])} are not")
     return tensors, metadata
 
 
@@ -228,9 +232,6 @@ def load_gradient(path) -> ProxyGradient:
     if low_rank.is_low_rank_file(path):  # otherwise read_tensor_file says what is wrong with the file
         return low_rank.load_low_rank_gradient(path).to_dense()
     grads, metadata = read_tensor_file(path, FORMAT, FORMAT_VERSION, "proxy gradient", "save_gradient")
-    wrong = [f"{name} ({g.dtype})" for name, g in grads.items() if g.dtype != torch.float32]
-    if wrong:
-        raise ValueError(f"{path}: a proxy gradient holds float32 tensors; {', '.join(wrong[:4])} are not")
     with metadata_fields(path):
         fields = dict(loss=float(metadata["loss"]), num_examples=int(metadata["num_examples"]),
                       num_tokens=int(metadata["num_tokens"]), model_id=metadata["model_id"])

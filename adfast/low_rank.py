@@ -196,9 +196,6 @@ def load_low_rank_gradient(path) -> LowRankGradient:
     """Read a file written by :func:`save_low_rank_gradient`; anything else raises ``ValueError``."""
     tensors, metadata = read_tensor_file(path, FORMAT, FORMAT_VERSION, "low-rank gradient",
                                          "save_low_rank_gradient")
-    wrong = [f"{key} ({t.dtype})" for key, t in tensors.items() if t.dtype != torch.float32]
-    if wrong:
-        raise ValueError(f"{path}: a low-rank gradient holds float32 tensors; {', '.join(wrong[:4])} are not")
     with metadata_fields(path):
         fields = dict(rank=int(metadata["rank"]), model_id=metadata["model_id"], loss=float(metadata["loss"]),
                       num_examples=int(metadata["num_examples"]), num_tokens=int(metadata["num_tokens"]))
