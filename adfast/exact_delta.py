@@ -52,28 +52,22 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .decoder import Decoder, DecoderConfig
-from .gradient import fingerprint_of, model_identity
 from .low_rank import LowRankGradient, is_low_rank_file, load_low_rank_gradient
+from .provenance import check_provenance
 from .proxy_pair import _check_gradient, _listing, _resolve
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-
-
-def _check_model(proxy: nn.Module, stored_id: str | None) -> None:
-    if stored_id is not None and fingerprint_of(stored_id) != fingerprint_of(model_identity(proxy)):
-        raise ValueError(f"the gradient was computed for another model: it belongs to {stored_id!r}, "
-                         f"the proxy is {model_identity(proxy)!r}")
 
 
 def resolve_gradient(proxy: nn.Module, g) -> dict[str, torch.Tensor]:
     """``g`` (a ProxyGradient, a mapping name -> tensor or a gradient file) as a checked dict.
 
     Raises ``ValueError`` as :meth:`ProxyPair.from_gradient` does: a gradient stored for another
-    architecture, names or shapes that differ from ``proxy.named_parameters()``, non-finite or
-    all-zero entries.
+    architecture or other weights, names or shapes that differ from ``proxy.named_parameters()``,
+    non-finite or all-zero entries.
     """
-    grads, stored_id = _resolve(g)
-    _check_model(proxy, stored_id)
+    grads, stored_id, signature = _resolve(g)
+    check_provenance(proxy, stored_id, signature)
     _check_gradient(dict(proxy.named_parameters()), grads)
     return grads
 
@@ -83,15 +77,15 @@ def resolve_direction(proxy: nn.Module, g) -> dict[str, torch.Tensor] | LowRankG
 
     A :class:`LowRankGradient`, or a file from :func:`adfast.low_rank.save_low_rank_gradient`, stays
     factored (``G_r = U V^T`` is never formed): refused as :func:`resolve_gradient` refuses (another
-    architecture, names or shapes of ``G_r`` that differ from ``proxy.named_parameters()``,
-    non-finite factors or dense entries, all zero, where a factored entry counts as zero when ``U``
-    or ``V`` is). Anything else is :func:`resolve_gradient`'s dense dict.
+    architecture or other weights, names or shapes of ``G_r`` that differ from
+    ``proxy.named_parameters()``, non-finite factors or dense entries, all zero, where a factored
+    entry counts as zero when ``U`` or ``V`` is). Anything else is :func:`resolve_gradient`'s dense dict.
     """
     if isinstance(g, (str, os.PathLike)) and is_low_rank_file(g):
         g = load_low_rank_gradient(g)
     if not isinstance(g, LowRankGradient):
         return resolve_gradient(proxy, g)
-    _check_model(proxy, g.model_id)
+    check_provenance(proxy, g.model_id, g.weights_signature)
     params, shapes = {name: tuple(p.shape) for name, p in proxy.named_parameters()}, g.shapes()
     differ = sorted(name for name in params.keys() | shapes.keys() if params.get(name) != shapes.get(name))
     if differ:

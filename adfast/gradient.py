@@ -18,8 +18,6 @@ Gradients are stored as safetensors with string metadata (:func:`save_gradient`)
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import numbers
 from contextlib import contextmanager
@@ -34,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .ids import token_ids
+from .provenance import model_identity, parse_signature, weights_signature
 
 FORMAT = "adfast.proxy_gradient"
 FORMAT_VERSION = "1"
@@ -46,7 +45,8 @@ class ProxyGradient:
     ``grads``: parameter name -> float32 CPU tensor ``dL/dtheta`` of the parameter's shape, keyed
     as ``named_parameters()`` names them (tied weights once); ``loss``: the dataset mean NLL ``L``
     at the proxy's weights; ``num_examples``; ``num_tokens``: ``N``, the completion tokens scored;
-    ``model_id``: :func:`model_identity` of the proxy.
+    ``model_id``: :func:`adfast.provenance.model_identity` of the proxy; ``weights_signature``:
+    :func:`adfast.provenance.weights_signature` of its weights (``None`` skips that check).
     """
 
     grads: dict[str, torch.Tensor]
@@ -54,31 +54,7 @@ class ProxyGradient:
     num_examples: int
     num_tokens: int
     model_id: str
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """``"<model_type>-v<vocab>-h<hidden>-l<layers>-<hash>"``: a short identity of the architecture.
-
-    The hash (12 hex digits of sha256) covers model type, vocabulary and hidden sizes, layer and
-    head counts, and every parameter name and shape; weights, dtype and device are not part of it.
-    """
-    cfg = model.config.get_text_config()
-    fields = {key: getattr(cfg, key, None) for key in (
-        "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")}
-    fields["parameters"] = [[name, list(p.shape)] for name, p in model.named_parameters()]
-    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
-    sizes = f"v{fields['vocab_size']}-h{fields['hidden_size']}-l{fields['num_hidden_layers']}"
-    return f"{fields['model_type']}-{sizes}-{digest}"
-
-
-def model_identity(model: nn.Module) -> str:
-    """``"<config._name_or_path>@<model_fingerprint>"`` (the name is ``<unnamed>`` when empty)."""
-    return f"{getattr(model.config, '_name_or_path', '') or '<unnamed>'}@{model_fingerprint(model)}"
-
-
-def fingerprint_of(model_id: str) -> str:
-    """The fingerprint part of a :func:`model_identity` string."""
-    return model_id.rpartition("@")[2]
+    weights_signature: str | None = None
 
 
 def _check_examples(examples, vocab: int) -> list[tuple[list[int], list[int]]]:
@@ -173,7 +149,8 @@ def proxy_gradient(proxy: nn.Module, examples: Sequence[tuple[Sequence[int], Seq
         for module, training in saved_modes:
             module.training = training
     gradient = ProxyGradient(grads={name: g.cpu() for name, g in grads.items()}, loss=nll_total / total,
-                             num_examples=len(examples), num_tokens=total, model_id=model_identity(proxy))
+                             num_examples=len(examples), num_tokens=total, model_id=model_identity(proxy),
+                             weights_signature=weights_signature(proxy))
     _check_finite(gradient, "the proxy's")
     return gradient
 
@@ -194,6 +171,8 @@ def save_gradient(path, gradient: ProxyGradient) -> None:
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_id": gradient.model_id,
                 "loss": repr(float(gradient.loss)), "num_examples": str(int(gradient.num_examples)),
                 "num_tokens": str(int(gradient.num_tokens))}
+    if gradient.weights_signature is not None:
+        metadata["weights_signature"] = gradient.weights_signature
     tensors = {name: g.detach().to("cpu", torch.float32).contiguous() for name, g in gradient.grads.items()}
     save_file(tensors, str(path), metadata=metadata)
 
@@ -234,8 +213,17 @@ def load_gradient(path) -> ProxyGradient:
     grads, metadata = read_tensor_file(path, FORMAT, FORMAT_VERSION, "proxy gradient", "save_gradient")
     with metadata_fields(path):
         fields = dict(loss=float(metadata["loss"]), num_examples=int(metadata["num_examples"]),
-                      num_tokens=int(metadata["num_tokens"]), model_id=metadata["model_id"])
+                      num_tokens=int(metadata["num_tokens"]), model_id=metadata["model_id"],
+                      weights_signature=signature_field(metadata))
     return ProxyGradient(grads=grads, **fields)
+
+
+def signature_field(metadata: dict[str, str]) -> str | None:
+    """The metadata's ``weights_signature`` (``None`` in files written before it existed), checked."""
+    signature = metadata.get("weights_signature")
+    if signature is not None:
+        parse_signature(signature)
+    return signature
 
 
 @contextmanager

@@ -33,7 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .gradient import ProxyGradient, metadata_fields, read_tensor_file
+from .gradient import ProxyGradient, metadata_fields, read_tensor_file, signature_field
 
 FORMAT = "adfast.low_rank_gradient"
 FORMAT_VERSION = "1"
@@ -46,8 +46,8 @@ class LowRankGradient:
 
     ``factors``: name -> ``(U [m, r], V [n, r])`` float32, ``G_r = U @ V.T`` (singular values folded
     into ``U``); ``dense``: name -> float32 tensor for 1-D gradients and matrices with
-    ``min(m, n) <= rank``; ``rank``; ``model_id``, ``loss``, ``num_examples``, ``num_tokens`` as
-    in the source :class:`ProxyGradient`.
+    ``min(m, n) <= rank``; ``rank``; ``model_id``, ``loss``, ``num_examples``, ``num_tokens``,
+    ``weights_signature`` as in the source :class:`ProxyGradient`.
     """
 
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -58,6 +58,7 @@ class LowRankGradient:
     num_examples: int
     num_tokens: int
     order: list[str] = field(default_factory=list)
+    weights_signature: str | None = None
 
     def names(self) -> list[str]:
         """Parameter names in the source gradient's order (factored and dense together)."""
@@ -76,7 +77,8 @@ class LowRankGradient:
             else:
                 grads[name] = self.dense[name].to(dtype, copy=True)
         return ProxyGradient(grads=grads, loss=self.loss, num_examples=self.num_examples,
-                             num_tokens=self.num_tokens, model_id=self.model_id)
+                             num_tokens=self.num_tokens, model_id=self.model_id,
+                             weights_signature=self.weights_signature)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """name -> shape of the gradient it stands for: ``(m, n)`` for factors ``(U [m, r], V [n, r])``."""
@@ -138,7 +140,8 @@ def low_rank_gradient(gradient: ProxyGradient, rank: int) -> LowRankGradient:
             dense[name] = g.detach().to("cpu", torch.float32).clone()
     return LowRankGradient(factors=factors, dense=dense, rank=rank, model_id=gradient.model_id,
                            loss=float(gradient.loss), num_examples=int(gradient.num_examples),
-                           num_tokens=int(gradient.num_tokens), order=list(gradient.grads))
+                           num_tokens=int(gradient.num_tokens), order=list(gradient.grads),
+                           weights_signature=gradient.weights_signature)
 
 
 def captured_energy(gradient: ProxyGradient, lr: LowRankGradient) -> dict[str, float]:
@@ -180,6 +183,8 @@ def save_low_rank_gradient(path, lr: LowRankGradient) -> None:
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "rank": str(int(lr.rank)),
                 "model_id": lr.model_id, "loss": repr(float(lr.loss)), "num_examples": str(int(lr.num_examples)),
                 "num_tokens": str(int(lr.num_tokens)), "order": "\n".join(lr.names())}
+    if lr.weights_signature is not None:
+        metadata["weights_signature"] = lr.weights_signature
     save_file(tensors, str(path), metadata=metadata)
 
 
@@ -198,7 +203,8 @@ def load_low_rank_gradient(path) -> LowRankGradient:
                                          "save_low_rank_gradient")
     with metadata_fields(path):
         fields = dict(rank=int(metadata["rank"]), model_id=metadata["model_id"], loss=float(metadata["loss"]),
-                      num_examples=int(metadata["num_examples"]), num_tokens=int(metadata["num_tokens"]))
+                      num_examples=int(metadata["num_examples"]), num_tokens=int(metadata["num_tokens"]),
+                      weights_signature=signature_field(metadata))
     rank = fields["rank"]
     factors, dense = {}, {}
     for key, t in tensors.items():

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .gradient import ProxyGradient, fingerprint_of, load_gradient, model_identity
+from .gradient import ProxyGradient, load_gradient
+from .provenance import check_provenance, model_identity
 from .sampling import real_scalar
 
 
@@ -32,18 +33,18 @@ def _listing(items: list[str], limit: int = 6) -> str:
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
-def _resolve(gradient_or_path) -> tuple[dict[str, torch.Tensor], str | None]:
-    """``(grads, stored model_id or None)`` from a ProxyGradient, a path or a name -> tensor mapping."""
-    if isinstance(gradient_or_path, ProxyGradient):
-        return gradient_or_path.grads, gradient_or_path.model_id
+def _resolve(gradient_or_path) -> tuple[dict[str, torch.Tensor], str | None, str | None]:
+    """``(grads, stored model_id, stored weights signature)`` from a ProxyGradient, a path or a
+    name -> tensor mapping (which stores neither: ``None, None``)."""
     if isinstance(gradient_or_path, (str, os.PathLike)):
-        loaded = load_gradient(gradient_or_path)
-        return loaded.grads, loaded.model_id
+        gradient_or_path = load_gradient(gradient_or_path)
+    if isinstance(gradient_or_path, ProxyGradient):
+        return gradient_or_path.grads, gradient_or_path.model_id, gradient_or_path.weights_signature
     if isinstance(gradient_or_path, Mapping):
         not_tensors = [str(name) for name, g in gradient_or_path.items() if not isinstance(g, torch.Tensor)]
         if not_tensors:
             raise ValueError(f"gradient entries must be tensors; not tensors: {_listing(not_tensors)}")
-        return dict(gradient_or_path), None
+        return dict(gradient_or_path), None, None
     raise TypeError("gradient_or_path must be a ProxyGradient, a mapping name -> tensor or a path to a "
                     f"safetensors file from save_gradient, got {type(gradient_or_path).__name__}")
 
@@ -89,8 +90,8 @@ class ProxyPair:
         """Build the pair from ``proxy`` and its gradient (a ProxyGradient, a mapping or a file path).
 
         Raises ``ValueError`` for ``eps`` not finite and > 0, a gradient computed for another
-        architecture (the stored ``model_id`` fingerprint differs: names, shapes and sizes, not the
-        weights, :func:`adfast.gradient.model_fingerprint`), names or shapes that differ from the
+        architecture or other weights (:func:`adfast.provenance.check_provenance`; a bare mapping
+        records neither, so it skips that check), names or shapes that differ from the
         proxy's parameters, a zero or non-finite gradient, an ``eps`` so small that every
         perturbation rounds away, and one so large that a perturbed weight overflows. Warns when
         ``vanished_fraction > warn_above``.
@@ -101,11 +102,8 @@ class ProxyPair:
         eps = value
         if not 0.0 <= warn_above <= 1.0:
             raise ValueError(f"warn_above must be in [0, 1], got {warn_above}")
-        grads, stored_id = _resolve(gradient_or_path)
-        model_id = model_identity(proxy)
-        if stored_id is not None and fingerprint_of(stored_id) != fingerprint_of(model_id):
-            raise ValueError(f"the gradient was computed for another model: it belongs to {stored_id!r}, "
-                             f"the proxy is {model_id!r}")
+        grads, stored_id, signature = _resolve(gradient_or_path)
+        check_provenance(proxy, stored_id, signature)
         params = dict(proxy.named_parameters())
         _check_gradient(params, grads)
 
@@ -136,4 +134,5 @@ class ProxyPair:
         if fraction > warn_above:
             warnings.warn(f"eps={eps:g}: the perturbation rounded away in {fraction:.1%} of the perturbed weights "
                           f"({dtypes}); D only sees the rest. Consider a larger eps.", stacklevel=2)
-        return cls(plus=plus, minus=minus, eps=float(eps), vanished_fraction=fraction, model_id=model_id)
+        return cls(plus=plus, minus=minus, eps=float(eps), vanished_fraction=fraction,
+                   model_id=model_identity(proxy))

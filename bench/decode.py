@@ -73,7 +73,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 import adfast
 from adfast.attention import decode_attention_backend
 from adfast.decoder import LINEAR_KERNEL_ROWS, LINEAR_PROJECTIONS, Decoder
-from adfast.gradient import model_identity
+from adfast.provenance import model_identity
 from adfast.hf import AntidistillationLogitsProcessor
 from adfast.kernels.split import dependent_launch, dependent_launch_supported
 from adfast.low_rank import LowRankGradient

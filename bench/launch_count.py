@@ -33,7 +33,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 import adfast.decoder as decoder_module  # noqa: E402
 import adfast.engine as engine_module  # noqa: E402
 from adfast import Engine, ProxyPair  # noqa: E402
-from adfast.gradient import ProxyGradient, model_identity  # noqa: E402
+from adfast.gradient import ProxyGradient  # noqa: E402
+from adfast.provenance import model_identity  # noqa: E402
 from adfast.kernels.decode_attention import decode_attention  # noqa: E402
 from adfast.kernels.decode_attention_jvp import decode_attention_jvp  # noqa: E402
 from adfast.low_rank import low_rank_gradient  # noqa: E402

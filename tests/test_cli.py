@@ -238,9 +238,11 @@ def test_pickle_only_model_dir_is_refused(dirs, tmp_path):
               "--out", str(tmp_path / "g.safetensors")])
 
 
-def test_bad_gradient_files_are_refused(dirs, tmp_path):
+def test_bad_gradient_files_are_refused(dirs, gradient_file, tmp_path):
     args = ["generate", "--teacher", dirs["teacher"], "--proxy", dirs["proxy"], "--lam", "0.5",
             "--prompts", write_jsonl(tmp_path / "p.jsonl", PROMPTS), "--out", str(tmp_path / "o.jsonl")]
+    with pytest.raises(SystemExit, match="computed for other weights of this architecture"):
+        main(args + ["--grad", gradient_file, "--proxy", dirs["teacher"]])  # the proxy's gradient, the teacher's weights
     pickled = tmp_path / "g.pt"
     pickled.write_bytes(b"\x80\x04\x95 a pickle")
     with pytest.raises(SystemExit, match="not a safetensors file"):

@@ -512,7 +512,8 @@ def test_jvp_errors(teachers, pair):
 
 
 def low_rank_of(proxy, grads, rank: int):
-    from adfast.gradient import ProxyGradient, model_identity
+    from adfast.gradient import ProxyGradient
+    from adfast.provenance import model_identity
     from adfast.low_rank import low_rank_gradient
 
     gradient = ProxyGradient(grads=grads, loss=1.0, num_examples=1, num_tokens=1, model_id=model_identity(proxy))

@@ -15,7 +15,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import adfast.engine
 from adfast.engine import Engine
-from adfast.gradient import ProxyGradient, model_identity
+from adfast.gradient import ProxyGradient
+from adfast.provenance import model_identity
 from adfast.kernels.decode_attention import decode_attention  # imported under conftest's TRITON_INTERPRET=1
 from adfast.low_rank import low_rank_gradient
 from adfast.proxy_pair import ProxyPair

@@ -12,7 +12,8 @@ import torch
 from conftest import KERNEL_DEVICE, VOCAB, tiny_llama, tiny_qwen2, with_random_biases
 
 from adfast.decoder import Decoder
-from adfast.gradient import ProxyGradient, model_identity
+from adfast.gradient import ProxyGradient
+from adfast.provenance import model_identity
 from adfast.layer_ops import TORCH, layer_ops
 from adfast.low_rank import low_rank_gradient
 
